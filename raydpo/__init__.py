@@ -1,0 +1,1 @@
+"""raydpo: DPO and online DPO on Ray."""

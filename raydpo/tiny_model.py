@@ -1,0 +1,116 @@
+"""Build a tiny Llama and its byte-level BPE tokenizer from scratch.
+
+Nothing can be downloaded here, so the demo and the tests make their own
+model: a tokenizer trained with `tokenizers` on a corpus we are given, a
+`LlamaForCausalLM` built from a `LlamaConfig`, both saved with
+`save_pretrained` (safetensors). transformers and vLLM load the folder as is.
+
+The chat template is ChatML (``<|im_start|>role\\n...<|im_end|>\\n``) and
+``<|im_end|>`` is the EOS token, so a plain-text completion and a chat turn
+both end the same way. No BOS token is added: the tokenizer's output is the
+same whether transformers or vLLM calls it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+
+from raydpo.config import TinyModelConfig
+
+PAD = "<|pad|>"
+EOS = "<|im_end|>"
+IM_START = "<|im_start|>"
+SPECIAL_TOKENS = [PAD, EOS, IM_START]
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+# vLLM's CPU attention kernels accept only these head sizes (PLATFORM.md).
+VLLM_CPU_HEAD_SIZES = {32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512}
+
+
+def train_tokenizer(corpus: Iterable[str], vocab_size: int):
+    """Train a byte-level BPE on `corpus`; return a transformers fast tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # every byte encodable
+        show_progress=False,
+    )
+    tok.train_from_iterator(corpus, trainer=trainer)
+    hf_tok = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token=EOS,
+        pad_token=PAD,
+        model_max_length=1 << 30,
+        padding_side="right",
+    )
+    hf_tok.chat_template = CHAT_TEMPLATE
+    return hf_tok
+
+
+def build_model(tokenizer, shape: TinyModelConfig, seed: int):
+    """A randomly initialised LlamaForCausalLM sized by `shape`, deterministic in `seed`."""
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+    head_dim, rem = divmod(shape.hidden_size, shape.num_attention_heads)
+    if rem or head_dim not in VLLM_CPU_HEAD_SIZES:
+        raise ValueError(
+            f"model.tiny: hidden_size {shape.hidden_size} / num_attention_heads "
+            f"{shape.num_attention_heads} gives head size {shape.hidden_size / shape.num_attention_heads:g}; "
+            f"vLLM's CPU attention needs one of {sorted(VLLM_CPU_HEAD_SIZES)}"
+        )
+    if shape.num_attention_heads % shape.num_key_value_heads:
+        raise ValueError("model.tiny: num_attention_heads must be a multiple of num_key_value_heads")
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=shape.hidden_size,
+        intermediate_size=shape.intermediate_size,
+        num_hidden_layers=shape.num_hidden_layers,
+        num_attention_heads=shape.num_attention_heads,
+        num_key_value_heads=shape.num_key_value_heads,
+        max_position_embeddings=shape.max_position_embeddings,
+        tie_word_embeddings=shape.tie_word_embeddings,
+        initializer_range=shape.initializer_range,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=None,
+        dtype="float32",
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    model.generation_config = GenerationConfig(
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
+    )
+    return model
+
+
+def build_tiny_model(
+    corpus: Iterable[str], out_dir: str | Path, shape: TinyModelConfig | None = None, seed: int = 0
+) -> Path:
+    """Train the tokenizer, build the model, save both to `out_dir`; return it."""
+    shape = shape or TinyModelConfig()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = train_tokenizer(corpus, shape.vocab_size)
+    model = build_model(tokenizer, shape, seed)
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def count_parameters(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,16 @@
+"""Run Python helpers in fresh processes (vLLM and Ray keep global state)."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def run_py(args, timeout, env=None):
+    """Run `python ARGS...` from the repo root; return the CompletedProcess (text)."""
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run(
+        [sys.executable, *map(str, args)], capture_output=True, text=True, timeout=timeout, cwd=REPO, env=full_env
+    )

@@ -3,6 +3,7 @@
     raydpo config show [--config FILE] [key=value ...]   print the resolved config
     raydpo config fields                                  every key with its meaning
     raydpo tiny-model --out DIR [--corpus FILE] [--config FILE] [key=value ...]
+    raydpo data validate PATH... [--format F] [--strict]   check preference records
 
 Each subcommand has ``--help``. Errors in flags, config keys or input files
 exit with status 2 and one message naming the problem; no traceback.
@@ -69,6 +70,21 @@ def cmd_tiny_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data_validate(args: argparse.Namespace) -> int:
+    from raydpo.data.formats import DataError, validate_paths
+
+    try:
+        good, report = validate_paths(args.paths, args.format, args.strict)
+    except DataError as e:
+        print(f"raydpo: error: {e}", file=sys.stderr)
+        return 1
+    report.max_examples = args.show
+    for bad in report.examples[: args.show]:
+        print(f"BAD {bad}")
+    print(report.summary())
+    return 1 if report.bad else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="raydpo", description="DPO and online DPO on Ray.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -91,6 +107,21 @@ def build_parser() -> argparse.ArgumentParser:
     p_tiny.add_argument("--corpus", metavar="FILE", help="UTF-8 text, one document per line (default: the built-in style task)")
     _add_config_args(p_tiny)
     p_tiny.set_defaults(func=cmd_tiny_model)
+
+    p_data = sub.add_parser("data", help="preference data tools", description="Preference data tools.")
+    data_sub = p_data.add_subparsers(dest="data_command", required=True, metavar="ACTION")
+    p_val = data_sub.add_parser(
+        "validate",
+        help="check preference records",
+        description="Check every record of JSONL/Parquet files or folders; print each bad record with "
+        "file:line (JSONL, 1-based) or file:row (Parquet, 0-based) and reason, then counts by reason. "
+        "Exit 0 if all records are good, 1 if any is bad.",
+    )
+    p_val.add_argument("paths", nargs="+", metavar="PATH", help="file or folder (searched recursively)")
+    p_val.add_argument("--format", default="auto", choices=["auto", "standard", "conversational", "openai", "implicit"])
+    p_val.add_argument("--strict", action="store_true", help="stop at the first bad record")
+    p_val.add_argument("--show", type=int, default=20, metavar="N", help="bad records to print (default 20)")
+    p_val.set_defaults(func=cmd_data_validate)
     return parser
 
 

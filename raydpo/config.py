@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 
 class ConfigError(ValueError):
@@ -64,6 +64,12 @@ class DataConfig(_Section):
     max_prompt_length: int = Field(128, ge=1, description="prompt tokens kept (the end of the prompt is kept)")
     max_length: int = Field(192, ge=2, description="prompt + response tokens kept (the response is cut)")
     strict: bool = Field(False, description="fail on the first bad record instead of skipping and counting it")
+
+    @model_validator(mode="after")
+    def _prompt_fits(self):
+        if self.max_prompt_length >= self.max_length:
+            raise ValueError(f"max_prompt_length ({self.max_prompt_length}) must be below max_length ({self.max_length})")
+        return self
 
 
 class SamplerConfig(_Section):

@@ -6,3 +6,29 @@ def style_corpus():
     from raydpo.tasks import style
 
     return style.corpus(seed=0, count=2000)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, style_corpus):
+    """A tiny model + tokenizer folder shared by the tests that only read it."""
+    from raydpo.tiny_model import build_tiny_model
+
+    return build_tiny_model(style_corpus, tmp_path_factory.mktemp("tiny") / "model", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray for the whole session (starting Ray costs ~10 s)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()

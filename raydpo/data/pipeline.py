@@ -1,0 +1,145 @@
+"""Ray Data glue: read and validate files in parallel, tokenize on CPU workers,
+read the preference store. The record logic lives in the pure modules beside
+this one; this file only schedules it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from typing import Any
+
+import pyarrow as pa
+import ray
+import ray.data
+
+from raydpo.data.formats import (
+    BadRecord,
+    DataError,
+    ValidationReport,
+    list_files,
+    normalize,
+    iter_file,
+    reason_class,
+    _Bad,
+)
+from raydpo.data.store import PreferenceStore
+from raydpo.data.tokenize import TOKEN_COLUMNS, tokenize_batch
+
+_EMPTY = {"prompt": "", "chosen": "", "rejected": "", "is_chat": False, "tools": ""}
+
+
+def _row(rec) -> dict[str, Any]:
+    if isinstance(rec, BadRecord):
+        return {**_EMPTY, "source": rec.source, "line": rec.line, "error": rec.reason}
+    return {**asdict(rec), "error": ""}
+
+
+def _parse_file(row: dict, fmt: str) -> list[dict]:
+    return [_row(r) for r in iter_file(row["bytes"], row["path"], fmt)]
+
+
+def _normalize_row(rec: dict, fmt: str) -> dict:
+    """For a Ray Dataset of raw records: rows have no file line, so the error
+    names the record by its `id` field when it has one (else -1)."""
+    ident = rec.get("id", -1)
+    try:
+        return _row(normalize(rec, fmt, "<dataset>", ident))
+    except _Bad as e:
+        return _row(BadRecord("<dataset>", ident, str(e)))
+
+
+def read_pairs(source: str | list[str] | ray.data.Dataset, fmt: str = "auto", strict: bool = False
+               ) -> tuple[ray.data.Dataset, ValidationReport]:
+    """Validate preference records on Ray Data workers.
+
+    Note for training: Ray Train splits a dataset into equal shards per worker
+    (DDP needs equal step counts), so up to num_workers - 1 rows per epoch are
+    left out of an epoch; they are not lost from the data set.
+
+    `source`: a JSONL/Parquet file or folder, a list of them, or a Ray Dataset
+    of raw records. Returns the good records (normalised columns) and a report
+    counting the bad ones by reason, with the first few as examples. With
+    `strict`, any bad record raises DataError naming the first one.
+    """
+    if isinstance(source, ray.data.Dataset):
+        rows = source.map(_normalize_row, fn_kwargs={"fmt": fmt})
+    else:
+        paths = [source] if isinstance(source, str) else list(source)
+        files = [f for p in paths for f in list_files(p)]
+        raw = ray.data.read_binary_files(files, include_paths=True)
+        rows = raw.flat_map(_parse_file, fn_kwargs={"fmt": fmt})
+    rows = rows.materialize()  # parsed once; counted and filtered below without re-reading
+    bad_rows = rows.filter(expr="error != ''")
+    report = ValidationReport()
+    report.good = rows.count()
+    n_bad = bad_rows.count()
+    report.good -= n_bad
+    if n_bad:
+        examples = sorted(bad_rows.take(report.max_examples * 5), key=lambda r: (r["source"], r["line"]))
+        if strict:
+            r = examples[0]
+            raise DataError(f"strict mode: bad record at {r['source']}:{r['line']}: {r['error']}")
+        # exact counts by reason class, computed on the workers
+        by_reason = bad_rows.map(lambda r: {"reason": reason_class(r["error"])}).groupby("reason").count()
+        for r in by_reason.take_all():
+            report.bad[r["reason"]] = r["count()"]
+        report.examples = [BadRecord(r["source"], r["line"], r["error"]) for r in examples[: report.max_examples]]
+    # Materialized, so that later stages need no CPU for upstream tasks: an
+    # actor pool that takes every CPU (e.g. tokenize with concurrency = #CPUs)
+    # would otherwise deadlock waiting for this filter to be scheduled.
+    good = rows.filter(expr="error == ''").drop_columns(["error"]).materialize()
+    return good, report
+
+
+class _Tokenizer:
+    """Ray Data callable class: loads the tokenizer once per worker."""
+
+    def __init__(self, tokenizer_path: str, max_prompt_length: int, max_length: int, trust_remote_code: bool):
+        from transformers import AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_path, trust_remote_code=trust_remote_code)
+        self.max_prompt_length, self.max_length = max_prompt_length, max_length
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        # Arrow in, Arrow out with list<int32> columns: ragged numpy object arrays
+        # would become Ray's variable-shaped tensor extension, about 2x slower here.
+        cols = {name: batch.column(name).to_pylist() for name in batch.column_names}
+        out = tokenize_batch(cols, self.tokenizer, self.max_prompt_length, self.max_length)
+        ids = pa.list_(pa.int32())
+        return pa.table({k: pa.array(v, type=ids) if k in TOKEN_COLUMNS else pa.array(v) for k, v in out.items()})
+
+
+def tokenize(ds: ray.data.Dataset, tokenizer_path: str, max_prompt_length: int, max_length: int,
+             concurrency: int = 1, batch_size: int = 256, trust_remote_code: bool = False) -> ray.data.Dataset:
+    """Add prompt_ids/chosen_ids/rejected_ids (+ truncation flags) on CPU workers."""
+    return ds.map_batches(
+        _Tokenizer,
+        fn_constructor_args=(tokenizer_path, max_prompt_length, max_length, trust_remote_code),
+        batch_size=batch_size,
+        batch_format="pyarrow",
+        concurrency=concurrency,
+        num_cpus=1,
+    )
+
+
+def truncation_counts(ds: ray.data.Dataset) -> dict[str, int]:
+    """How many tokenized records had their prompt / a response cut."""
+    return {
+        "prompt_truncated": int(ds.sum("prompt_truncated") or 0),
+        "response_truncated": int(ds.sum("response_truncated") or 0),
+    }
+
+
+def read_store(store: PreferenceStore) -> ray.data.Dataset:
+    """The preference store as a Ray Dataset, read in parallel; the `iteration`
+    column comes from the partition path. Only committed chunks are listed, so
+    in-flight files under _staging/ are never read."""
+    from ray.data.datasource.partitioning import Partitioning
+
+    files = store.chunk_files()
+    if not files:
+        raise DataError(f"preference store {store.root} holds no pairs yet")
+    return ray.data.read_parquet(
+        [str(f) for f in files],
+        partitioning=Partitioning("hive", base_dir=str(store.root), field_types={"iteration": int}),
+    )

@@ -1,0 +1,130 @@
+"""The preference store: every judged pair, in Parquet, partitioned by iteration.
+
+Layout (hive partitioning, readable by pyarrow, Ray Data, pandas, DuckDB)::
+
+    <root>/iteration=000003/chunk-00000.parquet
+    <root>/iteration=000003/chunk-00001.parquet
+    <root>/_staging/...            in-flight writes; readers skip "_" folders
+
+Writes are atomic: a chunk is written and fsynced under ``_staging/`` and then
+renamed into its partition (``os.replace`` is atomic on one filesystem), so a
+crash never leaves a half-written file where readers look. Chunk names are
+chosen by the caller and deterministic, so re-writing a chunk after a crash
+replaces it instead of adding a duplicate, and ``has_chunk`` lets a resumed
+loop skip what is already stored. Every pair also carries a ``pair_id``.
+Pure pyarrow: no Ray (see `raydpo.data.pipeline.read_store` for Ray Data).
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+
+
+@dataclass(frozen=True)
+class StoredPair:
+    """One judged pair and where it came from."""
+
+    pair_id: str  # unique and deterministic for the pair (e.g. iteration/prompt/sample ids)
+    iteration: int  # online iteration that produced it (0 for offline data)
+    policy_version: int  # weights version that sampled both responses
+    source: str  # "online", "offline:<file>", ...
+    prompt: str
+    chosen: str
+    rejected: str
+    chosen_score: float
+    rejected_score: float
+    judge: str  # judge identity and version
+
+
+SCHEMA = pa.schema(
+    [
+        ("pair_id", pa.string()),
+        ("policy_version", pa.int64()),
+        ("source", pa.string()),
+        ("prompt", pa.string()),
+        ("chosen", pa.string()),
+        ("rejected", pa.string()),
+        ("chosen_score", pa.float64()),
+        ("rejected_score", pa.float64()),
+        ("judge", pa.string()),
+    ]
+)  # `iteration` lives in the partition path, not in the file
+PARTITIONING = pads.partitioning(pa.schema([("iteration", pa.int32())]), flavor="hive")
+FULL_SCHEMA = SCHEMA.append(pa.field("iteration", pa.int32()))
+
+
+class PreferenceStore:
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+        self.staging = self.root / "_staging"
+
+    def chunk_path(self, iteration: int, chunk: int) -> Path:
+        return self.root / f"iteration={iteration:06d}" / f"chunk-{chunk:05d}.parquet"
+
+    def has_chunk(self, iteration: int, chunk: int) -> bool:
+        return self.chunk_path(iteration, chunk).exists()
+
+    def write_chunk(self, iteration: int, chunk: int, pairs: Sequence[StoredPair]) -> Path:
+        """Atomically store `pairs` as chunk `chunk` of `iteration` (replacing it if present)."""
+        for p in pairs:
+            if p.iteration != iteration:
+                raise ValueError(f"pair {p.pair_id} has iteration {p.iteration}, chunk is for {iteration}")
+        cols = {f.name: [getattr(p, f.name) for p in pairs] for f in fields(StoredPair) if f.name != "iteration"}
+        table = pa.table(cols, schema=SCHEMA)
+        final = self.chunk_path(iteration, chunk)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        self.staging.mkdir(parents=True, exist_ok=True)
+        tmp = self.staging / f"{uuid.uuid4().hex}.parquet"
+        with open(tmp, "wb") as f:
+            pq.write_table(table, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, final)
+        _fsync_dir(final.parent)
+        return final
+
+    def chunk_files(self) -> list[Path]:
+        """Committed chunk files, in (iteration, chunk) order."""
+        return sorted(self.root.glob("iteration=*/chunk-*.parquet"))
+
+    def read_table(self) -> pa.Table:
+        """All stored pairs (with the `iteration` column), or an empty table."""
+        files = self.chunk_files()
+        if not files:
+            return FULL_SCHEMA.empty_table()
+        ds = pads.dataset([str(f) for f in files], schema=FULL_SCHEMA, format="parquet",
+                          partitioning=PARTITIONING, partition_base_dir=str(self.root))
+        return ds.to_table()
+
+    def read_pairs(self) -> list[StoredPair]:
+        return [StoredPair(**row) for row in self.read_table().to_pylist()]
+
+    def count(self) -> int:
+        return self.read_table().num_rows
+
+    def clean_staging(self) -> int:
+        """Remove leftovers of writers that died; return how many."""
+        if not self.staging.exists():
+            return 0
+        n = 0
+        for f in self.staging.iterdir():
+            f.unlink()
+            n += 1
+        return n
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+

@@ -1,0 +1,114 @@
+"""Preference losses as pure functions of per-sequence log-probs (no Ray).
+
+Notation (B pairs)::
+
+    policy_chosen_logps, policy_rejected_logps        (B,)  log pi_theta(y|x)
+    reference_chosen_logps, reference_rejected_logps  (B,)  log pi_ref(y|x)
+    h = (policy_chosen - reference_chosen) - (policy_rejected - reference_rejected)   (B,)
+
+Every loss returns ``(losses, chosen_rewards, rejected_rewards)``, each (B,),
+with **no reduction**; rewards are the detached implicit rewards
+``beta * (policy - reference)`` (SimPO: ``beta * policy``). Each variant is its
+own function; `LOSSES` maps the config name to it, once.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+Tensor = torch.Tensor
+
+
+def sequence_logps(logits: Tensor, input_ids: Tensor, loss_mask: Tensor) -> Tensor:
+    """Sum of log-probs of the masked tokens of each sequence.
+
+    logits (N, T, V), input_ids (N, T), loss_mask (N, T) with 1 on the tokens
+    to score. Token t is predicted by the logits at t-1, so the logits are
+    shifted left by one against the ids and mask; position 0 is never scored.
+    Returns (N,). Computed as ``logit[y] - logsumexp(logits)`` to avoid
+    materialising a full (N, T, V) log-softmax.
+    """
+    logits = logits[:, :-1, :].float()  # (N, T-1, V) predicts tokens 1..T-1
+    labels = input_ids[:, 1:]  # (N, T-1)
+    mask = loss_mask[:, 1:].to(logits.dtype)  # (N, T-1)
+    token_logps = logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)  # (N, T-1)
+    return (token_logps * mask).sum(-1)
+
+
+def response_lengths(loss_mask: Tensor) -> Tensor:
+    """Number of scored tokens per sequence, (N,), matching `sequence_logps`."""
+    return loss_mask[:, 1:].sum(-1)
+
+
+def _margin(pc: Tensor, pr: Tensor, rc: Tensor, rr: Tensor) -> Tensor:
+    """h = (pc - rc) - (pr - rr); the reference is detached here, so no gradient
+    reaches it even if a caller forgot torch.no_grad()."""
+    return (pc - rc.detach()) - (pr - rr.detach())
+
+
+def _rewards(beta: float, pc: Tensor, pr: Tensor, rc: Tensor, rr: Tensor) -> tuple[Tensor, Tensor]:
+    return (beta * (pc - rc)).detach(), (beta * (pr - rr)).detach()
+
+
+def sigmoid_loss(pc: Tensor, pr: Tensor, rc: Tensor, rr: Tensor, beta: float, label_smoothing: float = 0.0):
+    """DPO (Rafailov et al. 2023, Eq. 7); with label_smoothing eps, cDPO:
+    ``-(1-eps) log s(beta h) - eps log s(-beta h)``."""
+    h = _margin(pc, pr, rc, rr)
+    losses = -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
+    return (losses, *_rewards(beta, pc, pr, rc, rr))
+
+
+def robust_loss(pc: Tensor, pr: Tensor, rc: Tensor, rr: Tensor, beta: float, label_smoothing: float = 0.0):
+    """Robust DPO (Chowdhury et al. 2024, Eq. 6): unbiased under label noise eps,
+    ``[-(1-eps) log s(beta h) + eps log s(-beta h)] / (1 - 2 eps)``."""
+    if not 0.0 <= label_smoothing < 0.5:
+        raise ValueError(f"robust loss needs 0 <= label_smoothing < 0.5, got {label_smoothing}")
+    h = _margin(pc, pr, rc, rr)
+    losses = (-(1 - label_smoothing) * F.logsigmoid(beta * h) + label_smoothing * F.logsigmoid(-beta * h)) / (
+        1 - 2 * label_smoothing
+    )
+    return (losses, *_rewards(beta, pc, pr, rc, rr))
+
+
+def hinge_loss(pc: Tensor, pr: Tensor, rc: Tensor, rr: Tensor, beta: float):
+    """SLiC-style hinge: ``max(0, 1 - beta h)``."""
+    h = _margin(pc, pr, rc, rr)
+    return (torch.relu(1 - beta * h), *_rewards(beta, pc, pr, rc, rr))
+
+
+def ipo_loss(pc: Tensor, pr: Tensor, rc: Tensor, rr: Tensor, beta: float):
+    """IPO (Azar et al. 2023, Eq. 17): ``(h - 1/(2 beta))^2`` with beta as tau.
+
+    Pass **length-averaged** log-probs (sum / response length), as the IPO
+    authors' results and TRL do, so the square does not grow with length."""
+    h = _margin(pc, pr, rc, rr)
+    return ((h - 1 / (2 * beta)) ** 2, *_rewards(beta, pc, pr, rc, rr))
+
+
+def simpo_loss(pc_avg: Tensor, pr_avg: Tensor, beta: float, gamma_beta_ratio: float, label_smoothing: float = 0.0):
+    """SimPO (Meng et al. 2024, Eq. 6), reference-free and length-normalised:
+    ``-log s(beta (pc_avg - pr_avg) - gamma)`` with ``gamma = gamma_beta_ratio * beta``.
+    Takes **length-averaged** policy log-probs; rewards are ``beta * avg logp``."""
+    h = pc_avg - pr_avg - gamma_beta_ratio
+    losses = -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
+    return losses, (beta * pc_avg).detach(), (beta * pr_avg).detach()
+
+
+def nll_loss(chosen_logps: Tensor, chosen_lengths: Tensor) -> Tensor:
+    """Token-mean NLL of the chosen responses over the batch, a scalar: the SFT
+    term RPO (Pang et al. 2024) adds to DPO with weight alpha. The one batch-level
+    reduction in this module, by definition of the term (as TRL's "sft" loss)."""
+    return -chosen_logps.sum() / chosen_lengths.sum().clamp(min=1)
+
+
+# Variants that take length-averaged log-probs (the rest take sums).
+LENGTH_NORMALISED = {"ipo", "simpo"}
+REFERENCE_FREE = {"simpo"}
+LOSSES = {
+    "sigmoid": sigmoid_loss,
+    "robust": robust_loss,
+    "hinge": hinge_loss,
+    "ipo": ipo_loss,
+    "simpo": simpo_loss,
+}

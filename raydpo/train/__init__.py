@@ -1,0 +1,1 @@
+"""Training: the pure step functions (`step`) and the Ray Train worker loop (`worker`)."""

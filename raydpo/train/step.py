@@ -1,0 +1,96 @@
+"""One SFT or DPO step's math on a collated batch (pure torch; no Ray).
+
+A DPO batch holds 2B sequences, chosen rows first (`raydpo.data.collate`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from raydpo.losses import LENGTH_NORMALISED, LOSSES, REFERENCE_FREE, nll_loss, response_lengths, sequence_logps
+
+Tensor = torch.Tensor
+
+
+@dataclass(frozen=True)
+class LossSettings:
+    loss: str = "sigmoid"
+    beta: float = 0.1
+    label_smoothing: float = 0.0
+    simpo_gamma_beta_ratio: float = 0.5
+    rpo_alpha: float = 0.0  # weight of the chosen-response NLL term (0: off)
+
+    @property
+    def needs_reference(self) -> bool:
+        return self.loss not in REFERENCE_FREE
+
+
+def forward_logps(model, batch: dict[str, Tensor]) -> Tensor:
+    """Summed response log-probs of every row, (2B,)."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+    return sequence_logps(logits, batch["input_ids"], batch["loss_mask"])  # (2B,)
+
+
+@torch.no_grad()
+def reference_logps(reference, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+    """(chosen, rejected) reference log-probs, each (B,), without a graph."""
+    return forward_logps(reference, batch).chunk(2)
+
+
+def dpo_loss(policy_logps: Tensor, reference_chosen: Tensor | None, reference_rejected: Tensor | None,
+             lengths: Tensor, s: LossSettings) -> tuple[Tensor, dict[str, Tensor]]:
+    """Scalar loss (mean over pairs) and detached metrics from (2B,) policy log-probs."""
+    pc, pr = policy_logps.chunk(2)  # (B,), (B,)
+    lc, lr = lengths.chunk(2)
+    fn = LOSSES[s.loss]
+    if s.loss == "simpo":
+        losses, cr, rr = fn(pc / lc.clamp(min=1), pr / lr.clamp(min=1), s.beta, s.simpo_gamma_beta_ratio, s.label_smoothing)
+    else:
+        rc, rrf = reference_chosen, reference_rejected
+        if s.loss in LENGTH_NORMALISED:  # IPO: length-averaged log-probs
+            pc_, pr_, rc_, rr_ = pc / lc.clamp(min=1), pr / lr.clamp(min=1), rc / lc.clamp(min=1), rrf / lr.clamp(min=1)
+        else:
+            pc_, pr_, rc_, rr_ = pc, pr, rc, rrf
+        kwargs = {"label_smoothing": s.label_smoothing} if s.loss in ("sigmoid", "robust") else {}
+        losses, cr, rr = fn(pc_, pr_, rc_, rr_, s.beta, **kwargs)
+    loss = losses.mean()
+    if s.rpo_alpha:
+        loss = loss + s.rpo_alpha * nll_loss(pc, lc)
+    metrics = {
+        "loss": loss.detach(),
+        "rewards/chosen": cr.mean(),
+        "rewards/rejected": rr.mean(),
+        "rewards/margins": (cr - rr).mean(),
+        "rewards/accuracies": (cr > rr).float().mean(),
+        "logps/chosen": pc.detach().mean(),
+        "logps/rejected": pr.detach().mean(),
+    }
+    if reference_chosen is not None:
+        # mean log(pi/pi_ref) over the batch's responses: a KL(pi||pi_ref) estimate only
+        # when the responses were sampled from pi (online DPO); offline it is a drift measure.
+        metrics["kl_estimate"] = torch.cat([pc - reference_chosen, pr - reference_rejected]).detach().mean()
+    return loss, metrics
+
+
+def dpo_step_loss(policy, reference, batch: dict[str, Tensor], s: LossSettings) -> tuple[Tensor, dict[str, Tensor]]:
+    """Forward the policy (and the reference, unless precomputed log-probs are in
+    the batch or the loss is reference-free) and return (loss, metrics)."""
+    lengths = response_lengths(batch["loss_mask"])
+    if not s.needs_reference:
+        rc = rr = None
+    elif "reference_chosen_logps" in batch:
+        rc, rr = batch["reference_chosen_logps"], batch["reference_rejected_logps"]
+    else:
+        rc, rr = reference_logps(reference, batch)
+    return dpo_loss(forward_logps(policy, batch), rc, rr, lengths, s)
+
+
+def sft_loss(model, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+    """Token-mean NLL of the response tokens. SFT batches use the same collated
+    layout; only the first half (chosen rows) is trained on."""
+    ids, am, lm = (batch[k].chunk(2)[0] for k in ("input_ids", "attention_mask", "loss_mask"))
+    logps = sequence_logps(model(input_ids=ids, attention_mask=am, use_cache=False).logits, ids, lm)
+    loss = nll_loss(logps, response_lengths(lm))
+    return loss, {"loss": loss.detach()}

@@ -1,0 +1,106 @@
+"""The Ray Data path gives the same records, errors and tokens as the
+single-process path, and streams into a Ray Train worker."""
+
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from raydpo.data.formats import validate_paths
+from raydpo.data.tokenize import tokenize_batch
+from tests.test_data_formats import BAD_CASES, CONVERSATIONAL, OPENAI_EXAMPLE, STANDARD
+
+
+def make_folder(tmp_path):
+    lines = [json.dumps(STANDARD).encode(), json.dumps(CONVERSATIONAL).encode()]
+    lines += [line for line, _ in BAD_CASES]
+    lines += [json.dumps({**STANDARD, "chosen": f" apple {i}."}).encode() for i in range(21)]  # 24 good rows: splits evenly over 2 workers
+    (tmp_path / "a.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+    pq.write_table(pa.Table.from_pylist([OPENAI_EXAMPLE, {"prompt": "x", "chosen": "y", "rejected": "y"}]),
+                   tmp_path / "b.parquet")
+    return tmp_path
+
+
+def test_ray_data_validation_matches_local(tmp_path, ray_local):
+    from raydpo.data.pipeline import read_pairs
+
+    folder = make_folder(tmp_path)
+    local_good, local_report = validate_paths([str(folder)])
+    ds, report = read_pairs(str(folder))
+    ray_good = sorted(ds.take_all(), key=lambda r: (r["source"], r["line"]))
+    assert [(r["source"], r["line"], r["prompt"], r["chosen"]) for r in ray_good] == \
+        [(p.source, p.line, p.prompt, p.chosen) for p in local_good]
+    assert report.good == local_report.good == 24
+    assert report.bad == local_report.bad and sum(report.bad.values()) == len(BAD_CASES) + 1
+    assert [str(b) for b in report.examples] == [str(b) for b in local_report.examples]  # both in (file, line) order
+
+
+def test_ray_data_strict_names_first_bad(tmp_path, ray_local):
+    import pytest
+
+    from raydpo.data.formats import DataError
+    from raydpo.data.pipeline import read_pairs
+
+    folder = make_folder(tmp_path)
+    with pytest.raises(DataError, match=r"a\.jsonl:3: invalid JSON"):
+        read_pairs(str(folder), strict=True)
+
+
+def test_ray_dataset_input(ray_local):
+    import ray
+
+    from raydpo.data.pipeline import read_pairs
+
+    ds = ray.data.from_items([{**STANDARD, "id": 1}, {"id": 2, "prompt": "p", "chosen": "", "rejected": "r"}])
+    good, report = read_pairs(ds)
+    assert good.count() == 1 and [str(b) for b in report.examples] == ["<dataset>:2: empty response (chosen)"]
+
+
+def test_tokenize_on_ray_matches_local_and_counts_truncation(tmp_path, ray_local, tiny_model_dir, tiny_tokenizer):
+    from raydpo.data.pipeline import read_pairs, tokenize, truncation_counts
+
+    folder = make_folder(tmp_path)
+    good, _ = read_pairs(str(folder))
+    tok_ds = tokenize(good, str(tiny_model_dir), max_prompt_length=12, max_length=24, concurrency=2, batch_size=4)
+    rows = sorted(tok_ds.take_all(), key=lambda r: (r["source"], r["line"]))
+    local_pairs, _ = validate_paths([str(folder)])
+    cols = {k: [getattr(p, k) for p in local_pairs] for k in ("prompt", "chosen", "rejected", "is_chat", "tools")}
+    expected = tokenize_batch(cols, tiny_tokenizer, 12, 24)
+    for i, r in enumerate(rows):
+        for k in ("prompt_ids", "chosen_ids", "rejected_ids"):
+            assert list(r[k]) == expected[k][i], (i, k)
+    counts = truncation_counts(tok_ds)
+    assert counts == {"prompt_truncated": sum(expected["prompt_truncated"]),
+                      "response_truncated": sum(expected["response_truncated"])}
+    assert counts["prompt_truncated"] > 0  # the chat prompts do not fit 12 tokens
+
+
+def test_streams_into_ray_train_worker(tmp_path, ray_local, tiny_model_dir):
+    """Two Ray Train workers each get a shard; together they see every pair once."""
+    import ray.train
+    from ray.train import ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from raydpo.data.collate import bucket_by_length, collate_pairs
+    from raydpo.data.pipeline import read_pairs, tokenize
+
+    good, _ = read_pairs(str(make_folder(tmp_path)))
+    tok_ds = tokenize(good, str(tiny_model_dir), 32, 64)
+
+    def loop(config):
+        shard = ray.train.get_dataset_shard("train")
+        lines, shapes = [], []
+        windows = shard.iter_batches(batch_size=8, batch_format="numpy")
+        for b in bucket_by_length(windows, batch_size=4):
+            t = collate_pairs(b, pad_id=0)
+            shapes.append(list(t["input_ids"].shape))
+            lines += [f"{s}:{l}" for s, l in zip(b["source"], b["line"])]
+        ckpt_dir = tmp_path / f"rank{ray.train.get_context().get_world_rank()}.json"
+        ckpt_dir.write_text(json.dumps({"lines": lines, "shapes": shapes}))
+
+    TorchTrainer(loop, scaling_config=ScalingConfig(num_workers=2),
+                 datasets={"train": tok_ds}).fit()
+    r0, r1 = (json.loads((tmp_path / f"rank{i}.json").read_text()) for i in (0, 1))
+    assert r0["lines"] and r1["lines"]
+    assert sorted(r0["lines"] + r1["lines"]) == sorted(f"{r['source']}:{r['line']}" for r in tok_ds.take_all())
+    assert all(s[0] % 2 == 0 for s in r0["shapes"] + r1["shapes"])  # 2B rows: chosen + rejected

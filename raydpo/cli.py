@@ -118,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
         "Exit 0 if all records are good, 1 if any is bad.",
     )
     p_val.add_argument("paths", nargs="+", metavar="PATH", help="file or folder (searched recursively)")
-    p_val.add_argument("--format", default="auto", choices=["auto", "standard", "conversational", "openai", "implicit"])
+    p_val.add_argument("--format", default="auto", choices=["auto", "standard", "conversational", "openai", "implicit", "sft"])
     p_val.add_argument("--strict", action="store_true", help="stop at the first bad record")
     p_val.add_argument("--show", type=int, default=20, metavar="N", help="bad records to print (default 20)")
     p_val.set_defaults(func=cmd_data_validate)

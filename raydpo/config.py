@@ -60,7 +60,7 @@ class ModelConfig(_Section):
 class DataConfig(_Section):
     train_path: str | None = Field(None, description="JSONL/Parquet file or folder of preference pairs")
     eval_path: str | None = Field(None, description="held-out pairs or prompts")
-    format: Literal["auto", "standard", "conversational", "openai", "implicit"] = Field("auto", description="record format; auto detects it per record")
+    format: Literal["auto", "standard", "conversational", "openai", "implicit", "sft"] = Field("auto", description="record format; auto detects it per record")
     max_prompt_length: int = Field(128, ge=1, description="prompt tokens kept (the end of the prompt is kept)")
     max_length: int = Field(192, ge=2, description="prompt + response tokens kept (the response is cut)")
     strict: bool = Field(False, description="fail on the first bad record instead of skipping and counting it")
@@ -91,21 +91,32 @@ class JudgeConfig(_Section):
 
 
 class TrainerConfig(_Section):
-    strategy: Literal["ddp", "deepspeed"] = Field("ddp", description="data parallel strategy")
+    strategy: Literal["ddp", "deepspeed"] = Field("ddp", description="data parallel strategy (gloo on CPU, NCCL on GPU)")
     zero_stage: Literal[1, 2, 3] = Field(2, description="DeepSpeed ZeRO stage, for strategy=deepspeed")
     loss: Literal["sigmoid", "ipo", "hinge", "robust", "simpo"] = Field("sigmoid", description="DPO loss variant")
-    beta: float = Field(0.1, gt=0.0, description="strength of the reference anchor")
-    label_smoothing: float = Field(0.0, ge=0.0, lt=0.5, description="cDPO label noise (sigmoid/robust)")
+    beta: float = Field(0.1, gt=0.0, description="strength of the reference anchor (tau for IPO)")
+    label_smoothing: float = Field(0.0, ge=0.0, lt=0.5, description="assumed label noise: cDPO for sigmoid, robust DPO for robust")
+    simpo_gamma_beta_ratio: float = Field(0.5, ge=0.0, description="SimPO target margin gamma / beta")
+    rpo_alpha: float = Field(0.0, ge=0.0, description="weight of the chosen-response NLL term (RPO); 0 turns it off")
+    reference: Literal["live", "precomputed"] = Field("precomputed", description="reference log-probs from a frozen model each step, or computed once by Ray Data")
     lr: float = Field(3e-4, gt=0.0, description="peak learning rate (AdamW)")
     weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay")
     warmup_steps: int = Field(0, ge=0, description="linear LR warm-up steps")
-    batch_size: int = Field(16, ge=1, description="pairs per optimizer step per worker")
-    grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
+    schedule: Literal["constant", "cosine", "linear"] = Field("constant", description="LR after warm-up")
+    batch_size: int = Field(16, ge=1, description="pairs per optimizer step, over all workers (global batch)")
+    micro_batch_size: int = Field(16, ge=1, description="pairs per forward pass on one worker; accumulation = batch_size / (micro_batch_size * workers)")
     max_grad_norm: float = Field(1.0, gt=0.0, description="gradient clipping norm")
     epochs: int = Field(1, ge=1, description="passes over the training pairs")
+    max_steps: int = Field(0, ge=0, description="stop after this many optimizer steps (0: run all epochs)")
+    bucket_window: int = Field(8, ge=1, description="global batches sorted by length together (1: no bucketing)")
+    gradient_checkpointing: bool = Field(False, description="recompute activations in backward to save memory")
+    lora_r: int = Field(0, ge=0, description="LoRA rank via peft (0: full fine-tuning); the reference is the base with adapters off")
+    lora_alpha: int = Field(16, ge=1, description="LoRA alpha")
+    checkpoint_every: int = Field(0, ge=0, description="save a checkpoint every N optimizer steps (0: only at the end)")
+    max_failures: int = Field(1, ge=0, description="worker failures Ray Train recovers from (restarting from the last checkpoint)")
     sft_steps: int = Field(1000, ge=0, description="SFT steps before DPO (0 skips the stage)")
     sft_lr: float = Field(2e-3, gt=0.0, description="SFT learning rate")
-    sft_batch_size: int = Field(64, ge=1, description="SFT sequences per step")
+    sft_batch_size: int = Field(64, ge=1, description="SFT sequences per optimizer step (global)")
 
 
 class LoopConfig(_Section):

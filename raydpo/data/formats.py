@@ -9,6 +9,8 @@ record):
                       "preferred_output": [assistant msg...], "non_preferred_output": [...]}``
 * ``implicit``        only ``chosen`` and ``rejected``, whole transcripts (strings or
                       message lists) sharing a prefix, which becomes the prompt.
+* ``sft``             ``{"prompt": str, "completion": str}`` demonstrations for the SFT
+                      stage (stored with rejected = chosen; the SFT loss reads chosen only).
 
 Every record becomes a `NormalizedPair` or a `BadRecord` naming its source,
 line (1-based, for JSONL) or row (0-based, for Parquet) and reason. Pure
@@ -25,7 +27,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-FORMATS = ("standard", "conversational", "openai", "implicit")
+FORMATS = ("standard", "conversational", "openai", "implicit", "sft")
 PROMPT_ROLES = {"system", "user", "assistant", "tool", "developer"}
 
 
@@ -140,6 +142,8 @@ def _shared_prefix_text(a: str, b: str) -> int:
 def detect_format(rec: dict) -> str:
     if "input" in rec or "preferred_output" in rec or "non_preferred_output" in rec:
         return "openai"
+    if "completion" in rec and "chosen" not in rec:
+        return "sft"
     if "prompt" not in rec:
         return "implicit"
     return "conversational" if isinstance(rec.get("prompt"), list) else "standard"
@@ -208,6 +212,13 @@ def normalize(rec: Any, fmt: str, source: str, line: int) -> NormalizedPair:
             prompt, chosen, rejected, is_chat = json.dumps(p), json.dumps(c), json.dumps(r), True
         else:
             raise _Bad("implicit format: chosen and rejected must both be strings or both message lists")
+    elif fmt == "sft":
+        for key in ("prompt", "completion"):
+            if key not in rec:
+                raise _Bad(f"missing field '{key}'")
+        prompt = _text(rec["prompt"], "prompt")
+        completion = _text(rec["completion"], "completion")
+        return NormalizedPair(prompt, completion, completion, False, "", source, line)
     else:
         raise _Bad(f"unknown format {fmt!r}; expected one of {FORMATS} or 'auto'")
     if chosen == rejected:

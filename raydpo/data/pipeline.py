@@ -25,6 +25,12 @@ from raydpo.data.formats import (
 from raydpo.data.store import PreferenceStore
 from raydpo.data.tokenize import TOKEN_COLUMNS, tokenize_batch
 
+def ordered() -> None:
+    """Make Ray Data keep row order (this process's DataContext). raydpo wants the
+    same rows in the same order on every run: resume and equivalence depend on it."""
+    ray.data.DataContext.get_current().execution_options.preserve_order = True
+
+
 _EMPTY = {"prompt": "", "chosen": "", "rejected": "", "is_chat": False, "tools": ""}
 
 
@@ -61,6 +67,7 @@ def read_pairs(source: str | list[str] | ray.data.Dataset, fmt: str = "auto", st
     counting the bad ones by reason, with the first few as examples. With
     `strict`, any bad record raises DataError naming the first one.
     """
+    ordered()
     if isinstance(source, ray.data.Dataset):
         rows = source.map(_normalize_row, fn_kwargs={"fmt": fmt})
     else:
@@ -112,6 +119,7 @@ class _Tokenizer:
 def tokenize(ds: ray.data.Dataset, tokenizer_path: str, max_prompt_length: int, max_length: int,
              concurrency: int = 1, batch_size: int = 256, trust_remote_code: bool = False) -> ray.data.Dataset:
     """Add prompt_ids/chosen_ids/rejected_ids (+ truncation flags) on CPU workers."""
+    ordered()
     return ds.map_batches(
         _Tokenizer,
         fn_constructor_args=(tokenizer_path, max_prompt_length, max_length, trust_remote_code),

@@ -119,3 +119,22 @@ def corpus(seed: int = 0, count: int = 4000) -> list[str]:
     """Text to train the tokenizer on: prompts followed by demonstrations."""
     train, held_out = split_prompts(seed)
     return [p + r for p, r in demonstrations(train + held_out, count, seed)]
+
+
+def sft_records(count: int, seed: int = 0) -> list[dict]:
+    """Mixed-quality SFT demonstrations on the training prompts, as records."""
+    train, _ = split_prompts(seed)
+    return [{"prompt": p, "completion": r} for p, r in demonstrations(train, count, seed)]
+
+
+def preference_records(prompts: list[str], count: int, seed: int = 0, k: int = 4) -> list[dict]:
+    """Synthetic offline pairs: k demonstrations per prompt, best vs worst by the
+    judge; prompts whose best and worst tie are skipped."""
+    rng = random.Random(seed)
+    out = []
+    while len(out) < count:
+        p = rng.choice(prompts)
+        cands = sorted({demonstration(p, rng) for _ in range(k)}, key=lambda r: score(p, r))
+        if len(cands) > 1 and score(p, cands[-1]) > score(p, cands[0]):
+            out.append({"prompt": p, "chosen": cands[-1], "rejected": cands[0]})
+    return out

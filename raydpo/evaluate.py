@@ -1,0 +1,31 @@
+"""Offline evaluation of a policy on preference pairs (pure torch; no Ray)."""
+
+from __future__ import annotations
+
+import torch
+
+from raydpo.data.collate import collate_pairs
+from raydpo.data.tokenize import tokenize_batch
+from raydpo.train.step import reference_logps
+
+
+@torch.no_grad()
+def implicit_reward_margins(policy, reference, tokenizer, pairs: list[dict], max_prompt_length: int = 64,
+                            max_length: int = 128, batch_size: int = 64) -> torch.Tensor:
+    """(pc - rc) - (pr - rr) for each {prompt, chosen, rejected} text pair, (N,).
+    Positive where the policy prefers the chosen response more than the reference does."""
+    out = []
+    for s in range(0, len(pairs), batch_size):
+        chunk = pairs[s : s + batch_size]
+        cols = {"prompt": [p["prompt"] for p in chunk], "chosen": [p["chosen"] for p in chunk],
+                "rejected": [p["rejected"] for p in chunk], "is_chat": [False] * len(chunk), "tools": [""] * len(chunk)}
+        batch = collate_pairs(tokenize_batch(cols, tokenizer, max_prompt_length, max_length), tokenizer.pad_token_id)
+        pc, pr = reference_logps(policy, batch)
+        rc, rr = reference_logps(reference, batch)
+        out.append((pc - rc) - (pr - rr))
+    return torch.cat(out)
+
+
+def preference_accuracy(policy, reference, tokenizer, pairs: list[dict], **kw) -> float:
+    """Share of pairs whose implicit reward margin is positive (ties count 0)."""
+    return float((implicit_reward_margins(policy, reference, tokenizer, pairs, **kw) > 0).float().mean())

@@ -1,0 +1,96 @@
+"""Plumbing shared by the job entrypoints in jobs/: arguments and config, Ray
+start-up, the base model, reading + tokenizing data, a results table."""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+from pathlib import Path
+
+from raydpo.config import ConfigError, RunConfig, load_config, save_config
+
+
+def job_config(description: str, argv: list[str] | None = None) -> RunConfig:
+    """Parse ``[--config FILE] [key=value ...]``, validate, save to run_dir. Exits 2 on a bad config."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", metavar="FILE", help="YAML config; omitted keys keep their defaults")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. trainer.lr=1e-5")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    save_config(cfg, cfg.run_dir)
+    return cfg
+
+
+def init_ray(cfg: RunConfig) -> None:
+    """Join cluster.address or RAY_ADDRESS if given, else start a local Ray."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = cfg.cluster.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address)
+    else:
+        ray.init(num_cpus=cfg.cluster.num_cpus, include_dashboard=False)
+    ray.data.DataContext.get_current().enable_progress_bars = sys.stderr.isatty()
+
+
+def base_model(cfg: RunConfig) -> Path:
+    """model.path, or the tiny model built (once) into <run_dir>/base_model."""
+    if cfg.model.path:
+        p = Path(cfg.model.path)
+        if not (p / "config.json").exists():
+            raise ConfigError(f"model.path: {p} is not a Hugging Face model folder (no config.json)")
+        return p
+    from raydpo.tasks import style
+    from raydpo.tiny_model import build_tiny_model
+
+    out = Path(cfg.run_dir) / "base_model"
+    if not (out / "model.safetensors").exists():
+        build_tiny_model(style.corpus(cfg.seed), out, cfg.model.tiny, seed=cfg.seed)
+    return out
+
+
+def read_tokenized(cfg: RunConfig, source, tokenizer_path: Path):
+    """Validate (report printed) and tokenize on Ray Data; a materialized dataset."""
+    from raydpo.data.pipeline import read_pairs, tokenize, truncation_counts
+
+    good, report = read_pairs(source, cfg.data.format, cfg.data.strict)
+    print(report.summary())
+    for bad in report.examples[:5]:
+        print(f"  e.g. {bad}")
+    if report.good == 0:
+        raise ConfigError(f"data.train_path: no usable records in {source}")
+    ds = tokenize(good, str(tokenizer_path), cfg.data.max_prompt_length, cfg.data.max_length,
+                  trust_remote_code=cfg.model.trust_remote_code).materialize()
+    cut = truncation_counts(ds)
+    print(f"truncated: {cut['prompt_truncated']} prompts (end kept), {cut['response_truncated']} pairs' responses (cut)")
+    return ds
+
+
+def reference_cache_key(*parts) -> str:
+    return hashlib.sha256(json.dumps([str(p) for p in parts]).encode()).hexdigest()[:16]
+
+
+def print_table(title: str, rows: list[tuple[str, str]]) -> None:
+    width = max(len(k) for k, _ in rows)
+    print(f"\n{title}\n" + "\n".join(f"  {k:<{width}}  {v}" for k, v in rows))
+
+
+def last_metrics(run_dir: str | Path, prefix: str) -> dict:
+    """Last logged value of each `prefix`-ed metric in <run_dir>/metrics.jsonl."""
+    out: dict = {}
+    path = Path(run_dir) / "metrics.jsonl"
+    if path.exists():
+        for line in open(path):
+            rec = json.loads(line)
+            out.update({k[len(prefix):]: v for k, v in rec.items() if k.startswith(prefix)})
+            out["step"] = rec["step"] if any(k.startswith(prefix) for k in rec) else out.get("step")
+    return out

@@ -1,0 +1,124 @@
+"""The trainer role on the driver side: build the Ray Train `TorchTrainer`,
+precompute reference log-probs with Ray Data, find checkpoints to resume from.
+The per-worker loop is `raydpo.train.worker`; the math is `raydpo.train.step`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow as pa
+import ray
+import ray.data
+import torch
+
+from raydpo.config import RunConfig
+from raydpo.data.collate import collate_pairs
+from raydpo.data.pipeline import ordered
+from raydpo.train.step import LossSettings, reference_logps
+from raydpo.train.worker import STATE_FILE, TrainSpec, train_loop_per_worker
+
+
+def make_spec(cfg: RunConfig, mode: str, model_path: str, run_dir: str, **overrides) -> TrainSpec:
+    t = cfg.trainer
+    common = dict(
+        mode=mode, model_path=str(Path(model_path).resolve()), run_dir=str(Path(run_dir).resolve()),
+        weight_decay=t.weight_decay, warmup_steps=t.warmup_steps, schedule=t.schedule,
+        max_grad_norm=t.max_grad_norm, bucket_window=t.bucket_window, seed=cfg.seed, strategy=t.strategy,
+        zero_stage=t.zero_stage, lora_r=t.lora_r, lora_alpha=t.lora_alpha,
+        gradient_checkpointing=t.gradient_checkpointing, bf16=cfg.model.dtype == "bfloat16",
+        checkpoint_every=t.checkpoint_every, trust_remote_code=cfg.model.trust_remote_code,
+        metrics_prefix=f"{mode}/",
+    )
+    if mode == "sft":
+        common.update(lr=t.sft_lr, batch_size=t.sft_batch_size, micro_batch_size=t.sft_batch_size // cfg.cluster.trainer.count,
+                      max_steps=t.sft_steps, epochs=1 << 20)
+    else:
+        common.update(lr=t.lr, batch_size=t.batch_size, micro_batch_size=t.micro_batch_size, epochs=t.epochs,
+                      max_steps=t.max_steps,
+                      loss=LossSettings(t.loss, t.beta, t.label_smoothing, t.simpo_gamma_beta_ratio, t.rpo_alpha))
+    common.update(overrides)
+    return TrainSpec(**common)
+
+
+def latest_checkpoint(storage: str | Path, name: str) -> tuple[Path, dict] | None:
+    """(path, trainer_state) of the highest-step checkpoint of run `name`, if any."""
+    best = None
+    for state_file in Path(storage, name).glob(f"*-step-*/{STATE_FILE}"):
+        state = json.loads(state_file.read_text())
+        if best is None or state["step"] > best[1]["step"]:
+            best = (state_file.parent, state)
+    return best
+
+
+def fit(spec: TrainSpec, train_ds: ray.data.Dataset, cfg: RunConfig, name: str, pad_id: int,
+        precomputed_reference: bool = False, resume: bool = True) -> Path:
+    """Run one training stage on Ray Train; return the final HF checkpoint folder.
+
+    With `resume`, a finished stage of the same `name` is returned as is, and an
+    unfinished one (or one asked for more `max_steps` than it ran) continues from
+    its latest checkpoint: weights, optimizer, scheduler and data position.
+    Ray Train V2 also keeps its own snapshot of the run under the same name; the
+    worker prefers `ray.train.get_checkpoint()`, which points at the same place.
+    """
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, ScalingConfig
+    from ray.train import RunConfig as TrainRunConfig
+    from ray.train.torch import TorchTrainer
+
+    storage = Path(spec.run_dir, "ray_train").resolve()
+    found = latest_checkpoint(storage, name) if resume else None
+    if found and found[1].get("final") and (not spec.max_steps or found[1]["step"] >= spec.max_steps):
+        print(f"[raydpo] {name}: already finished at step {found[1]['step']}; using {found[0]}")
+        return found[0]
+    if found:
+        print(f"[raydpo] {name}: resuming from step {found[1]['step']} ({found[0]})")
+        spec = TrainSpec(**{**spec.__dict__, "resume_from": str(found[0])})
+    res = cfg.cluster.trainer
+    exec_opts = ray.data.ExecutionOptions(preserve_order=True)  # same row order on every worker, every run
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"spec": spec.to_dict(), "total_rows": train_ds.count(), "pad_id": pad_id,
+                           "precomputed_reference": precomputed_reference, "cpus_per_worker": res.cpus},
+        scaling_config=ScalingConfig(num_workers=res.count, use_gpu=res.gpus > 0,
+                                     resources_per_worker={"CPU": res.cpus, **({"GPU": res.gpus} if res.gpus else {})}),
+        run_config=TrainRunConfig(name=name, storage_path=str(storage),
+                                  failure_config=FailureConfig(max_failures=cfg.trainer.max_failures),
+                                  checkpoint_config=CheckpointConfig(num_to_keep=2)),
+        datasets={"train": train_ds},
+        dataset_config=DataConfig(datasets_to_split=[], execution_options=exec_opts),
+    )
+    trainer.fit()
+    found = latest_checkpoint(storage, name)
+    if not found or not found[1].get("final"):
+        raise RuntimeError(f"training stage {name} ended without a final checkpoint under {storage / name}")
+    return found[0]
+
+
+class _ReferenceScorer:
+    """Ray Data callable class: the frozen reference model on a CPU worker."""
+
+    def __init__(self, model_path: str, pad_id: int, trust_remote_code: bool, num_threads: int):
+        from transformers import AutoModelForCausalLM
+
+        torch.set_num_threads(num_threads)  # Ray leaves torch at 1 thread even with more CPUs reserved
+        torch.set_grad_enabled(False)
+        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32,
+                                                          trust_remote_code=trust_remote_code).eval()
+        self.pad_id = pad_id
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        cols = {k: batch.column(k).to_pylist() for k in ("prompt_ids", "chosen_ids", "rejected_ids")}
+        rc, rr = reference_logps(self.model, collate_pairs(cols, self.pad_id))
+        return batch.append_column("reference_chosen_logps", pa.array(rc.tolist(), pa.float32())).append_column(
+            "reference_rejected_logps", pa.array(rr.tolist(), pa.float32()))
+
+
+def precompute_reference(ds: ray.data.Dataset, model_path: str, pad_id: int, concurrency: int = 1,
+                         batch_size: int = 32, trust_remote_code: bool = False, cpus: float = 1) -> ray.data.Dataset:
+    """Add reference_chosen_logps / reference_rejected_logps columns, computed once
+    by Ray Data batch inference, so that training (and later epochs and runs, if
+    the result is written next to the pairs) skips the reference forward."""
+    ordered()
+    return ds.map_batches(_ReferenceScorer, fn_constructor_args=(model_path, pad_id, trust_remote_code, max(1, int(cpus))),
+                          batch_size=batch_size, batch_format="pyarrow", concurrency=concurrency, num_cpus=cpus)

@@ -1,0 +1,392 @@
+"""The per-worker training loop Ray Train runs (SFT or DPO), DDP or DeepSpeed.
+
+Data order is deterministic and the same on every worker: each worker reads
+the whole (materialized) dataset in order, cuts it into *global* batches of
+``batch_size`` pairs (sorted by length inside windows of ``bucket_window``
+batches), and takes its rank's slice, split into micro-batches. Hence
+
+* 2 workers x micro-batch b and 1 worker x micro-batch 2b see the same global
+  batches and give the same loss and gradient-norm trajectory;
+* the data position on resume is just the number of optimizer steps done.
+
+The price is that every worker reads every tokenized row (cheap next to a
+forward/backward pass); the global batch is what is split, not the dataset.
+
+GPU notes (not run here: our machines have no GPU): ``use_gpu`` puts the
+model on the worker's CUDA device, DDP uses NCCL (Ray Train picks it), and
+``bf16`` wraps forward passes in ``torch.autocast("cuda", torch.bfloat16)``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from contextlib import nullcontext
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from raydpo.data.collate import bucket_by_length, collate_pairs
+from raydpo.train.step import LossSettings, dpo_step_loss, forward_logps, sft_loss
+
+STATE_FILE = "trainer_state.json"
+OPTIMIZER_FILE = "optimizer.pt"
+
+
+@dataclass(frozen=True)
+class TrainSpec:
+    """Everything a worker needs; crosses the driver -> worker boundary."""
+
+    mode: str  # "sft" | "dpo"
+    model_path: str
+    run_dir: str  # metrics.jsonl and tensorboard/ go here (rank 0)
+    loss: LossSettings = field(default_factory=LossSettings)
+    lr: float = 3e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    schedule: str = "constant"
+    batch_size: int = 16
+    micro_batch_size: int = 16
+    max_grad_norm: float = 1.0
+    epochs: int = 1
+    max_steps: int = 0
+    bucket_window: int = 8
+    seed: int = 0
+    strategy: str = "ddp"
+    zero_stage: int = 2
+    lora_r: int = 0
+    lora_alpha: int = 16
+    gradient_checkpointing: bool = False
+    bf16: bool = False
+    checkpoint_every: int = 0
+    resume_from: str | None = None
+    trust_remote_code: bool = False
+    metrics_prefix: str = ""  # e.g. "sft/" or "dpo/"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TrainSpec:
+        return cls(**{**d, "loss": LossSettings(**d["loss"])})
+
+
+def accumulation_steps(batch_size: int, micro_batch_size: int, world: int) -> int:
+    per_step = micro_batch_size * world
+    if batch_size % per_step:
+        raise ValueError(
+            f"trainer.batch_size ({batch_size}) must be a multiple of trainer.micro_batch_size "
+            f"({micro_batch_size}) x workers ({world}) = {per_step}"
+        )
+    return batch_size // per_step
+
+
+def lr_lambda(schedule: str, warmup: int, total: int):
+    def f(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        if schedule == "constant" or total <= warmup:
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return 0.5 * (1 + math.cos(math.pi * progress)) if schedule == "cosine" else 1.0 - progress
+
+    return f
+
+
+def global_batches(rows_iter, batch_size: int, seed: int):
+    """Global batches of `batch_size` rows, sorted by length inside each window of
+    `rows_iter`; the short tail is dropped so every step has the same pairs count."""
+    return bucket_by_length(rows_iter, batch_size, seed=seed, drop_last=True)
+
+
+def rank_slice(batch: dict, rank: int, world: int, micro: int, m: int) -> dict:
+    per_rank = len(batch["prompt_ids"]) // world
+    lo = rank * per_rank + m * micro
+    return {k: v[lo : lo + micro] for k, v in batch.items()}
+
+
+def _load_model(spec: TrainSpec, device: torch.device):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(spec.model_path, dtype=torch.float32,
+                                                 trust_remote_code=spec.trust_remote_code).to(device)
+    if spec.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if spec.lora_r:
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=spec.lora_r, lora_alpha=spec.lora_alpha, lora_dropout=0.0,
+                                                 target_modules="all-linear", task_type="CAUSAL_LM"))
+    return model
+
+
+class _LoraReference(torch.nn.Module):
+    """The reference for LoRA: the same module with adapters disabled, so no
+    second copy of the base weights is held."""
+
+    def __init__(self, peft_model):
+        super().__init__()
+        self.peft_model = peft_model
+
+    def forward(self, **kw):
+        with self.peft_model.disable_adapter():
+            return self.peft_model(**kw)
+
+
+def full_state_dict(module, zero_stage: int | None) -> dict[str, torch.Tensor]:
+    """Plain HF state dict of the (unwrapped) policy: LoRA merged, ZeRO-3 gathered."""
+    if zero_stage == 3:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
+            return _plain_state(module)
+    return _plain_state(module)
+
+
+def _plain_state(module) -> dict[str, torch.Tensor]:
+    if hasattr(module, "merge_and_unload"):  # peft: merge a copy, keep training the adapters
+        import copy
+
+        module = copy.deepcopy(module).merge_and_unload()
+    return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+
+
+def save_hf(module, zero_stage, spec: TrainSpec, out: Path, write: bool) -> None:
+    """HF folder (safetensors + config + tokenizer) loadable by transformers and vLLM.
+    Every rank must call it (ZeRO-3 gathers collectively); only `write` ranks write."""
+    state = full_state_dict(module, zero_stage)
+    if not write:
+        return
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    cfg = AutoConfig.from_pretrained(spec.model_path, trust_remote_code=spec.trust_remote_code)
+    with torch.device("meta"):
+        shell = AutoModelForCausalLM.from_config(cfg)
+    shell.save_pretrained(out, state_dict=state, safe_serialization=True)
+    AutoTokenizer.from_pretrained(spec.model_path, trust_remote_code=spec.trust_remote_code).save_pretrained(out)
+    gen = Path(spec.model_path) / "generation_config.json"
+    if gen.exists():
+        (out / "generation_config.json").write_text(gen.read_text())
+
+
+class MetricsLog:
+    """Rank 0's per-step metrics: JSONL, TensorBoard, and a tqdm bar."""
+
+    def __init__(self, run_dir: str, total: int, initial: int, prefix: str):
+        from tqdm import tqdm
+
+        Path(run_dir).mkdir(parents=True, exist_ok=True)
+        self.jsonl = open(Path(run_dir) / "metrics.jsonl", "a", buffering=1)
+        try:
+            from tensorboardX import SummaryWriter
+
+            self.tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+        except ImportError:  # tensorboardX comes with ray[train]; stay usable without it
+            self.tb = None
+        self.prefix = prefix
+        self.bar = tqdm(total=total, initial=initial, desc=prefix.rstrip("/") or "train", mininterval=2.0)
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        self.jsonl.write(json.dumps({"step": step, **{self.prefix + k: v for k, v in metrics.items()}}) + "\n")
+        if self.tb:
+            for k, v in metrics.items():
+                self.tb.add_scalar(self.prefix + k, v, step)
+        self.bar.update(1)
+        self.bar.set_postfix(loss=f"{metrics['loss']:.4f}", refresh=False)
+
+    def close(self) -> None:
+        self.bar.close()
+        self.jsonl.close()
+        if self.tb:
+            self.tb.close()
+
+
+def _mean_across_ranks(values: dict[str, float], world: int) -> dict[str, float]:
+    if world == 1:
+        return values
+    import torch.distributed as dist
+
+    keys = sorted(values)
+    t = torch.tensor([values[k] for k in keys], dtype=torch.float64)
+    dist.all_reduce(t)
+    return {k: float(v) / world for k, v in zip(keys, t)}
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """Ray Train entry point; `config` is `TrainSpec.to_dict()` plus `total_rows`."""
+    import ray.train
+    import ray.train.torch
+
+    spec = TrainSpec.from_dict(config["spec"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device() if torch.cuda.is_available() else torch.device("cpu")
+    # Measured: inside a Ray worker given 2 CPUs, OMP_NUM_THREADS is 2 but torch
+    # still runs 1 thread; use every CPU this worker reserved.
+    torch.set_num_threads(max(1, int(config.get("cpus_per_worker", 1))))
+    torch.manual_seed(spec.seed)
+    accum = accumulation_steps(spec.batch_size, spec.micro_batch_size, world)
+    steps_per_epoch = config["total_rows"] // spec.batch_size
+    total_steps = steps_per_epoch * spec.epochs
+    if spec.max_steps:
+        total_steps = min(total_steps, spec.max_steps)
+    if total_steps == 0:
+        raise ValueError(f"{config['total_rows']} training rows make no full global batch of {spec.batch_size}")
+
+    model = _load_model(spec, device)
+    needs_live_ref = spec.mode == "dpo" and spec.loss.needs_reference and not config["precomputed_reference"]
+    reference = None
+    if needs_live_ref:
+        if spec.lora_r:
+            reference = _LoraReference(model)
+        else:
+            from transformers import AutoModelForCausalLM
+
+            reference = AutoModelForCausalLM.from_pretrained(spec.model_path, dtype=torch.float32).to(device).eval()
+            reference.requires_grad_(False)
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(spec.schedule, spec.warmup_steps, total_steps))
+
+    # ------------------------------------------------------------ resume state
+    step = 0
+    ckpt = ray.train.get_checkpoint()  # set when Ray Train restarts failed workers
+    resume_dir = None
+    if ckpt is not None:
+        resume_dir = ckpt.to_directory()
+    elif spec.resume_from:
+        resume_dir = spec.resume_from
+    if resume_dir:
+        from safetensors.torch import load_file
+
+        state = json.loads((Path(resume_dir) / STATE_FILE).read_text())
+        step = state["step"]
+        weights = load_file(str(Path(resume_dir) / "model.safetensors"))
+        if spec.lora_r:
+            adapters = load_file(str(Path(resume_dir) / "adapter.safetensors"))
+            model.load_state_dict(adapters, strict=False)
+        else:
+            if "lm_head.weight" not in weights and model.config.tie_word_embeddings:
+                weights["lm_head.weight"] = weights["model.embed_tokens.weight"]
+            model.load_state_dict(weights)
+
+    engine = None
+    if spec.strategy == "deepspeed":
+        import deepspeed
+
+        ds_config = {
+            "train_batch_size": spec.batch_size,
+            "train_micro_batch_size_per_gpu": spec.micro_batch_size,
+            "gradient_accumulation_steps": accum,
+            "gradient_clipping": spec.max_grad_norm,
+            "zero_optimization": {"stage": spec.zero_stage},
+            "zero_allow_untested_optimizer": True,
+            "bf16": {"enabled": spec.bf16},
+            "steps_per_print": 1 << 30,
+        }
+        engine, optimizer, _, scheduler = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config, dist_init_required=False
+        )
+        policy, unwrapped = engine, engine.module
+        if resume_dir and (Path(resume_dir) / "deepspeed").exists():
+            engine.load_checkpoint(str(Path(resume_dir) / "deepspeed"), tag="state",
+                                   load_module_strict=not spec.lora_r)
+    else:
+        policy = ray.train.torch.prepare_model(model)  # DDP when world > 1
+        unwrapped = model
+        if resume_dir and (Path(resume_dir) / OPTIMIZER_FILE).exists():
+            saved = torch.load(Path(resume_dir) / OPTIMIZER_FILE, weights_only=True)  # our own file, tensors only
+            optimizer.load_state_dict(saved["optimizer"])
+            scheduler.load_state_dict(saved["scheduler"])
+
+    log = MetricsLog(spec.run_dir, total_steps, step, spec.metrics_prefix) if rank == 0 else None
+    shard = ray.train.get_dataset_shard("train")
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if spec.bf16 and device.type == "cuda" else nullcontext()
+    pad_id = config["pad_id"]
+    policy.train()
+
+    def save_checkpoint(final: bool) -> None:
+        with tempfile.TemporaryDirectory() as tmp:
+            out = Path(tmp)
+            save_hf(unwrapped, spec.zero_stage if engine else None, spec, out, write=rank == 0)
+            if rank == 0:
+                (out / STATE_FILE).write_text(json.dumps({"step": step, "steps_per_epoch": steps_per_epoch,
+                                                          "mode": spec.mode, "final": final}))
+                if spec.lora_r:
+                    from peft import get_peft_model_state_dict
+                    from safetensors.torch import save_file
+
+                    save_file({k: v.contiguous() for k, v in get_peft_model_state_dict(unwrapped).items()},
+                              str(out / "adapter.safetensors"))
+            if engine is not None:  # every rank writes its own ZeRO shard files
+                engine.save_checkpoint(str(out / "deepspeed"), tag="state")
+            elif rank == 0:
+                torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
+                           out / OPTIMIZER_FILE)
+            write = rank == 0 or engine is not None
+            ray.train.report({"step": step}, checkpoint=ray.train.Checkpoint.from_directory(tmp) if write else None,
+                             checkpoint_dir_name=f"{spec.mode}-step-{step:06d}")
+
+    t_last = time.perf_counter()
+    done = False
+    for epoch in range(step // steps_per_epoch, spec.epochs):
+        windows = shard.iter_batches(batch_size=spec.batch_size * spec.bucket_window, batch_format="numpy",
+                                     prefetch_batches=2)
+        for i, gbatch in enumerate(global_batches(windows, spec.batch_size, spec.seed + epoch)):
+            if epoch * steps_per_epoch + i < step:
+                continue  # resume: skip what the checkpoint already trained on
+            sums: dict[str, float] = {}
+            tokens = 0
+            for m in range(accum):
+                mb = collate_pairs(rank_slice(gbatch, rank, world, spec.micro_batch_size, m), pad_id)
+                mb = {k: v.to(device) for k, v in mb.items()}
+                tokens += int(mb["attention_mask"].sum())
+                sync = m == accum - 1
+                ctx_sync = policy.no_sync() if (engine is None and world > 1 and not sync) else nullcontext()
+                with ctx_sync, autocast:
+                    if spec.mode == "sft":
+                        loss, metrics = sft_loss(policy, mb)
+                    else:
+                        loss, metrics = dpo_step_loss(policy, reference, mb, spec.loss)
+                if engine is not None:
+                    engine.backward(loss)  # DeepSpeed scales by 1/accum itself
+                    engine.step()
+                else:
+                    (loss / accum).backward()
+                for k, v in metrics.items():
+                    sums[k] = sums.get(k, 0.0) + float(v) / accum
+            if engine is not None:
+                grad_norm = float(engine.get_global_grad_norm() or 0.0)
+            else:
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, spec.max_grad_norm))
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            step += 1
+            sums["grad_norm"] = grad_norm
+            sums["tokens"] = float(tokens)
+            metrics = _mean_across_ranks(sums, world)
+            metrics["tokens"] *= world  # all workers' tokens this step
+            metrics["grad_norm"] = grad_norm  # already global
+            now = time.perf_counter()
+            metrics["tokens_per_s"] = metrics["tokens"] / (now - t_last)
+            metrics["lr"] = scheduler.get_last_lr()[0]
+            t_last = now
+            if log:
+                log.log(step, metrics)
+            if spec.checkpoint_every and step % spec.checkpoint_every == 0 and step < total_steps:
+                save_checkpoint(final=False)
+            if step >= total_steps:
+                done = True
+                break
+        if done:
+            break
+    if log:
+        log.close()
+    save_checkpoint(final=True)
+

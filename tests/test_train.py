@@ -1,0 +1,183 @@
+"""DPO/SFT training on Ray Train: equivalences, resume after a killed worker,
+DeepSpeed, LoRA, and a real improvement on held-out pairs."""
+
+import json
+import os
+import signal
+import threading
+import time
+
+import pytest
+import torch
+
+from raydpo.config import load_config
+from raydpo.tasks import style
+
+BATCH = 16
+STEPS = 4
+
+
+@pytest.fixture(scope="module")
+def pairs_ds(ray_local, tiny_model_dir, tmp_path_factory):
+    from raydpo.data.pipeline import read_pairs, tokenize
+
+    path = tmp_path_factory.mktemp("pairs") / "pairs.jsonl"
+    with open(path, "w") as f:
+        for r in style.preference_records(style.split_prompts()[0], BATCH * STEPS * 2, seed=3):
+            f.write(json.dumps(r) + "\n")
+    good, _ = read_pairs(str(path))
+    return tokenize(good, str(tiny_model_dir), 48, 80).materialize()
+
+
+def run(tmp_path, name, ds, model_dir, pad_id, *overrides, precomputed=False):
+    from raydpo.train.trainer import fit, make_spec
+
+    cfg = load_config(None, [f"run_dir={tmp_path}", f"trainer.batch_size={BATCH}", "trainer.reference=live",
+                             f"trainer.max_steps={STEPS}", "trainer.epochs=4", *overrides])
+    ckpt = fit(make_spec(cfg, "dpo", str(model_dir), str(tmp_path / name)), ds, cfg, name, pad_id,
+               precomputed_reference=precomputed)
+    rows = [json.loads(l) for l in open(tmp_path / name / "metrics.jsonl")]
+    last = {r["step"]: r for r in rows}  # after a restart, the re-done steps' last record counts
+    return [last[s] for s in sorted(last)], ckpt
+
+
+def traj(rows, key):
+    return [r[f"dpo/{key}"] for r in rows]
+
+
+def test_two_workers_match_one_worker_with_double_micro_batch(tmp_path, pairs_ds, tiny_model_dir, tiny_tokenizer):
+    pad = tiny_tokenizer.pad_token_id
+    one, _ = run(tmp_path, "one", pairs_ds, tiny_model_dir, pad, "cluster.trainer.count=1", f"trainer.micro_batch_size={BATCH}")
+    two, _ = run(tmp_path, "two", pairs_ds, tiny_model_dir, pad, "cluster.trainer.count=2", f"trainer.micro_batch_size={BATCH // 2}")
+    acc, _ = run(tmp_path, "acc", pairs_ds, tiny_model_dir, pad, "cluster.trainer.count=1", f"trainer.micro_batch_size={BATCH // 4}")
+    assert len(one) == len(two) == len(acc) == STEPS
+    assert traj(one, "loss")[0] == pytest.approx(0.693147, abs=1e-6)  # policy == reference at step 0
+    assert traj(one, "loss")[-1] < traj(one, "loss")[0]  # and it learns
+    for other in (two, acc):  # 2 workers x 8, and 1 worker x 4 micro-batches of 4
+        assert traj(other, "loss") == pytest.approx(traj(one, "loss"), rel=1e-4, abs=1e-5)
+        assert traj(other, "grad_norm") == pytest.approx(traj(one, "grad_norm"), rel=1e-4)
+
+
+def test_precomputed_reference_matches_live(tmp_path, pairs_ds, tiny_model_dir, tiny_tokenizer):
+    from raydpo.train.trainer import precompute_reference
+
+    pad = tiny_tokenizer.pad_token_id
+    with_ref = precompute_reference(pairs_ds, str(tiny_model_dir), pad, batch_size=7).materialize()
+    assert {"reference_chosen_logps", "reference_rejected_logps"} <= set(with_ref.schema().names)
+    live, _ = run(tmp_path, "live", pairs_ds, tiny_model_dir, pad)
+    pre, _ = run(tmp_path, "pre", with_ref, tiny_model_dir, pad, "trainer.reference=precomputed", precomputed=True)
+    assert traj(pre, "loss") == pytest.approx(traj(live, "loss"), rel=1e-4, abs=1e-5)
+    assert traj(pre, "rewards/margins") == pytest.approx(traj(live, "rewards/margins"), rel=1e-3, abs=1e-5)
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_deepspeed_zero_matches_ddp(tmp_path, pairs_ds, tiny_model_dir, tiny_tokenizer, stage):
+    pad = tiny_tokenizer.pad_token_id
+    common = ("cluster.trainer.count=2", f"trainer.micro_batch_size={BATCH // 2}")
+    ddp, _ = run(tmp_path, "ddp", pairs_ds, tiny_model_dir, pad, *common)
+    ds2, ckpt = run(tmp_path, f"zero{stage}", pairs_ds, tiny_model_dir, pad, *common, "trainer.strategy=deepspeed",
+                    f"trainer.zero_stage={stage}")
+    assert traj(ds2, "loss") == pytest.approx(traj(ddp, "loss"), rel=1e-3, abs=1e-4)
+    assert traj(ds2, "grad_norm") == pytest.approx(traj(ddp, "grad_norm"), rel=1e-3)
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(ckpt)  # the DeepSpeed checkpoint is a plain HF folder
+
+
+def _kill_a_worker_after(metrics_file, step, stop, killed_at):
+    """SIGKILL the Train worker once `step` steps are logged. The pid is found
+    (by Ray's process title) before training gets there: a tiny model's steps are fast."""
+    import psutil
+
+    pids = []
+    while not stop.is_set():
+        if not pids:
+            pids = [p.pid for p in psutil.process_iter(["cmdline"])
+                    if any("ray::RayTrainWorker" in c for c in (p.info["cmdline"] or []))]
+        elif metrics_file.exists():
+            n = sum(1 for _ in open(metrics_file))
+            if n >= step:
+                os.kill(pids[0], signal.SIGKILL)
+                killed_at.append(n)
+                return
+        time.sleep(0.01)
+
+
+def test_killed_worker_resumes_from_checkpoint_and_reproduces_the_tail(tmp_path, pairs_ds, tiny_model_dir, tiny_tokenizer):
+    pad = tiny_tokenizer.pad_token_id
+    common = ("trainer.max_steps=24", "trainer.checkpoint_every=5", "trainer.max_failures=2")
+    straight, _ = run(tmp_path, "straight", pairs_ds, tiny_model_dir, pad, *common)
+    stop, killed_at = threading.Event(), []
+    killer = threading.Thread(target=_kill_a_worker_after,
+                              args=(tmp_path / "killed" / "metrics.jsonl", 7, stop, killed_at))
+    killer.start()
+    try:
+        killed, _ = run(tmp_path, "killed", pairs_ds, tiny_model_dir, pad, *common)
+    finally:
+        stop.set()
+        killer.join()
+    steps = [json.loads(l)["step"] for l in open(tmp_path / "killed" / "metrics.jsonl")]
+    assert killed_at and killed_at[0] < 24, "the kill was meant to land mid-training"
+    assert steps.count(6) == 2, f"expected a restart from the step-5 checkpoint: {steps}"
+    assert [r["step"] for r in killed] == list(range(1, 25))
+    assert traj(killed, "loss")[5:] == pytest.approx(traj(straight, "loss")[5:], rel=1e-5, abs=1e-6)
+
+
+def test_resumed_run_reproduces_the_tail(tmp_path, pairs_ds, tiny_model_dir, tiny_tokenizer):
+    """A stage run to step 4, then rerun asking for 8 steps, continues from its
+    step-4 checkpoint (weights, optimizer, data position) and reproduces steps
+    5-8 of an uninterrupted 8-step run."""
+    pad = tiny_tokenizer.pad_token_id
+    straight, _ = run(tmp_path, "full", pairs_ds, tiny_model_dir, pad, "trainer.max_steps=8")
+    first, _ = run(tmp_path, "cut", pairs_ds, tiny_model_dir, pad, "trainer.max_steps=4")
+    assert len(first) == 4
+    resumed, _ = run(tmp_path, "cut", pairs_ds, tiny_model_dir, pad, "trainer.max_steps=8")
+    steps = [json.loads(l)["step"] for l in open(tmp_path / "cut" / "metrics.jsonl")]
+    assert steps == list(range(1, 9))  # nothing redone, nothing skipped
+    assert traj(resumed, "loss")[4:] == pytest.approx(traj(straight, "loss")[4:], rel=1e-5, abs=1e-6)
+    assert traj(resumed, "loss")[4:] != pytest.approx(traj(straight, "loss")[:4], rel=1e-3)  # not a restart from 0
+
+
+def test_lora_reference_is_base_with_adapters_off(tmp_path, pairs_ds, tiny_model_dir, tiny_tokenizer):
+    rows, ckpt = run(tmp_path, "lora", pairs_ds, tiny_model_dir, tiny_tokenizer.pad_token_id, "trainer.lora_r=8",
+                     "trainer.lr=3e-3")
+    assert traj(rows, "loss")[0] == pytest.approx(0.693147, abs=1e-6)  # LoRA B starts at 0: policy == base
+    assert traj(rows, "loss")[-1] < traj(rows, "loss")[0]
+    assert (ckpt / "adapter.safetensors").exists()
+    from transformers import AutoModelForCausalLM
+
+    merged = AutoModelForCausalLM.from_pretrained(ckpt)  # merged weights, loadable as a plain model
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    assert not torch.equal(merged.model.layers[0].self_attn.q_proj.weight, base.model.layers[0].self_attn.q_proj.weight)
+
+
+def test_gradient_checkpointing_changes_nothing_but_memory(tmp_path, pairs_ds, tiny_model_dir, tiny_tokenizer):
+    pad = tiny_tokenizer.pad_token_id
+    plain, _ = run(tmp_path, "plain", pairs_ds, tiny_model_dir, pad)
+    gc, _ = run(tmp_path, "gc", pairs_ds, tiny_model_dir, pad, "trainer.gradient_checkpointing=true")
+    assert traj(gc, "loss") == pytest.approx(traj(plain, "loss"), rel=1e-5, abs=1e-6)
+
+
+def test_offline_dpo_raises_held_out_preference_accuracy(tmp_path, ray_local, tiny_model_dir, tiny_tokenizer):
+    """Synthetic pairs (judge's best vs worst of 4 demonstrations) on training
+    prompts; accuracy measured on pairs from the 256 held-out prompts. Before
+    training every margin is exactly 0 (accuracy 0); after, well above chance."""
+    from transformers import AutoModelForCausalLM
+
+    from raydpo.data.pipeline import read_pairs, tokenize
+    from raydpo.evaluate import preference_accuracy
+
+    train, held_out = style.split_prompts()
+    path = tmp_path / "train.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in style.preference_records(train, 512, seed=5)))
+    good, _ = read_pairs(str(path))
+    ds = tokenize(good, str(tiny_model_dir), 48, 80).materialize()
+    rows, ckpt = run(tmp_path, "offline", ds, tiny_model_dir, tiny_tokenizer.pad_token_id, "trainer.batch_size=32",
+                     "trainer.micro_batch_size=32", "trainer.max_steps=0", "trainer.epochs=3", "trainer.lr=1e-3")
+    eval_pairs = style.preference_records(held_out, 256, seed=6)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    policy = AutoModelForCausalLM.from_pretrained(ckpt)
+    assert preference_accuracy(base, base, tiny_tokenizer, eval_pairs) == 0.0
+    acc = preference_accuracy(policy, base, tiny_tokenizer, eval_pairs)
+    print(f"held-out preference accuracy after offline DPO: {acc:.3f}")
+    assert acc >= 0.75

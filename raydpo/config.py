@@ -154,6 +154,18 @@ class RunConfig(_Section):
     loop: LoopConfig = Field(default_factory=LoopConfig, description="online loop")
     cluster: ClusterConfig = Field(default_factory=ClusterConfig, description="Ray address and resource shapes")
 
+    @model_validator(mode="after")
+    def _batches_divide(self):
+        workers = self.cluster.trainer.count
+        if workers and self.trainer.batch_size % (self.trainer.micro_batch_size * workers):
+            raise ValueError(
+                f"trainer.batch_size ({self.trainer.batch_size}) must be a multiple of trainer.micro_batch_size "
+                f"({self.trainer.micro_batch_size}) x cluster.trainer.count ({workers})")
+        if workers and self.trainer.sft_batch_size % workers:
+            raise ValueError(f"trainer.sft_batch_size ({self.trainer.sft_batch_size}) must be a multiple of "
+                             f"cluster.trainer.count ({workers})")
+        return self
+
 
 # --------------------------------------------------------------------------
 # loading
@@ -187,6 +199,8 @@ def _explain(err: ValidationError, root: type[BaseModel], source: str) -> Config
             lines.append(f"  {key}: unknown key{hint}")
         elif e["type"] == "missing":
             lines.append(f"  {key}: required value is missing")
+        elif e["type"] == "value_error":  # a cross-field check: its message names the keys
+            lines.append(f"  {key}: {e['msg'].removeprefix('Value error, ')}")
         else:
             lines.append(f"  {key}: {e['msg']} (got {e.get('input')!r})")
     return ConfigError(f"invalid config ({source}):\n" + "\n".join(lines))

@@ -109,3 +109,13 @@ def test_cli_reports_config_errors_without_traceback(tmp_path):
     ok = run_py(["-m", "raydpo.cli", "config", "show", "trainer.beta=0.5"], timeout=60)
     assert ok.returncode == 0, ok.stderr
     assert yaml.safe_load(ok.stdout)["trainer"]["beta"] == 0.5
+
+
+def test_batch_sizes_must_divide_across_workers():
+    with pytest.raises(ConfigError, match=r"trainer.batch_size \(16\) must be a multiple of trainer.micro_batch_size \(8\) x cluster.trainer.count \(3\)"):
+        load_config(None, ["trainer.micro_batch_size=8", "cluster.trainer.count=3"])
+    with pytest.raises(ConfigError, match=r"<root>: trainer.sft_batch_size \(64\) must be a multiple of cluster.trainer.count \(3\)$"):
+        load_config(None, ["trainer.batch_size=48", "trainer.micro_batch_size=8", "cluster.trainer.count=3"])
+    cfg = load_config(None, ["trainer.batch_size=48", "trainer.micro_batch_size=8", "cluster.trainer.count=3",
+                             "trainer.sft_batch_size=48"])
+    assert cfg.trainer.batch_size == 48

@@ -5,7 +5,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
 from raydpo.data.collate import bucket_by_length, collate_pairs
 from raydpo.data.tokenize import tokenize_batch

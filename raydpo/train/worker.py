@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import math
 from contextlib import nullcontext
-import os
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -31,7 +30,7 @@ from pathlib import Path
 import torch
 
 from raydpo.data.collate import bucket_by_length, collate_pairs
-from raydpo.train.step import LossSettings, dpo_step_loss, forward_logps, sft_loss
+from raydpo.train.step import LossSettings, dpo_step_loss, sft_loss
 
 STATE_FILE = "trainer_state.json"
 OPTIMIZER_FILE = "optimizer.pt"

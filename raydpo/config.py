@@ -81,6 +81,9 @@ class SamplerConfig(_Section):
     seed: int | None = Field(None, description="sampling seed; None draws a fresh one per request")
     kv_cache_gib: float = Field(1.0, gt=0.0, description="KV cache per engine on CPU (VLLM_CPU_KVCACHE_SPACE)")
     max_model_len: int = Field(256, ge=16, description="vLLM context length")
+    tensor_parallel_size: int = Field(1, ge=1, description="GPUs per engine (GPU only, not run here; must be 1 on CPU)")
+    sync_timeout_s: float = Field(120.0, gt=0, description="seconds a weight sync may take before it fails")
+    request_timeout_s: float = Field(600.0, gt=0, description="seconds one sampling request may take before it fails")
 
 
 class JudgeConfig(_Section):
@@ -161,6 +164,9 @@ class RunConfig(_Section):
             raise ValueError(
                 f"trainer.batch_size ({self.trainer.batch_size}) must be a multiple of trainer.micro_batch_size "
                 f"({self.trainer.micro_batch_size}) x cluster.trainer.count ({workers})")
+        if self.sampler.tensor_parallel_size > 1 and self.cluster.sampler.gpus < self.sampler.tensor_parallel_size:
+            raise ValueError(f"sampler.tensor_parallel_size ({self.sampler.tensor_parallel_size}) needs "
+                             f"cluster.sampler.gpus >= it (got {self.cluster.sampler.gpus}); on CPU it must be 1")
         if workers and self.trainer.sft_batch_size % workers:
             raise ValueError(f"trainer.sft_batch_size ({self.trainer.sft_batch_size}) must be a multiple of "
                              f"cluster.trainer.count ({workers})")

@@ -16,6 +16,12 @@ class SamplingSettings:
     stop: tuple[str, ...] = ()
     seed: int | None = None  # per-request seed; each prompt gets seed + its index
 
+    @classmethod
+    def from_config(cls, sampler) -> SamplingSettings:
+        """From a `raydpo.config.SamplerConfig` (duck-typed: records import nothing)."""
+        return cls(n=sampler.samples_per_prompt, temperature=sampler.temperature, top_p=sampler.top_p,
+                   max_new_tokens=sampler.max_new_tokens, stop=tuple(sampler.stop), seed=sampler.seed)
+
 
 @dataclass(frozen=True)
 class Sample:

@@ -26,8 +26,8 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import ray
@@ -73,14 +73,15 @@ def check_update(expected: dict[str, tuple[int, ...]], got: dict[str, tuple[int,
 @ray.remote
 class SamplerActor:
     def __init__(self, model_path: str, index: int, max_model_len: int, kv_cache_gib: float, dtype: str,
-                 seed: int, device: str, trust_remote_code: bool):
+                 seed: int, device: str, trust_remote_code: bool, tensor_parallel_size: int = 1):
         from raydpo.vllm_engine import make_llm
 
         self.index = index
         self.expected = checkpoint_shapes(model_path)
         self.tied = "lm_head.weight" not in self.expected
         self.llm = make_llm(model_path, max_model_len=max_model_len, kv_cache_gib=kv_cache_gib, dtype=dtype,
-                            seed=seed, in_process=True, device=device, trust_remote_code=trust_remote_code)
+                            seed=seed, in_process=True, device=device, trust_remote_code=trust_remote_code,
+                            tensor_parallel_size=tensor_parallel_size)
         self.version = 0
 
     def get_version(self) -> int:
@@ -88,7 +89,12 @@ class SamplerActor:
 
     def load_weights(self, version: int, state: dict | None = None, path: str | None = None) -> int:
         """Replace the engine's weights with `state` (a state dict) or the folder `path`."""
-        if state is None:
+        if state is not None:
+            import torch
+
+            # read-only views of the object store; reload_weights copies them into the engine
+            state = {k: torch.from_numpy(v) if not isinstance(v, torch.Tensor) else v for k, v in state.items()}
+        else:
             # Read the folder here and load it like a state dict: one reload route for both,
             # and the tied LM head (absent from HF files) is fixed up below.
             p = Path(path or "")
@@ -144,17 +150,27 @@ class SamplerPool:
 
     def __init__(self, model_path: str, num_engines: int = 1, *, cpus: float = 1, gpus: float = 0,
                  max_model_len: int = 256, kv_cache_gib: float = 1.0, dtype: str = "float32", seed: int = 0,
-                 trust_remote_code: bool = False, start_timeout_s: float = 300, request_timeout_s: float = 600,
-                 sync_timeout_s: float = 120):
+                 trust_remote_code: bool = False, tensor_parallel_size: int = 1, start_timeout_s: float = 300,
+                 request_timeout_s: float = 600, sync_timeout_s: float = 120):
         self.model_path = str(Path(model_path).resolve())
         self._opts = dict(num_cpus=cpus, num_gpus=gpus)
-        self._args = (max_model_len, kv_cache_gib, dtype, seed, "cuda" if gpus else "cpu", trust_remote_code)
+        self._args = (max_model_len, kv_cache_gib, dtype, seed, "cuda" if gpus else "cpu", trust_remote_code,
+                      tensor_parallel_size)
         self.start_timeout_s, self.request_timeout_s, self.sync_timeout_s = start_timeout_s, request_timeout_s, sync_timeout_s
         self.version = 0
         self._weights: tuple[int, ray.ObjectRef | None, str | None] | None = None  # latest published
         self.stats = PoolStats()
         self.actors = [self._start(i) for i in range(num_engines)]
         self._wait_ready(range(num_engines))
+
+    @classmethod
+    def from_config(cls, cfg, model_path: str) -> SamplerPool:
+        """A pool shaped by `cluster.sampler` (count, cpus, gpus) and `sampler.*` engine settings."""
+        s, r = cfg.sampler, cfg.cluster.sampler
+        return cls(model_path, r.count, cpus=r.cpus, gpus=r.gpus, max_model_len=s.max_model_len,
+                   kv_cache_gib=s.kv_cache_gib, dtype=cfg.model.dtype, seed=cfg.seed,
+                   trust_remote_code=cfg.model.trust_remote_code, tensor_parallel_size=s.tensor_parallel_size,
+                   request_timeout_s=s.request_timeout_s, sync_timeout_s=s.sync_timeout_s)
 
     # ---------------------------------------------------------------- actors
 
@@ -201,7 +217,9 @@ class SamplerPool:
         if version <= self.version:
             raise ValueError(f"publish(version={version}): versions must increase (current {self.version})")
         t = time.perf_counter()
-        state_ref = ray.put(state_dict) if state_dict is not None else None  # one copy in the object store
+        # One copy in the object store, as numpy arrays: Ray hands those to every actor
+        # on the node zero-copy from shared memory (torch tensors would be copied).
+        state_ref = ray.put({k: v.detach().cpu().numpy() for k, v in state_dict.items()}) if state_dict is not None else None
         refs = [a.load_weights.remote(version, state_ref, path) for a in self.actors]
         errors = []
         for i, ref in enumerate(refs):
@@ -225,20 +243,22 @@ class SamplerPool:
 
     # ---------------------------------------------------------------- sampling
 
-    def sample(self, prompts: Sequence[str], settings: SamplingSettings, min_version: int | None = None,
-               chunk_size: int | None = None) -> list[Sample]:
-        """`settings.n` samples for each prompt, ordered by (prompt, sample).
+    def stream(self, prompts: Sequence[str], settings: SamplingSettings, min_version: int | None = None,
+               chunk_size: int | None = None) -> Iterator[list[Sample]]:
+        """Yield each chunk's samples as soon as that chunk finishes.
 
-        Chunks go to whichever actor is free; a chunk whose actor dies is re-run
-        on its replacement, and a chunk an actor refuses as too old (below
-        `min_version`, default: the pool's version) is counted, the actor
-        brought up to date, and the chunk re-run.
+        Chunks go to whichever actor is free, so one slow actor does not stall the
+        rest; a chunk whose actor dies is re-run on its replacement; a chunk an
+        actor refuses as too old (below `min_version`, default: the pool's version)
+        is counted, the actor brought up to date, and the chunk re-run. Every chunk
+        is yielded exactly once.
         """
         min_version = self.version if min_version is None else min_version
         n_act = len(self.actors)
-        chunk_size = chunk_size or max(1, -(-len(prompts) // (4 * n_act)))
+        # Two chunks per engine: big enough for vLLM's continuous batching (an engine
+        # runs one call at a time), small enough that a dead actor costs half its share.
+        chunk_size = chunk_size or max(1, -(-len(prompts) // (2 * n_act)))
         todo = deque(range(0, len(prompts), chunk_size))
-        results: dict[int, list[Sample]] = {}
         inflight: dict[ray.ObjectRef, tuple[int, int]] = {}  # ref -> (actor slot, chunk start)
         idle = deque(range(n_act))
         deadline = time.monotonic() + self.request_timeout_s
@@ -256,10 +276,10 @@ class SamplerPool:
             if not done:
                 slots = sorted({s for s, _ in inflight.values()})
                 raise SamplerError(f"sampling timed out after {self.request_timeout_s}s; samplers {slots} still busy")
-            ref = done[0]
-            slot, start = inflight.pop(ref)
+            slot, start = inflight.pop(done[0])
+            out = None
             try:
-                out = ray.get(ref)
+                out = ray.get(done[0])
             except ray.exceptions.RayActorError:
                 self.stats.retried_chunks += 1
                 self._replace(slot)
@@ -271,11 +291,30 @@ class SamplerPool:
                         raise SamplerError(f"min_version {min_version} was never published (pool at {self.version})")
                     self._sync_one(slot, *self._weights)
                     todo.appendleft(start)
-                else:
-                    results.setdefault(start, out)  # first result per chunk wins: no duplicates
+                    out = None
             idle.append(slot)
-            dispatch()
-        return [s for start in sorted(results) for s in results[start]]
+            dispatch()  # keep the actors busy before handing results to the caller
+            if out is not None:
+                yield out
+
+    def sample(self, prompts: Sequence[str], settings: SamplingSettings, min_version: int | None = None,
+               chunk_size: int | None = None) -> list[Sample]:
+        """`settings.n` samples for each prompt, ordered by (prompt, sample); see `stream`."""
+        out = [s for chunk in self.stream(prompts, settings, min_version, chunk_size) for s in chunk]
+        return sorted(out, key=lambda s: (s.prompt_index, s.sample_index))
+
+    def sample_dataset(self, ds, settings: SamplingSettings, column: str = "prompt", batch_size: int = 256,
+                       min_version: int | None = None) -> Iterator[Sample]:
+        """Stream samples for a Ray Dataset of prompts (column `column`), batch by batch.
+        `prompt_index` counts rows across the whole dataset."""
+        offset = 0
+        for batch in ds.iter_batches(batch_size=batch_size, batch_format="numpy"):
+            prompts = [str(p) for p in batch[column]]
+            # per-prompt seeds continue across batches instead of restarting at each
+            batch_settings = settings if settings.seed is None else replace(settings, seed=settings.seed + offset)
+            for s in self.sample(prompts, batch_settings, min_version):
+                yield replace(s, prompt_index=s.prompt_index + offset)
+            offset += len(prompts)
 
     def shutdown(self) -> None:
         for a in self.actors:

@@ -41,6 +41,7 @@ def make_llm(
     in_process: bool = True,
     device: str = "cpu",
     trust_remote_code: bool = False,
+    tensor_parallel_size: int = 1,
 ):
     """Build a `vllm.LLM` for `model_path`. Import vLLM lazily: it is heavy."""
     if device == "cpu":
@@ -56,6 +57,7 @@ def make_llm(
         max_model_len=max_model_len,
         seed=seed,
         trust_remote_code=trust_remote_code,
+        tensor_parallel_size=tensor_parallel_size,  # > 1 only on GPU (not run here)
     )
 
 

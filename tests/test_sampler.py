@@ -25,9 +25,12 @@ def base_dir(tmp_path_factory, style_corpus):
 
 @pytest.fixture(scope="module")
 def pool(ray_local, base_dir):
+    from raydpo.config import load_config
     from raydpo.sampler import SamplerPool
 
-    p = SamplerPool(str(base_dir), num_engines=2, cpus=1, kv_cache_gib=1, sync_timeout_s=60)
+    cfg = load_config(None, ["cluster.sampler.count=2", "cluster.sampler.cpus=1", "sampler.sync_timeout_s=60"])
+    p = SamplerPool.from_config(cfg, str(base_dir))
+    assert len(p.actors) == 2 and p.sync_timeout_s == 60
     yield p
     p.shutdown()
 
@@ -79,6 +82,14 @@ def test_sync_makes_pool_equal_transformers_of_the_trained_weights(pool, base_di
     again = pool.sample(PROMPTS, GREEDY)
     assert ids(again) == hf_greedy(model2, tok, PROMPTS, GREEDY.max_new_tokens)
     assert {s.policy_version for s in again} == {start + 2}
+
+
+def test_settings_from_config():
+    from raydpo.config import load_config
+
+    cfg = load_config(None, ["sampler.samples_per_prompt=3", "sampler.stop=[x]", "sampler.seed=5"])
+    assert SamplingSettings.from_config(cfg.sampler) == SamplingSettings(n=3, temperature=1.0, top_p=1.0,
+                                                                         max_new_tokens=24, stop=("x",), seed=5)
 
 
 def test_samples_carry_logprobs_and_finish_reasons(pool):
@@ -148,3 +159,17 @@ def test_killed_actor_mid_batch_still_one_result_per_prompt_and_sample(pool):
     assert sorted(keys) == [(i, j) for i in range(len(prompts)) for j in range(4)]
     assert pool.stats.restarts == restarts + 1 and pool.stats.retried_chunks > retried  # the kill landed mid-batch
     assert {s.policy_version for s in out} == {pool.version}
+
+
+def test_stream_yields_chunks_as_they_finish_and_dataset_stage(pool, ray_local):
+    settings = SamplingSettings(n=2, temperature=1.0, max_new_tokens=8, seed=3)
+    chunks = list(pool.stream(PROMPTS, settings, chunk_size=5))
+    assert len(chunks) == 5  # 24 prompts in chunks of 5, each yielded once
+    flat = sorted((s.prompt_index, s.sample_index) for c in chunks for s in c)
+    assert flat == [(i, j) for i in range(len(PROMPTS)) for j in range(2)]
+    ds = ray_local.data.from_items([{"prompt": p} for p in PROMPTS])
+    via_ds = list(pool.sample_dataset(ds, settings, batch_size=10))
+    assert sorted((s.prompt_index, s.prompt) for s in via_ds if s.sample_index == 0) == list(enumerate(PROMPTS))
+    whole = pool.sample(PROMPTS, settings)  # same seeds per prompt whether batched by the dataset or not
+    assert sorted((s.prompt_index, s.sample_index, s.token_ids) for s in via_ds) == \
+        [(s.prompt_index, s.sample_index, s.token_ids) for s in whole]

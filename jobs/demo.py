@@ -1,88 +1,97 @@
-"""Interim main job: the smallest real end-to-end path that works today.
+"""Interim main job: the pieces of online DPO that exist today, end to end.
 
     python jobs/demo.py [--config FILE] [key=value ...]
 
-1. generate the synthetic style task (../shared/DEMO_TASK.md);
-2. build the tiny Llama + tokenizer into <run_dir>/base_model;
-3. start a local Ray (or join RAY_ADDRESS / cluster.address);
-4. sample k responses per held-out prompt from a vLLM engine in a Ray actor;
-5. score them with the rule judge and print a table.
+1. generate the synthetic style task (../shared/DEMO_TASK.md) and build the
+   tiny Llama + tokenizer into <run_dir>/base_model;
+2. start a local Ray (or join RAY_ADDRESS / cluster.address);
+3. start the vLLM sampler pool on the base model; sample the held-out prompts
+   and score them with the rule judge;
+4. run the SFT stage on Ray Train on mixed-quality demonstrations;
+5. publish the SFT weights to the same running pool (policy_version 1), sample
+   and judge again;
+6. print a table per rule and write every judged sample to <run_dir>/samples.jsonl.
 
-The online-DPO loop (SFT, judge service, training, weight sync) replaces this
-job once it exists; until then the untrained model scores near zero, which is
-the honest starting point.
+The online-DPO loop (judge service, DPO iterations, report) replaces this job
+once the judge and loop issues land; the SFT policy here is its starting point.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import sys
 import time
 from pathlib import Path
 
-import ray
-
-from raydpo.config import ConfigError, load_config, save_config
+from raydpo.config import ConfigError
+from raydpo.records import SamplingSettings
+from raydpo.runner import base_model, init_ray, job_config, print_table, read_tokenized
 from raydpo.tasks import style
-from raydpo.tiny_model import build_tiny_model
+
+RULES = ("keyword", "length", "period", "polite")
 
 
-@ray.remote
-class DemoSampler:
-    def __init__(self, model_dir: str, max_model_len: int, kv_cache_gib: float, seed: int):
-        from raydpo.vllm_engine import make_llm
-
-        self.llm = make_llm(model_dir, max_model_len=max_model_len, kv_cache_gib=kv_cache_gib, seed=seed)
-
-    def sample(self, prompts: list[str], n: int, temperature: float, max_tokens: int) -> list[list[str]]:
-        from vllm import SamplingParams
-
-        params = SamplingParams(n=n, temperature=temperature, max_tokens=max_tokens)
-        return [[c.text for c in o.outputs] for o in self.llm.generate(prompts, params, use_tqdm=False)]
+def judge(samples) -> dict[str, float]:
+    scores = [style.rule_scores(s.prompt, s.text) for s in samples]
+    out = {r: statistics.mean(x[r] for x in scores) for r in RULES}
+    out["judge score"] = statistics.mean(sum(x.values()) / 4 for x in scores)
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", metavar="FILE")
-    parser.add_argument("overrides", nargs="*", metavar="key=value")
-    args = parser.parse_args(argv)
+    cfg = job_config(__doc__, argv)
+    run_dir = Path(cfg.run_dir)
+    t0 = time.time()
     try:
-        cfg = load_config(args.config, args.overrides)
+        model = base_model(cfg)
+        init_ray(cfg)
     except ConfigError as e:
         print(f"demo: error: {e}", file=sys.stderr)
         return 2
-    run_dir = Path(cfg.run_dir)
-    save_config(cfg, run_dir)
+    print(f"[demo] tiny model ready ({time.time() - t0:.0f}s)")
 
-    t0 = time.time()
-    model_dir = build_tiny_model(style.corpus(cfg.seed), run_dir / "base_model", cfg.model.tiny, seed=cfg.seed)
-    print(f"[demo] built tiny model in {time.time() - t0:.1f}s -> {model_dir}")
+    from transformers import AutoTokenizer
 
-    ray.init(address=cfg.cluster.address, num_cpus=cfg.cluster.num_cpus)
-    sampler = DemoSampler.options(num_cpus=cfg.cluster.sampler.cpus).remote(
-        str(model_dir.resolve()), cfg.sampler.max_model_len, cfg.sampler.kv_cache_gib, cfg.seed
-    )
+    from raydpo.sampler import SamplerPool
+    from raydpo.train.trainer import fit, make_spec
+
+    pool = SamplerPool.from_config(cfg, str(model))
+    print(f"[demo] {len(pool.actors)} vLLM sampler engine(s) up ({time.time() - t0:.0f}s)")
     _, held_out = style.split_prompts(cfg.seed)
     prompts = held_out[: cfg.loop.eval_prompts]
-    t1 = time.time()
-    texts = ray.get(
-        sampler.sample.remote(prompts, cfg.sampler.samples_per_prompt, cfg.sampler.temperature, cfg.sampler.max_new_tokens),
-        timeout=600,
-    )
-    print(f"[demo] sampled {len(prompts)} x {cfg.sampler.samples_per_prompt} in {time.time() - t1:.1f}s (incl. engine start)")
+    settings = SamplingSettings.from_config(cfg.sampler)
+    before = pool.sample(prompts, settings)
+    print(f"[demo] base model sampled: {len(before)} responses, policy_version {before[0].policy_version}")
 
-    rows = [(p, r, style.rule_scores(p, r)) for p, rs in zip(prompts, texts) for r in rs]
+    demos = run_dir / "sft_demonstrations.jsonl"
+    with open(demos, "w") as f:
+        for r in style.sft_records(cfg.trainer.sft_steps * cfg.trainer.sft_batch_size, cfg.seed):
+            f.write(json.dumps(r) + "\n")
+    ds = read_tokenized(cfg, str(demos), model)
+    pad = AutoTokenizer.from_pretrained(model).pad_token_id
+    sft_ckpt = fit(make_spec(cfg, "sft", str(model), cfg.run_dir), ds, cfg, "sft", pad)
+    print(f"[demo] SFT done ({time.time() - t0:.0f}s): {sft_ckpt}")
+
+    secs = pool.publish(1, path=str(sft_ckpt))
+    after = pool.sample(prompts, settings)
+    print(f"[demo] SFT weights published to the running pool in {secs:.2f}s; "
+          f"sampled again at policy_version {after[0].policy_version}")
+    pool.shutdown()
+
     with open(run_dir / "samples.jsonl", "w") as f:
-        for p, r, s in rows:
-            f.write(json.dumps({"prompt": p, "response": r, **s}) + "\n")
-    print("\n| rule | mean credit |\n|---|---|")
-    for rule in ("keyword", "length", "period", "polite"):
-        print(f"| {rule} | {statistics.mean(s[rule] for _, _, s in rows):.3f} |")
-    print(f"| judge score | {statistics.mean(sum(s.values()) / 4 for _, _, s in rows):.3f} |")
-    print(f"\n[demo] wrote {run_dir}/samples.jsonl and {run_dir}/config.yaml")
-    ray.shutdown()
+        for s in before + after:
+            f.write(json.dumps({"policy_version": s.policy_version, "prompt": s.prompt, "response": s.text,
+                                **style.rule_scores(s.prompt, s.text)}) + "\n")
+    b, a = judge(before), judge(after)
+    print(f"\n| rule | base model (v0) | after SFT (v1) |\n|---|---|---|")
+    for k in (*RULES, "judge score"):
+        print(f"| {k} | {b[k]:.3f} | {a[k]:.3f} |")
+    print_table("demo done", [("held-out prompts", str(len(prompts))),
+                              ("samples per prompt", str(settings.n)),
+                              ("wall time", f"{time.time() - t0:.0f}s"),
+                              ("judged samples", str(run_dir / "samples.jsonl")),
+                              ("SFT checkpoint", str(sft_ckpt))])
     return 0
 
 

@@ -27,3 +27,18 @@ def test_sft_job_on_built_in_demonstrations(tmp_path):
     ckpt = tmp_path / "ray_train" / "sft" / "sft-step-000030"
     assert (ckpt / "model.safetensors").exists() and (ckpt / "tokenizer.json").exists()
     assert (tmp_path / "config.yaml").exists()  # resolved config saved with the run
+
+
+def test_demo_short_run_improves_the_judge_score(tmp_path):
+    """The main job on a shortened config: base model -> SFT -> weights published to
+    the running vLLM pool; the judge score must rise (base ~0.09)."""
+    r = run_py(["jobs/demo.py", f"run_dir={tmp_path}", "trainer.sft_steps=60", "loop.eval_prompts=32",
+                "cluster.num_cpus=2"], timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = [json.loads(l) for l in open(tmp_path / "samples.jsonl")]
+    by_version = {v: [x for x in rows if x["policy_version"] == v] for v in (0, 1)}
+    assert len(by_version[0]) == len(by_version[1]) == 32 * 4
+    score = {v: sum((x["keyword"] + x["length"] + x["period"] + x["polite"]) / 4 for x in xs) / len(xs)
+             for v, xs in by_version.items()}
+    assert score[1] > score[0] + 0.1, score
+    assert "| judge score |" in r.stdout

@@ -1,0 +1,156 @@
+"""The judge role on Ray Serve (rule / verifier kind), reachable by HTTP and handle.
+
+    serve run serve/judge_rule.yaml          # 127.0.0.1:8000/judge
+    POST /judge/v1/score    {"items": [{"prompt": "...", "response": "..."}]}
+    POST /judge/v1/compare  {"items": [{"prompt": "...", "response_a": "...", "response_b": "..."}]}
+    GET  /judge/v1/judge    -> {"judge": "rule:raydpo.tasks.style:score"}
+
+Bodies are validated with pydantic, bounded in size (bytes, items, characters),
+and every problem is a 4xx whose message names the field (``items.3.response``);
+a bad request never takes a replica down. With the environment variable
+RAYDPO_JUDGE_API_KEY set on the replicas, requests need ``Authorization: Bearer
+<key>``. Items of concurrent requests are scored together through
+``@serve.batch``; an item the rule cannot score fails alone, not its batch.
+The reward-model and pairwise-LLM kinds are not written yet.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import os
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from ray import serve
+
+from raydpo.judge import compare_scores, load_rule
+
+MAX_BODY_BYTES = 1 << 20
+MAX_ITEMS = 256
+MAX_CHARS = 32_768
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class ScoreItem(_Body):
+    prompt: str = Field(min_length=1, max_length=MAX_CHARS)
+    response: str = Field(min_length=1, max_length=MAX_CHARS)
+
+
+class ScoreRequest(_Body):
+    items: list[ScoreItem] = Field(min_length=1, max_length=MAX_ITEMS)
+
+
+class CompareItem(_Body):
+    prompt: str = Field(min_length=1, max_length=MAX_CHARS)
+    response_a: str = Field(min_length=1, max_length=MAX_CHARS)
+    response_b: str = Field(min_length=1, max_length=MAX_CHARS)
+
+
+class CompareRequest(_Body):
+    items: list[CompareItem] = Field(min_length=1, max_length=MAX_ITEMS)
+
+
+def _error(status: int, message: str, **extra) -> JSONResponse:
+    return JSONResponse(status_code=status, content={"error": message, **extra})
+
+
+class _ItemError(Exception):
+    pass
+
+
+app = FastAPI(title="raydpo judge", docs_url=None, redoc_url=None)
+
+
+@serve.deployment(max_ongoing_requests=64)
+@serve.ingress(app)
+class RuleJudge:
+    def __init__(self, rule: str, tie_margin: float = 0.0, max_batch_size: int = 64):
+        self.fn = load_rule(rule)
+        self._score_many.set_max_batch_size(max_batch_size)  # 1 turns batching off
+        self.name = f"rule:{rule}"
+        self.tie_margin = tie_margin
+        self.api_key = os.environ.get("RAYDPO_JUDGE_API_KEY") or None
+
+    @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.005)
+    async def _score_many(self, pairs: list[tuple[str, str]]) -> list[float | str]:
+        out: list[float | str] = []
+        for prompt, response in pairs:
+            try:
+                out.append(float(self.fn(prompt, response)))
+            except Exception as e:  # the rule's problem with this item, reported for this item only
+                out.append(f"{type(e).__name__}: {e}")
+        return out
+
+    async def _scores(self, pairs: list[tuple[str, str]], fields: list[str]) -> list[float]:
+        results = await asyncio.gather(*(self._score_many(p) for p in pairs))
+        for field, r in zip(fields, results):
+            if isinstance(r, str):
+                raise _ItemError(f"{field}: the judge cannot score it ({r})")
+        return results
+
+    async def _parse(self, request: Request, model: type[_Body]):
+        if self.api_key:
+            given = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
+            if not hmac.compare_digest(given.encode(), self.api_key.encode()):
+                return None, _error(401, "missing or wrong API key (Authorization: Bearer <key>)")
+        size = request.headers.get("content-length")
+        if size and size.isdigit() and int(size) > MAX_BODY_BYTES:
+            return None, _error(413, f"body of {size} bytes exceeds the limit of {MAX_BODY_BYTES}")
+        body = await request.body()
+        if len(body) > MAX_BODY_BYTES:
+            return None, _error(413, f"body of {len(body)} bytes exceeds the limit of {MAX_BODY_BYTES}")
+        try:
+            return model.model_validate_json(body), None
+        except ValidationError as e:
+            problems = [f"{'.'.join(str(p) for p in err['loc']) or 'body'}: {err['msg']}" for err in e.errors()]
+            return None, _error(422, "; ".join(problems[:10]), problems=problems)
+
+    @app.get("/v1/judge")
+    async def identity(self) -> dict:
+        return {"judge": self.name, "kind": "rule"}
+
+    @app.post("/v1/score")
+    async def score(self, request: Request):
+        req, err = await self._parse(request, ScoreRequest)
+        if err:
+            return err
+        try:
+            scores = await self._scores([(it.prompt, it.response) for it in req.items],
+                                        [f"items.{i}" for i in range(len(req.items))])
+        except _ItemError as e:
+            return _error(422, str(e))
+        return {"scores": scores, "judge": self.name}
+
+    @app.post("/v1/compare")
+    async def compare(self, request: Request):
+        req, err = await self._parse(request, CompareRequest)
+        if err:
+            return err
+        pairs, fields = [], []
+        for i, it in enumerate(req.items):
+            pairs += [(it.prompt, it.response_a), (it.prompt, it.response_b)]
+            fields += [f"items.{i}.response_a", f"items.{i}.response_b"]
+        try:
+            s = await self._scores(pairs, fields)
+        except _ItemError as e:
+            return _error(422, str(e))
+        results = [compare_scores(s[2 * i], s[2 * i + 1], self.tie_margin) for i in range(len(req.items))]
+        return {"results": [r.__dict__ for r in results], "judge": self.name}
+
+
+def build_app(args: dict):
+    """Application builder for `serve run serve/judge_rule.yaml` (and `serve.run` from Python)."""
+    known = {"rule", "tie_margin", "num_replicas", "num_cpus", "max_batch_size"}
+    unknown = set(args) - known
+    if unknown:
+        raise ValueError(f"judge app: unknown args {sorted(unknown)}; known: {sorted(known)}")
+    return RuleJudge.options(
+        num_replicas=int(args.get("num_replicas", 1)),
+        ray_actor_options={"num_cpus": float(args.get("num_cpus", 0.5))},
+    ).bind(args.get("rule", "raydpo.tasks.style:score"), float(args.get("tie_margin", 0.0)),
+           int(args.get("max_batch_size", 64)))

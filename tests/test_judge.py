@@ -1,0 +1,130 @@
+"""The judge: pure verdict logic, and the rule judge over HTTP on a real Ray Serve."""
+
+import json
+import socket
+import urllib.error
+import urllib.request
+
+import pytest
+
+from raydpo.judge import combine_both_orders, compare_scores, load_rule
+from raydpo.tasks import style
+
+P = "about: apple | max 5\n"
+
+
+def test_always_first_position_judge_gives_ties_not_preferences():
+    """A judge that always answers "A" says "a" for (A, B) and "a" again for (B, A):
+    the swap exposes it, and every verdict is a tie."""
+    always_a = lambda first, second: "a"  # noqa: E731
+    pairs = [("x", "y"), ("good", "bad"), ("bad", "good")]
+    verdicts = [combine_both_orders(always_a(a, b), always_a(b, a)) for a, b in pairs]
+    assert verdicts == ["tie", "tie", "tie"]
+    assert combine_both_orders("a", "b") == "a" and combine_both_orders("b", "a") == "b"
+    assert combine_both_orders("invalid", "a") == "invalid" and combine_both_orders("b", "invalid") == "invalid"
+
+
+def test_compare_scores_and_tie_margin():
+    assert compare_scores(0.75, 0.5).preferred == "a"
+    assert compare_scores(0.5, 0.75).preferred == "b"
+    j = compare_scores(0.5, 0.45, tie_margin=0.1)
+    assert j.preferred == "tie" and j.margin == pytest.approx(0.05)
+
+
+def test_load_rule_errors_name_the_spec():
+    assert load_rule("raydpo.tasks.style:score") is style.score
+    with pytest.raises(ValueError, match="must look like"):
+        load_rule("raydpo.tasks.style.score")
+    with pytest.raises(ValueError, match="cannot be imported"):
+        load_rule("raydpo.tasks.style:nope")
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def post(url, body, headers=None):
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, headers={"content-type": "application/json", **(headers or {})})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read() or b"{}")
+
+
+@pytest.fixture(scope="module")
+def judge_url(ray_local):
+    from ray import serve
+
+    from raydpo.serve_judge import build_app
+
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build_app({"rule": "raydpo.tasks.style:score", "tie_margin": 0.0}), name="judge", route_prefix="/judge")
+    yield f"http://127.0.0.1:{port}/judge"
+    serve.shutdown()
+
+
+def test_score_and_compare_over_http(judge_url):
+    responses = [" apple is red please.", " apple.", " pear a b c d e f g h i!"]
+    status, out = post(f"{judge_url}/v1/score", {"items": [{"prompt": P, "response": r} for r in responses]})
+    assert status == 200 and out["judge"] == "rule:raydpo.tasks.style:score"
+    assert out["scores"] == pytest.approx([style.score(P, r) for r in responses])
+    status, out = post(f"{judge_url}/v1/compare", {"items": [
+        {"prompt": P, "response_a": responses[0], "response_b": responses[1]},
+        {"prompt": P, "response_a": responses[2], "response_b": responses[0]},
+        {"prompt": P, "response_a": responses[1], "response_b": responses[1] + " "},
+    ]})
+    assert status == 200
+    assert [r["preferred"] for r in out["results"]] == ["a", "b", "tie"]
+    assert out["results"][0]["margin"] == pytest.approx(style.score(P, responses[0]) - style.score(P, responses[1]))
+
+
+BAD = [
+    (b"{not json", 422, "body: Invalid JSON"),
+    ({"items": [{"prompt": P}]}, 422, "items.0.response: Field required"),
+    ({"items": [{"prompt": P, "response": 3}]}, 422, "items.0.response: Input should be a valid string"),
+    ({"items": [{"prompt": P, "response": ""}]}, 422, "items.0.response: String should have at least 1 character"),
+    ({"items": []}, 422, "items: List should have at least 1 item"),
+    ({"items": [{"prompt": P, "response": "x"}] * 257}, 422, "items: List should have at most 256 items"),
+    ({"items": [{"prompt": P, "response": "x", "extra": 1}]}, 422, "items.0.extra: Extra inputs are not permitted"),
+    ({"items": [{"prompt": "not the task", "response": "x"}]}, 422, "items.0: the judge cannot score it (ValueError"),
+    (json.dumps({"items": [{"prompt": P, "response": "x" * (1 << 20)}]}).encode(), 413, "exceeds the limit"),
+]
+
+
+@pytest.mark.parametrize("body, status, message", BAD)
+def test_bad_requests_get_4xx_naming_the_problem_and_service_survives(judge_url, body, status, message):
+    got, out = post(f"{judge_url}/v1/score", body)
+    assert got == status and message in out["error"], out
+    ok, res = post(f"{judge_url}/v1/score", {"items": [{"prompt": P, "response": " apple."}]})
+    assert ok == 200 and res["scores"] == [pytest.approx(style.score(P, " apple."))]
+
+
+def test_concurrent_requests_are_batched_and_a_bad_item_fails_alone(judge_url):
+    from concurrent.futures import ThreadPoolExecutor
+
+    bodies = [{"items": [{"prompt": P, "response": f" apple {i}."}]} for i in range(24)]
+    bodies[5] = {"items": [{"prompt": "broken", "response": "x"}]}
+    with ThreadPoolExecutor(8) as ex:
+        results = list(ex.map(lambda b: post(f"{judge_url}/v1/score", b), bodies))
+    assert [s for s, _ in results].count(200) == 23 and results[5][0] == 422
+
+
+def test_serve_yaml_builds_and_binds_to_loopback():
+    import importlib
+    from pathlib import Path
+
+    import yaml
+
+    cfg = yaml.safe_load((Path(__file__).parents[1] / "serve" / "judge_rule.yaml").read_text())
+    assert cfg["http_options"]["host"] == "127.0.0.1"
+    [app] = cfg["applications"]
+    module, name = app["import_path"].split(":")
+    builder = getattr(importlib.import_module(module), name)
+    assert builder(app["args"]) is not None
+    with pytest.raises(ValueError, match=r"unknown args \['tie_margn'\]"):
+        builder({"tie_margn": 0.1})

@@ -25,15 +25,7 @@ import time
 from pathlib import Path
 
 import torch
-
-
-def matmul_peak_flops(n: int = 2048, reps: int = 10) -> float:
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    torch.matmul(a, b)
-    t = time.perf_counter()
-    for _ in range(reps):
-        torch.matmul(a, b)
-    return 2 * n**3 * reps / (time.perf_counter() - t)
+from common import matmul_peak_flops
 
 
 def quick_sft(model_dir: str, steps: int = 80, batch: int = 32) -> None:

@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
             f.write(json.dumps({"policy_version": s.policy_version, "prompt": s.prompt, "response": s.text,
                                 **style.rule_scores(s.prompt, s.text)}) + "\n")
     b, a = judge(before), judge(after)
-    print(f"\n| rule | base model (v0) | after SFT (v1) |\n|---|---|---|")
+    print("\n| rule | base model (v0) | after SFT (v1) |\n|---|---|---|")
     for k in (*RULES, "judge score"):
         print(f"| {k} | {b[k]:.3f} | {a[k]:.3f} |")
     print_table("demo done", [("held-out prompts", str(len(prompts))),

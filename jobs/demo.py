@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 from raydpo.config import ConfigError
+from raydpo.data.formats import DataError
 from raydpo.records import SamplingSettings
 from raydpo.runner import base_model, init_ray, job_config, print_table, read_tokenized
 from raydpo.tasks import style
@@ -46,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         model = base_model(cfg)
         init_ray(cfg)
-    except ConfigError as e:
+    except (ConfigError, DataError) as e:  # named, no traceback
         print(f"demo: error: {e}", file=sys.stderr)
         return 2
     print(f"[demo] tiny model ready ({time.time() - t0:.0f}s)")

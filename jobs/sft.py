@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from raydpo.config import ConfigError
+from raydpo.data.formats import DataError
 from raydpo.runner import base_model, init_ray, job_config, last_metrics, print_table, read_tokenized
 
 
@@ -32,7 +33,7 @@ def main(argv=None) -> int:
                     f.write(json.dumps(r) + "\n")
         init_ray(cfg)
         ds = read_tokenized(cfg, source, model)
-    except ConfigError as e:
+    except (ConfigError, DataError) as e:  # named, no traceback
         print(f"error: {e}", file=sys.stderr)
         return 2
     from transformers import AutoTokenizer

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from raydpo.config import ConfigError, require
+from raydpo.data.formats import DataError
 from raydpo.runner import (base_model, init_ray, job_config, last_metrics, print_table, read_tokenized,
                            reference_cache_key)
 
@@ -25,7 +26,7 @@ def main(argv=None) -> int:
         model = base_model(cfg)
         init_ray(cfg)
         ds = read_tokenized(cfg, cfg.data.train_path, model)
-    except ConfigError as e:
+    except (ConfigError, DataError) as e:  # named, no traceback
         print(f"error: {e}", file=sys.stderr)
         return 2
     import ray.data

@@ -38,7 +38,11 @@ def cmd_config_fields(args: argparse.Namespace) -> int:
 def read_corpus(path: str) -> list[str]:
     """Non-empty lines of a UTF-8 text file; a bad byte names its line."""
     lines = []
-    with open(path, "rb") as f:
+    try:
+        f = open(path, "rb")
+    except OSError as e:
+        raise ConfigError(f"--corpus {path}: {e.strerror}") from None
+    with f:
         for lineno, raw in enumerate(f, 1):
             try:
                 text = raw.decode("utf-8").rstrip("\n")

@@ -42,3 +42,10 @@ def test_demo_short_run_improves_the_judge_score(tmp_path):
              for v, xs in by_version.items()}
     assert score[1] > score[0] + 0.1, score
     assert "| judge score |" in r.stdout
+
+
+def test_missing_data_file_is_named(tmp_path):
+    r = run_py(["jobs/train_dpo.py", f"run_dir={tmp_path}", "data.train_path=/nonexistent/pairs.jsonl",
+                "cluster.num_cpus=2"], timeout=300)
+    assert r.returncode == 2 and "/nonexistent/pairs.jsonl: no such file or folder" in r.stderr
+    assert "Traceback" not in r.stderr

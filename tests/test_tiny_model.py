@@ -77,3 +77,5 @@ def test_cli_builds_model(tmp_path):
     bad.write_bytes(b"fine line\n\xff\xfe broken\n")
     r = run_py(["-m", "raydpo.cli", "tiny-model", "--out", tmp_path / "m2", "--corpus", bad], timeout=120)
     assert r.returncode == 2 and "bad.txt:2: not UTF-8" in r.stderr
+    r = run_py(["-m", "raydpo.cli", "tiny-model", "--out", tmp_path / "m3", "--corpus", tmp_path / "missing.txt"], timeout=120)
+    assert r.returncode == 2 and "missing.txt: No such file or directory" in r.stderr and "Traceback" not in r.stderr

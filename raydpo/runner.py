@@ -91,6 +91,7 @@ def last_metrics(run_dir: str | Path, prefix: str) -> dict:
     if path.exists():
         for line in open(path):
             rec = json.loads(line)
-            out.update({k[len(prefix):]: v for k, v in rec.items() if k.startswith(prefix)})
-            out["step"] = rec["step"] if any(k.startswith(prefix) for k in rec) else out.get("step")
+            mine = {k[len(prefix):]: v for k, v in rec.items() if k.startswith(prefix)}
+            if mine:  # a line of this stage (SFT and DPO lines share the file)
+                out.update(mine, step=rec["step"])
     return out

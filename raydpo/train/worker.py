@@ -31,6 +31,7 @@ import torch
 
 from raydpo.data.collate import bucket_by_length, collate_pairs
 from raydpo.train.step import LossSettings, dpo_step_loss, sft_loss
+from raydpo.weights import read_safetensors, with_tied_head
 
 STATE_FILE = "trainer_state.json"
 OPTIMIZER_FILE = "optimizer.pt"
@@ -261,18 +262,14 @@ def train_loop_per_worker(config: dict) -> None:
     elif spec.resume_from:
         resume_dir = spec.resume_from
     if resume_dir:
-        from safetensors.torch import load_file
-
         state = json.loads((Path(resume_dir) / STATE_FILE).read_text())
         step = state["step"]
-        weights = load_file(str(Path(resume_dir) / "model.safetensors"))
-        if spec.lora_r:
-            adapters = load_file(str(Path(resume_dir) / "adapter.safetensors"))
-            model.load_state_dict(adapters, strict=False)
+        if spec.lora_r:  # the base is model_path, unchanged: only the adapters are restored
+            from safetensors.torch import load_file
+
+            model.load_state_dict(load_file(str(Path(resume_dir) / "adapter.safetensors")), strict=False)
         else:
-            if "lm_head.weight" not in weights and model.config.tie_word_embeddings:
-                weights["lm_head.weight"] = weights["model.embed_tokens.weight"]
-            model.load_state_dict(weights)
+            model.load_state_dict(with_tied_head(read_safetensors(resume_dir), model.config.tie_word_embeddings))
 
     engine = None
     if spec.strategy == "deepspeed":
@@ -367,11 +364,10 @@ def train_loop_per_worker(config: dict) -> None:
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
             step += 1
-            sums["grad_norm"] = grad_norm
             sums["tokens"] = float(tokens)
             metrics = _mean_across_ranks(sums, world)
             metrics["tokens"] *= world  # all workers' tokens this step
-            metrics["grad_norm"] = grad_norm  # already global
+            metrics["grad_norm"] = grad_norm  # already global: no averaging
             now = time.perf_counter()
             metrics["tokens_per_s"] = metrics["tokens"] / (now - t_last)
             metrics["lr"] = scheduler.get_last_lr()[0]

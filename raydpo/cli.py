@@ -125,10 +125,35 @@ def build_parser() -> argparse.ArgumentParser:
     p_val.add_argument("--strict", action="store_true", help="stop at the first bad record")
     p_val.add_argument("--show", type=int, default=20, metavar="N", help="bad records to print (default 20)")
     p_val.set_defaults(func=cmd_data_validate)
+
+    # `raydpo online ...` hands every argument to the loop's own parser (raydpo.loop.main)
+    sub.add_parser("online", help="run (or --resume) the online-DPO loop; see `raydpo online --help`", add_help=False)
+    p_rep = sub.add_parser("report", help="redraw the report of an online run",
+                           description="Write <run_dir>/report/report.md and metrics.png from online_metrics.jsonl.")
+    p_rep.add_argument("run_dir", metavar="RUN_DIR")
+    p_rep.set_defaults(func=cmd_report)
     return parser
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from raydpo.report import read_metrics, table, write_report
+
+    try:
+        md = write_report(args.run_dir)
+    except FileNotFoundError as e:
+        print(f"raydpo report: error: {e}", file=sys.stderr)
+        return 2
+    print(table(read_metrics(args.run_dir)))
+    print(f"report: {md}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["online"]:
+        from raydpo.loop import main as online_main
+
+        return online_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -128,6 +128,15 @@ class LoopConfig(_Section):
     dpo_passes: int = Field(4, ge=1, description="passes over each iteration's fresh pairs")
     eval_prompts: int = Field(256, ge=1, description="held-out prompts evaluated each iteration")
     reference: Literal["fixed", "previous"] = Field("fixed", description="reference = SFT policy, or last iteration's policy")
+    prompts_path: str | None = Field(None, description="JSONL/Parquet with a 'prompt' column to sample from; None uses the built-in style task's training prompts")
+    eval_prompts_path: str | None = Field(None, description="held-out prompts (same format); None uses the style task's held-out prompts")
+    pairs: Literal["best_worst", "all"] = Field("best_worst", description="pairs per prompt: best vs worst sample, or every pair whose score gap exceeds pair_margin")
+    pair_margin: float = Field(0.0, ge=0.0, description="minimum score gap for pairs='all' (ties at judge.tie_margin are always dropped)")
+    replay_fraction: float = Field(0.0, ge=0.0, le=4.0, description="add this many earlier-iteration pairs per fresh pair to each iteration's training data")
+    chunk_prompts: int = Field(32, ge=1, description="prompts per sampling chunk; each judged chunk is stored at once, so a crash loses at most the chunk in flight")
+    eval_temperature: float = Field(0.8, ge=0.0, description="policy temperature for the win-rate evaluation")
+    eval_baseline_samples: int = Field(4, ge=1, description="fixed starting-policy samples each eval response is compared with")
+    eval_kl: bool = Field(True, description="estimate KL(policy || reference) each iteration from temperature-1 samples on the eval prompts")
 
 
 class Resources(_Section):
@@ -139,7 +148,7 @@ class Resources(_Section):
 class ClusterConfig(_Section):
     address: str | None = Field(None, description="Ray address to join; None joins RAY_ADDRESS or starts a local Ray")
     num_cpus: int | None = Field(None, ge=1, description="CPUs for a locally started Ray; None lets Ray decide")
-    trainer: Resources = Field(default_factory=lambda: Resources(count=1, cpus=1), description="Ray Train workers")
+    trainer: Resources = Field(default_factory=lambda: Resources(count=1, cpus=2), description="Ray Train workers (cpus = torch threads each)")
     sampler: Resources = Field(default_factory=lambda: Resources(count=1, cpus=1), description="vLLM sampler actors")
     judge: Resources = Field(default_factory=lambda: Resources(count=1, cpus=0.5), description="judge Serve replicas")
     host: str = Field("127.0.0.1", description="address Serve HTTP binds to; loopback unless you mean to expose it")
@@ -167,6 +176,9 @@ class RunConfig(_Section):
         if self.sampler.tensor_parallel_size > 1 and self.cluster.sampler.gpus < self.sampler.tensor_parallel_size:
             raise ValueError(f"sampler.tensor_parallel_size ({self.sampler.tensor_parallel_size}) needs "
                              f"cluster.sampler.gpus >= it (got {self.cluster.sampler.gpus}); on CPU it must be 1")
+        if self.loop.reference == "previous" and self.trainer.lora_r:
+            raise ValueError("loop.reference='previous' cannot be used with trainer.lora_r > 0: the LoRA reference "
+                             "is the base model with adapters off")
         if workers and self.trainer.sft_batch_size % workers:
             raise ValueError(f"trainer.sft_batch_size ({self.trainer.sft_batch_size}) must be a multiple of "
                              f"cluster.trainer.count ({workers})")

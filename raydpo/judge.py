@@ -10,6 +10,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 Preferred = str  # "a", "b", "tie" or "invalid"
+# Score gaps are differences of floats: 0.55 - 0.5 is 0.0500000000000000444, which
+# must still count as "at or below" a tie margin of 0.05.
+TIE_EPS = 1e-9
 
 
 @dataclass(frozen=True)
@@ -39,7 +42,7 @@ def load_rule(spec: str) -> Callable[[str, str], float]:
 def compare_scores(score_a: float, score_b: float, tie_margin: float = 0.0) -> Judgement:
     """A scoring judge's verdict: the higher score wins unless within `tie_margin`."""
     margin = score_a - score_b
-    preferred = "tie" if abs(margin) <= tie_margin else ("a" if margin > 0 else "b")
+    preferred = "tie" if abs(margin) <= tie_margin + TIE_EPS else ("a" if margin > 0 else "b")
     return Judgement(preferred, margin, score_a, score_b)
 
 

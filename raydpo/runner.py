@@ -28,8 +28,16 @@ def job_config(description: str, argv: list[str] | None = None) -> RunConfig:
     return cfg
 
 
-def init_ray(cfg: RunConfig) -> None:
-    """Join cluster.address or RAY_ADDRESS if given, else start a local Ray."""
+def init_ray(cfg: RunConfig, min_cpus: float = 0) -> None:
+    """Join cluster.address or RAY_ADDRESS if given, else start a local Ray.
+
+    A local Ray gets cluster.num_cpus logical CPUs, or, if unset, enough for
+    `min_cpus` (the roles that stay up together), at least one per core. The
+    online loop's phases run one after another, so its long-lived roles can
+    share the cores they reserve between them.
+    """
+    import math
+
     import ray
 
     if ray.is_initialized():
@@ -38,7 +46,10 @@ def init_ray(cfg: RunConfig) -> None:
     if address:
         ray.init(address=address)
     else:
-        ray.init(num_cpus=cfg.cluster.num_cpus, include_dashboard=False)
+        num_cpus = cfg.cluster.num_cpus
+        if num_cpus is None and min_cpus:
+            num_cpus = max(os.cpu_count() or 1, math.ceil(min_cpus))
+        ray.init(num_cpus=num_cpus, include_dashboard=False)
     ray.data.DataContext.get_current().enable_progress_bars = sys.stderr.isatty()
 
 

@@ -198,8 +198,11 @@ class SamplerPool:
 
     # ---------------------------------------------------------------- weights
 
-    def publish(self, version: int, *, state_dict: dict | None = None, path: str | None = None) -> float:
+    def publish(self, version: int, *, state_dict: dict | ray.ObjectRef | None = None, path: str | None = None) -> float:
         """Bring every actor to `version`; return the seconds it took.
+
+        `state_dict`: torch tensors, or an ObjectRef of a dict of numpy arrays (as
+        the online trainer returns it: no second copy through the driver).
 
         All actors load in parallel. If any fails, SamplerError names it; actors
         that failed keep their previous weights (validated before loading), and
@@ -212,7 +215,10 @@ class SamplerPool:
         t = time.perf_counter()
         # One copy in the object store, as numpy arrays: Ray hands those to every actor
         # on the node zero-copy from shared memory (torch tensors would be copied).
-        state_ref = ray.put({k: v.detach().cpu().numpy() for k, v in state_dict.items()}) if state_dict is not None else None
+        if isinstance(state_dict, ray.ObjectRef):  # already a numpy state dict in the object store (the trainer's)
+            state_ref = state_dict
+        else:
+            state_ref = ray.put({k: v.detach().cpu().numpy() for k, v in state_dict.items()}) if state_dict is not None else None
         refs = [a.load_weights.remote(version, state_ref, path) for a in self.actors]
         errors = []
         for i, ref in enumerate(refs):

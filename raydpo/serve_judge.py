@@ -114,6 +114,26 @@ class RuleJudge:
     async def identity(self) -> dict:
         return {"judge": self.name, "kind": "rule"}
 
+    # ------------------------------------------------ deployment-handle API
+    # The online loop calls these through a DeploymentHandle (no HTTP, no JSON);
+    # they go through the same @serve.batch path as the HTTP routes.
+
+    async def score_items(self, items: list[tuple[str, str]]) -> list[float]:
+        """Scores of (prompt, response) items; ValueError names the first item the rule cannot score."""
+        try:
+            return await self._scores(list(items), [f"item {i}" for i in range(len(items))])
+        except _ItemError as e:
+            raise ValueError(str(e)) from None
+
+    async def compare_items(self, items: list[tuple[str, str, str]]) -> list[dict]:
+        """Verdicts on (prompt, response_a, response_b) items, as dicts (see raydpo.judge.Judgement)."""
+        pairs = [(p, r) for p, a, b in items for r in (a, b)]
+        s = await self.score_items(pairs)
+        return [compare_scores(s[2 * i], s[2 * i + 1], self.tie_margin).__dict__ for i in range(len(items))]
+
+    async def info(self) -> dict:
+        return {"judge": self.name, "kind": "rule", "tie_margin": self.tie_margin}
+
     @app.post("/v1/score")
     async def score(self, request: Request):
         req, err = await self._parse(request, ScoreRequest)

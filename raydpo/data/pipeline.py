@@ -5,6 +5,7 @@ this one; this file only schedules it.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import asdict
 from typing import Any
 
@@ -116,10 +117,32 @@ class _Tokenizer:
         return pa.table({k: pa.array(v, type=ids) if k in TOKEN_COLUMNS else pa.array(v) for k, v in out.items()})
 
 
+@functools.lru_cache(maxsize=4)
+def _cached_tokenizer(tokenizer_path: str, max_prompt_length: int, max_length: int, trust_remote_code: bool):
+    return _Tokenizer(tokenizer_path, max_prompt_length, max_length, trust_remote_code)
+
+
+def _tokenize_task(batch: pa.Table, tokenizer_path: str, max_prompt_length: int, max_length: int,
+                   trust_remote_code: bool) -> pa.Table:
+    # Ray reuses worker processes for tasks, so the tokenizer loads once per process.
+    return _cached_tokenizer(tokenizer_path, max_prompt_length, max_length, trust_remote_code)(batch)
+
+
 def tokenize(ds: ray.data.Dataset, tokenizer_path: str, max_prompt_length: int, max_length: int,
-             concurrency: int = 1, batch_size: int = 256, trust_remote_code: bool = False) -> ray.data.Dataset:
-    """Add prompt_ids/chosen_ids/rejected_ids (+ truncation flags) on CPU workers."""
+             concurrency: int = 1, batch_size: int = 256, trust_remote_code: bool = False,
+             tasks: bool = False) -> ray.data.Dataset:
+    """Add prompt_ids/chosen_ids/rejected_ids (+ truncation flags) on CPU workers.
+
+    Default: an actor pool of `concurrency` tokenizer actors (big data sets).
+    `tasks=True`: plain tasks, for small, repeated jobs such as each online
+    iteration's pairs: no actor start-up per call, and no actor holding a CPU
+    that the read tasks feeding it are waiting for when other long-lived roles
+    (trainer, samplers) already hold the rest of the cluster.
+    """
     ordered()
+    if tasks:
+        return ds.map_batches(_tokenize_task, fn_args=(tokenizer_path, max_prompt_length, max_length, trust_remote_code),
+                              batch_size=batch_size, batch_format="pyarrow", num_cpus=1)
     return ds.map_batches(
         _Tokenizer,
         fn_constructor_args=(tokenizer_path, max_prompt_length, max_length, trust_remote_code),
@@ -138,16 +161,43 @@ def truncation_counts(ds: ray.data.Dataset) -> dict[str, int]:
     }
 
 
-def read_store(store: PreferenceStore) -> ray.data.Dataset:
-    """The preference store as a Ray Dataset, read in parallel; the `iteration`
-    column comes from the partition path. Only committed chunks are listed, so
-    in-flight files under _staging/ are never read."""
+def read_store(store: PreferenceStore, iterations=None) -> ray.data.Dataset:
+    """The preference store (or the given `iterations` of it) as a Ray Dataset,
+    read in parallel; the `iteration` column comes from the partition path. Only
+    committed chunks are listed, so in-flight files under _staging/ are never read."""
     from ray.data.datasource.partitioning import Partitioning
 
-    files = store.chunk_files()
+    files = store.chunk_files(iterations)
     if not files:
         raise DataError(f"preference store {store.root} holds no pairs yet")
     return ray.data.read_parquet(
         [str(f) for f in files],
         partitioning=Partitioning("hive", base_dir=str(store.root), field_types={"iteration": int}),
     )
+
+
+def _as_text_pairs(batch: pa.Table) -> pa.Table:
+    n = batch.num_rows
+    return pa.table({"prompt": batch.column("prompt"), "chosen": batch.column("chosen"),
+                     "rejected": batch.column("rejected"), "is_chat": pa.array([False] * n),
+                     "tools": pa.array([""] * n, pa.string())})
+
+
+def store_pairs_for_training(store: PreferenceStore, iterations, sample: int | None = None,
+                             seed: int = 0) -> ray.data.Dataset:
+    """Stored pairs of `iterations` (or a seeded random `sample` of them) as
+    normalised text pairs, ready for `tokenize`.
+
+    The few files of an online iteration are read with pyarrow and handed to Ray
+    Data with `from_arrow`: measured here, `ray.data.read_parquet` costs 4-8 s per
+    call on a 60-pair iteration (file listing and metadata tasks), more than the
+    iteration's training; `from_arrow` + tokenize tasks take 0.1 s. `read_store`
+    stays the reader for a whole (large) store.
+    """
+    import numpy as np
+
+    table = store.read_table(iterations)
+    if sample is not None and sample < table.num_rows:
+        idx = np.sort(np.random.default_rng(seed).choice(table.num_rows, size=sample, replace=False))
+        table = table.take(pa.array(idx))
+    return ray.data.from_arrow(_as_text_pairs(table))

@@ -91,13 +91,15 @@ class PreferenceStore:
         _fsync_dir(final.parent)
         return final
 
-    def chunk_files(self) -> list[Path]:
-        """Committed chunk files, in (iteration, chunk) order."""
-        return sorted(self.root.glob("iteration=*/chunk-*.parquet"))
+    def chunk_files(self, iterations: Sequence[int] | None = None) -> list[Path]:
+        """Committed chunk files (of `iterations`, default all), in (iteration, chunk) order."""
+        if iterations is None:
+            return sorted(self.root.glob("iteration=*/chunk-*.parquet"))
+        return sorted(f for i in sorted(set(iterations)) for f in self.root.glob(f"iteration={i:06d}/chunk-*.parquet"))
 
-    def read_table(self) -> pa.Table:
-        """All stored pairs (with the `iteration` column), or an empty table."""
-        files = self.chunk_files()
+    def read_table(self, iterations: Sequence[int] | None = None) -> pa.Table:
+        """Stored pairs (of `iterations`, default all) with the `iteration` column, or an empty table."""
+        files = self.chunk_files(iterations)
         if not files:
             return FULL_SCHEMA.empty_table()
         ds = pads.dataset([str(f) for f in files], schema=FULL_SCHEMA, format="parquet",

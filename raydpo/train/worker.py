@@ -216,20 +216,164 @@ def _mean_across_ranks(values: dict[str, float], world: int) -> dict[str, float]
     return {k: float(v) / world for k, v in zip(keys, t)}
 
 
+class PolicyTrainer:
+    """One worker's model, reference, optimizer and DDP/DeepSpeed wrapper, and the
+    optimizer step over one global batch. Used by the staged loop below and by the
+    long-lived online loop (`raydpo.train.online_worker`)."""
+
+    def __init__(self, spec: TrainSpec, config: dict, total_steps: int, resume_dir: str | None):
+        import ray.train
+        import ray.train.torch
+
+        ctx = ray.train.get_context()
+        self.spec = spec
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        self.device = ray.train.torch.get_device() if torch.cuda.is_available() else torch.device("cpu")
+        self.pad_id = config["pad_id"]
+        self.accum = accumulation_steps(spec.batch_size, spec.micro_batch_size, self.world)
+        model = _load_model(spec, self.device)
+        self.reference = None
+        if spec.mode in ("dpo", "online") and spec.loss.needs_reference and not config.get("precomputed_reference"):
+            if spec.lora_r:
+                self.reference = _LoraReference(model)
+            else:
+                from transformers import AutoModelForCausalLM
+
+                self.reference = AutoModelForCausalLM.from_pretrained(
+                    config.get("reference_path") or spec.model_path, dtype=torch.float32,
+                    trust_remote_code=spec.trust_remote_code).to(self.device).eval()
+                self.reference.requires_grad_(False)
+
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(self.params, lr=spec.lr, weight_decay=spec.weight_decay)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(spec.schedule, spec.warmup_steps, total_steps))
+
+        self.state: dict = {}
+        if resume_dir:
+            self.state = json.loads((Path(resume_dir) / STATE_FILE).read_text())
+            if spec.lora_r:  # the base is model_path, unchanged: only the adapters are restored
+                from safetensors.torch import load_file
+
+                model.load_state_dict(load_file(str(Path(resume_dir) / "adapter.safetensors")), strict=False)
+            else:
+                model.load_state_dict(with_tied_head(read_safetensors(resume_dir), model.config.tie_word_embeddings))
+
+        self.engine = None
+        if spec.strategy == "deepspeed":
+            import deepspeed
+
+            ds_config = {
+                "train_batch_size": spec.batch_size,
+                "train_micro_batch_size_per_gpu": spec.micro_batch_size,
+                "gradient_accumulation_steps": self.accum,
+                "gradient_clipping": spec.max_grad_norm,
+                "zero_optimization": {"stage": spec.zero_stage},
+                "zero_allow_untested_optimizer": True,
+                "bf16": {"enabled": spec.bf16},
+                "steps_per_print": 1 << 30,
+            }
+            self.engine, optimizer, _, scheduler = deepspeed.initialize(
+                model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config, dist_init_required=False
+            )
+            self.policy, self.unwrapped = self.engine, self.engine.module
+            if resume_dir and (Path(resume_dir) / "deepspeed").exists():
+                self.engine.load_checkpoint(str(Path(resume_dir) / "deepspeed"), tag="state",
+                                            load_module_strict=not spec.lora_r)
+        else:
+            self.policy = ray.train.torch.prepare_model(model)  # DDP when world > 1
+            self.unwrapped = model
+            if resume_dir and (Path(resume_dir) / OPTIMIZER_FILE).exists():
+                saved = torch.load(Path(resume_dir) / OPTIMIZER_FILE, weights_only=True)  # our own file, tensors only
+                optimizer.load_state_dict(saved["optimizer"])
+                scheduler.load_state_dict(saved["scheduler"])
+        self.optimizer, self.scheduler = optimizer, scheduler
+        self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if spec.bf16 and self.device.type == "cuda"
+                         else nullcontext())
+        self.policy.train()
+
+    def step(self, gbatch: dict) -> dict[str, float]:
+        """One optimizer step on this rank's slice of the global batch; metrics averaged over ranks."""
+        spec, engine, world = self.spec, self.engine, self.world
+        sums: dict[str, float] = {}
+        tokens = 0
+        for m in range(self.accum):
+            mb = collate_pairs(rank_slice(gbatch, self.rank, world, spec.micro_batch_size, m), self.pad_id)
+            mb = {k: v.to(self.device) for k, v in mb.items()}
+            tokens += int(mb["attention_mask"].sum())
+            sync = m == self.accum - 1
+            ctx_sync = self.policy.no_sync() if (engine is None and world > 1 and not sync) else nullcontext()
+            with ctx_sync, self.autocast:
+                if spec.mode == "sft":
+                    loss, metrics = sft_loss(self.policy, mb)
+                else:
+                    loss, metrics = dpo_step_loss(self.policy, self.reference, mb, spec.loss)
+            if engine is not None:
+                engine.backward(loss)  # DeepSpeed scales by 1/accum itself
+                engine.step()
+            else:
+                (loss / self.accum).backward()
+            for k, v in metrics.items():
+                sums[k] = sums.get(k, 0.0) + float(v) / self.accum
+        if engine is not None:
+            grad_norm = float(engine.get_global_grad_norm() or 0.0)
+        else:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, spec.max_grad_norm))
+            self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        sums["tokens"] = float(tokens)
+        metrics = _mean_across_ranks(sums, world)
+        metrics["tokens"] *= world  # all workers' tokens this step
+        metrics["grad_norm"] = grad_norm  # already global: no averaging
+        metrics["lr"] = self.scheduler.get_last_lr()[0]
+        return metrics
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Full HF state dict of the policy (every rank must call it: ZeRO-3 gathers)."""
+        return full_state_dict(self.unwrapped, self.spec.zero_stage if self.engine else None)
+
+    def save(self, out: Path, state: dict) -> None:
+        """HF folder + trainer state + optimizer (or DeepSpeed shards) into `out`; every rank calls it."""
+        spec, rank = self.spec, self.rank
+        save_hf(self.unwrapped, spec.zero_stage if self.engine else None, spec, out, write=rank == 0)
+        if rank == 0:
+            (out / STATE_FILE).write_text(json.dumps(state))
+            if spec.lora_r:
+                from peft import get_peft_model_state_dict
+                from safetensors.torch import save_file
+
+                save_file({k: v.contiguous() for k, v in get_peft_model_state_dict(self.unwrapped).items()},
+                          str(out / "adapter.safetensors"))
+        if self.engine is not None:  # every rank writes its own ZeRO shard files
+            self.engine.save_checkpoint(str(out / "deepspeed"), tag="state")
+        elif rank == 0:
+            torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()},
+                       out / OPTIMIZER_FILE)
+
+    @property
+    def writes_checkpoint(self) -> bool:
+        return self.rank == 0 or self.engine is not None
+
+
+def resume_directory(spec: TrainSpec) -> str | None:
+    """Ray Train's checkpoint (set when it restarts failed workers), else spec.resume_from."""
+    import ray.train
+
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is not None:
+        return ckpt.to_directory()
+    return spec.resume_from
+
+
 def train_loop_per_worker(config: dict) -> None:
     """Ray Train entry point; `config` is `TrainSpec.to_dict()` plus `total_rows`."""
     import ray.train
-    import ray.train.torch
 
     spec = TrainSpec.from_dict(config["spec"])
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device() if torch.cuda.is_available() else torch.device("cpu")
     # Measured: inside a Ray worker given 2 CPUs, OMP_NUM_THREADS is 2 but torch
     # still runs 1 thread; use every CPU this worker reserved.
     torch.set_num_threads(max(1, int(config.get("cpus_per_worker", 1))))
     torch.manual_seed(spec.seed)
-    accum = accumulation_steps(spec.batch_size, spec.micro_batch_size, world)
     steps_per_epoch = config["total_rows"] // spec.batch_size
     total_steps = steps_per_epoch * spec.epochs
     if spec.max_steps:
@@ -237,96 +381,17 @@ def train_loop_per_worker(config: dict) -> None:
     if total_steps == 0:
         raise ValueError(f"{config['total_rows']} training rows make no full global batch of {spec.batch_size}")
 
-    model = _load_model(spec, device)
-    needs_live_ref = spec.mode == "dpo" and spec.loss.needs_reference and not config["precomputed_reference"]
-    reference = None
-    if needs_live_ref:
-        if spec.lora_r:
-            reference = _LoraReference(model)
-        else:
-            from transformers import AutoModelForCausalLM
-
-            reference = AutoModelForCausalLM.from_pretrained(spec.model_path, dtype=torch.float32).to(device).eval()
-            reference.requires_grad_(False)
-
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(spec.schedule, spec.warmup_steps, total_steps))
-
-    # ------------------------------------------------------------ resume state
-    step = 0
-    ckpt = ray.train.get_checkpoint()  # set when Ray Train restarts failed workers
-    resume_dir = None
-    if ckpt is not None:
-        resume_dir = ckpt.to_directory()
-    elif spec.resume_from:
-        resume_dir = spec.resume_from
-    if resume_dir:
-        state = json.loads((Path(resume_dir) / STATE_FILE).read_text())
-        step = state["step"]
-        if spec.lora_r:  # the base is model_path, unchanged: only the adapters are restored
-            from safetensors.torch import load_file
-
-            model.load_state_dict(load_file(str(Path(resume_dir) / "adapter.safetensors")), strict=False)
-        else:
-            model.load_state_dict(with_tied_head(read_safetensors(resume_dir), model.config.tie_word_embeddings))
-
-    engine = None
-    if spec.strategy == "deepspeed":
-        import deepspeed
-
-        ds_config = {
-            "train_batch_size": spec.batch_size,
-            "train_micro_batch_size_per_gpu": spec.micro_batch_size,
-            "gradient_accumulation_steps": accum,
-            "gradient_clipping": spec.max_grad_norm,
-            "zero_optimization": {"stage": spec.zero_stage},
-            "zero_allow_untested_optimizer": True,
-            "bf16": {"enabled": spec.bf16},
-            "steps_per_print": 1 << 30,
-        }
-        engine, optimizer, _, scheduler = deepspeed.initialize(
-            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config, dist_init_required=False
-        )
-        policy, unwrapped = engine, engine.module
-        if resume_dir and (Path(resume_dir) / "deepspeed").exists():
-            engine.load_checkpoint(str(Path(resume_dir) / "deepspeed"), tag="state",
-                                   load_module_strict=not spec.lora_r)
-    else:
-        policy = ray.train.torch.prepare_model(model)  # DDP when world > 1
-        unwrapped = model
-        if resume_dir and (Path(resume_dir) / OPTIMIZER_FILE).exists():
-            saved = torch.load(Path(resume_dir) / OPTIMIZER_FILE, weights_only=True)  # our own file, tensors only
-            optimizer.load_state_dict(saved["optimizer"])
-            scheduler.load_state_dict(saved["scheduler"])
-
-    log = MetricsLog(spec.run_dir, total_steps, step, spec.metrics_prefix) if rank == 0 else None
+    trainer = PolicyTrainer(spec, config, total_steps, resume_directory(spec))
+    step = trainer.state.get("step", 0)
+    log = MetricsLog(spec.run_dir, total_steps, step, spec.metrics_prefix) if trainer.rank == 0 else None
     shard = ray.train.get_dataset_shard("train")
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if spec.bf16 and device.type == "cuda" else nullcontext()
-    pad_id = config["pad_id"]
-    policy.train()
 
     def save_checkpoint(final: bool) -> None:
         with tempfile.TemporaryDirectory() as tmp:
-            out = Path(tmp)
-            save_hf(unwrapped, spec.zero_stage if engine else None, spec, out, write=rank == 0)
-            if rank == 0:
-                (out / STATE_FILE).write_text(json.dumps({"step": step, "steps_per_epoch": steps_per_epoch,
-                                                          "mode": spec.mode, "final": final}))
-                if spec.lora_r:
-                    from peft import get_peft_model_state_dict
-                    from safetensors.torch import save_file
-
-                    save_file({k: v.contiguous() for k, v in get_peft_model_state_dict(unwrapped).items()},
-                              str(out / "adapter.safetensors"))
-            if engine is not None:  # every rank writes its own ZeRO shard files
-                engine.save_checkpoint(str(out / "deepspeed"), tag="state")
-            elif rank == 0:
-                torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
-                           out / OPTIMIZER_FILE)
-            write = rank == 0 or engine is not None
-            ray.train.report({"step": step}, checkpoint=ray.train.Checkpoint.from_directory(tmp) if write else None,
-                             checkpoint_dir_name=f"{spec.mode}-step-{step:06d}")
+            trainer.save(Path(tmp), {"step": step, "steps_per_epoch": steps_per_epoch, "mode": spec.mode,
+                                     "final": final})
+            ckpt = ray.train.Checkpoint.from_directory(tmp) if trainer.writes_checkpoint else None
+            ray.train.report({"step": step}, checkpoint=ckpt, checkpoint_dir_name=f"{spec.mode}-step-{step:06d}")
 
     t_last = time.perf_counter()
     done = False
@@ -336,41 +401,10 @@ def train_loop_per_worker(config: dict) -> None:
         for i, gbatch in enumerate(global_batches(windows, spec.batch_size, spec.seed + epoch)):
             if epoch * steps_per_epoch + i < step:
                 continue  # resume: skip what the checkpoint already trained on
-            sums: dict[str, float] = {}
-            tokens = 0
-            for m in range(accum):
-                mb = collate_pairs(rank_slice(gbatch, rank, world, spec.micro_batch_size, m), pad_id)
-                mb = {k: v.to(device) for k, v in mb.items()}
-                tokens += int(mb["attention_mask"].sum())
-                sync = m == accum - 1
-                ctx_sync = policy.no_sync() if (engine is None and world > 1 and not sync) else nullcontext()
-                with ctx_sync, autocast:
-                    if spec.mode == "sft":
-                        loss, metrics = sft_loss(policy, mb)
-                    else:
-                        loss, metrics = dpo_step_loss(policy, reference, mb, spec.loss)
-                if engine is not None:
-                    engine.backward(loss)  # DeepSpeed scales by 1/accum itself
-                    engine.step()
-                else:
-                    (loss / accum).backward()
-                for k, v in metrics.items():
-                    sums[k] = sums.get(k, 0.0) + float(v) / accum
-            if engine is not None:
-                grad_norm = float(engine.get_global_grad_norm() or 0.0)
-            else:
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, spec.max_grad_norm))
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
+            metrics = trainer.step(gbatch)
             step += 1
-            sums["tokens"] = float(tokens)
-            metrics = _mean_across_ranks(sums, world)
-            metrics["tokens"] *= world  # all workers' tokens this step
-            metrics["grad_norm"] = grad_norm  # already global: no averaging
             now = time.perf_counter()
             metrics["tokens_per_s"] = metrics["tokens"] / (now - t_last)
-            metrics["lr"] = scheduler.get_last_lr()[0]
             t_last = now
             if log:
                 log.log(step, metrics)
@@ -384,4 +418,3 @@ def train_loop_per_worker(config: dict) -> None:
     if log:
         log.close()
     save_checkpoint(final=True)
-

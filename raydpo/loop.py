@@ -1,0 +1,401 @@
+"""The online-DPO loop, top-down. Entry points: `jobs/online_dpo.py` and `raydpo online`.
+
+    set-up:   task prompts, base model, SFT stage, then the long-lived roles:
+              judge (Ray Serve), sampler pool (vLLM actors), trainer (one Ray Train run)
+    iteration i = 1..N:
+      1. prompts    the next window of prompts (Ray Data)
+      2. sample     k responses per prompt from policy version i-1 (vLLM pool)
+      3. judge      score every response (Serve deployment handle)
+      4. pairs      best vs worst (or all above a margin); ties and identical texts counted and dropped
+      5. store      each judged chunk -> Parquet preference store, atomically, at once
+      6. train      Ray Data reads + tokenizes the fresh pairs (+ replay) -> DPO passes on the trainer
+      7. publish    new weights -> every sampler (policy_version i)
+      8. evaluate   win rate vs the starting policy (both orders), judge score, length, KL
+    report:   metrics JSONL, markdown + PNG under <run_dir>/report
+
+Resume (`--resume`): iterations with a metrics row are done; an iteration whose
+checkpoint exists but was not evaluated is published and evaluated; otherwise
+its stored chunks are kept and only the missing chunks are sampled and judged,
+so every judged pair is in the store exactly once.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import replace
+from pathlib import Path
+
+from raydpo.config import ConfigError, RunConfig
+from raydpo.report import METRICS_FILE, TIME_KEYS, read_metrics, table, write_report
+
+
+class Timer:
+    """Seconds spent per phase of one iteration; whatever is not in a phase is 'other'."""
+
+    def __init__(self):
+        self.t0 = time.perf_counter()
+        self.spent = {k: 0.0 for k in TIME_KEYS if k != "other"}
+
+    @contextmanager
+    def __call__(self, phase: str):
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.spent[phase] += time.perf_counter() - t
+
+    def row(self) -> dict[str, float]:
+        total = time.perf_counter() - self.t0
+        return {**{f"time_{k}": v for k, v in self.spent.items()},
+                "time_other": max(0.0, total - sum(self.spent.values())), "time_total": total}
+
+
+def log(msg: str) -> None:
+    print(f"[online] {msg}", flush=True)
+
+
+def run(cfg: RunConfig, resume: bool = False) -> int:
+    from raydpo.runner import base_model, init_ray
+
+    run_dir = Path(cfg.run_dir).resolve()
+    if (run_dir / METRICS_FILE).exists() and not resume:
+        raise ConfigError(f"run_dir {run_dir} already holds an online run; pass --resume to continue it "
+                          f"or choose another run_dir")
+    t_start = time.time()
+
+    # ---------------------------------------------------------------- set-up
+    base = base_model(cfg)
+    train_prompts, eval_prompts_path = task_prompts(cfg, run_dir)
+    c = cfg.cluster
+    init_ray(cfg, min_cpus=c.trainer.count * c.trainer.cpus + c.sampler.count * c.sampler.cpus
+             + c.judge.count * c.judge.cpus + 1)
+    from transformers import AutoTokenizer
+
+    from raydpo.data.store import PreferenceStore
+    from raydpo.online import JudgeClient, OnlineTrainer, PromptSource, latest_iteration_checkpoint
+    from raydpo.sampler import SamplerPool
+
+    tokenizer = AutoTokenizer.from_pretrained(base, trust_remote_code=cfg.model.trust_remote_code)
+    log(f"task and base model ready ({time.time() - t_start:.0f}s)")
+    start = sft_stage(cfg, base, run_dir, tokenizer.pad_token_id)
+    log(f"starting policy: {start} ({time.time() - t_start:.0f}s)")
+
+    judge = JudgeClient(deploy_judge(cfg))
+    prompts = PromptSource(train_prompts, cfg.seed)
+    eval_prompts = PromptSource(eval_prompts_path, cfg.seed).all()[: cfg.loop.eval_prompts]
+    log(f"judge '{judge.name}' on Serve; {prompts.size} training prompts ({prompts.bad} unusable skipped), "
+        f"{len(eval_prompts)} eval prompts")
+    found = latest_iteration_checkpoint(run_dir / "ray_train", "online") if resume else None
+    trained_upto = found[1]["iteration"] if found else 0
+    prune_step_metrics(run_dir, trained_upto)  # steps of a killed iteration are trained (and logged) again
+    trainer = OnlineTrainer(cfg, str(start), str(run_dir), tokenizer.pad_token_id,
+                            resume_from=str(found[0]) if found else None)
+    pool = SamplerPool.from_config(cfg, str(start))
+    log(f"{len(pool.actors)} sampler engine(s) and {c.trainer.count} trainer worker(s) up "
+        f"({time.time() - t_start:.0f}s)")
+    store = PreferenceStore(run_dir / "preferences")
+    if store.clean_staging():
+        log("removed unfinished store writes of a killed run (their pairs were never committed)")
+
+    baseline = baseline_samples(cfg, run_dir, pool, eval_prompts)  # fixed samples of the starting policy
+    done = read_metrics(run_dir)
+    if done:  # rewrite without a line a killed driver may have cut off, so appends start on a fresh line
+        tmp = run_dir / (METRICS_FILE + ".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in done))
+        tmp.replace(run_dir / METRICS_FILE)
+    first = done[-1]["iteration"] + 1 if done else 0
+    if found and trained_upto >= first:
+        pool.publish(trained_upto, path=str(found[0]))  # the newest trained weights, to evaluate them
+    if first > 0:
+        log(f"resuming at iteration {first} (trained through {trained_upto}; {store.count()} pairs stored)")
+        if pool.version < first - 1:
+            ckpt = Path(run_dir / "ray_train" / "online" / f"iter-{first - 1:06d}")
+            pool.publish(first - 1, path=str(ckpt))
+
+    try:
+        for it in range(first, cfg.loop.iterations + 1):
+            timer = Timer()
+            row: dict = {"iteration": it, "policy_version": it}
+            if it == 0:
+                row.update(pairs=0)  # the starting policy against its own fixed samples: the noise floor
+            elif it > trained_upto:
+                # 1-5: prompts -> samples -> judge -> pairs -> store (chunk by chunk)
+                counts = collect_pairs(cfg, it, prompts, pool, judge, store, timer)
+                row.update(pairs=counts.pairs, ties_dropped=counts.ties, identical_dropped=counts.identical,
+                           below_margin_dropped=counts.below_margin, prompts=counts.prompts, samples=counts.samples)
+                # 6: train on the fresh pairs (+ replay), streamed by Ray Data
+                with timer("train"):
+                    t = time.perf_counter()
+                    ds = training_data(cfg, store, it, base)
+                    t_data = time.perf_counter() - t
+                    reply = trainer.train(it, ds, cfg.loop.dpo_passes, refresh_reference=cfg.loop.reference == "previous")
+                row.update(train_steps=reply["steps"], trained_pairs=reply["pairs"], **dpo_metrics(reply["metrics"]),
+                           time_train_data=t_data, **{f"time_train_{k}": v for k, v in reply["timing"].items()})
+                # 7: publish the new weights to every sampler
+                with timer("sync"):
+                    pool.publish(it, state_dict=reply["weights"][0])
+            else:  # trained before the driver died, not evaluated: pairs and weights are already there
+                row.update(pairs=_stored_pairs(store, it),
+                           **dpo_metrics(_logged_last_pass(run_dir, it, cfg.loop.dpo_passes)))
+            # 8: evaluate against the starting policy
+            with timer("eval"):
+                row.update(evaluate(cfg, it, pool, judge, trainer, tokenizer, eval_prompts, baseline))
+            row.update(timer.row())
+            with open(run_dir / METRICS_FILE, "a") as f:
+                f.write(json.dumps(row) + "\n")
+            log(f"iteration {it}: pairs {row.get('pairs', 0)}, win vs start {row['win_rate']:.3f}, "
+                f"judge score {row['judge_score']:.3f}, KL {row.get('kl', float('nan')):.2f} "
+                f"({row['time_total']:.1f}s: sample {row['time_sample']:.1f}, judge {row['time_judge']:.1f}, "
+                f"train {row['time_train']:.1f}, sync {row['time_sync']:.2f}, eval {row['time_eval']:.1f}, "
+                f"other {row['time_other']:.1f})")
+    finally:
+        trainer_error = None
+        try:
+            trainer.close()
+        except RuntimeError as e:
+            trainer_error = e
+        pool.shutdown()
+    if trainer_error:
+        raise trainer_error
+
+    rows = read_metrics(run_dir)
+    md = write_report(run_dir, {"wall time": f"{time.time() - t_start:.0f}s",
+                                "sampler restarts": str(pool.stats.restarts)})
+    print("\n" + table(rows))
+    print(f"\nfinal win rate vs the starting policy: {rows[-1]['win_rate']:.3f} "
+          f"(iteration 0, the noise floor: {rows[0]['win_rate']:.3f})")
+    print(f"store: {store.root} ({store.count()} pairs) | metrics: {run_dir / METRICS_FILE} | report: {md}")
+    return 0
+
+
+# ------------------------------------------------------------------ set-up
+
+
+def task_prompts(cfg: RunConfig, run_dir: Path) -> tuple[str, str]:
+    """Training and eval prompt files: the configured ones, or the style task's."""
+    from raydpo.online import write_prompts
+    from raydpo.tasks import style
+
+    train, held_out = style.split_prompts(cfg.seed)
+    tp = cfg.loop.prompts_path or str(write_prompts(run_dir / "prompts" / "train.jsonl", train))
+    ep = cfg.loop.eval_prompts_path or str(write_prompts(run_dir / "prompts" / "eval.jsonl", held_out))
+    for key, p in (("loop.prompts_path", tp), ("loop.eval_prompts_path", ep)):
+        if not Path(p).exists():
+            raise ConfigError(f"{key}: {p} does not exist")
+    return tp, ep
+
+
+def sft_stage(cfg: RunConfig, base: Path, run_dir: Path, pad_id: int) -> Path:
+    """The SFT policy the loop starts from (and anchors to): Ray Train on mixed-quality
+    demonstrations (data.train_path if given, else the style task's); resumable."""
+    if cfg.trainer.sft_steps == 0:
+        return base
+    from raydpo.runner import read_tokenized
+    from raydpo.tasks import style
+    from raydpo.train.trainer import fit, make_spec
+
+    source = cfg.data.train_path
+    if source is None:
+        source = run_dir / "sft_demonstrations.jsonl"
+        if not source.exists():
+            tmp = source.with_suffix(".tmp")
+            with open(tmp, "w") as f:
+                for r in style.sft_records(20_000, cfg.seed):
+                    f.write(json.dumps(r) + "\n")
+            tmp.replace(source)
+    ds = read_tokenized(cfg, str(source), base)
+    return fit(make_spec(cfg, "sft", str(base), str(run_dir)), ds, cfg, "sft", pad_id)
+
+
+def deploy_judge(cfg: RunConfig):
+    """The judge app on Ray Serve (HTTP on cluster.host:port/judge, and a handle for the loop)."""
+    from ray import serve
+
+    from raydpo.serve_judge import build_app
+
+    if cfg.judge.kind != "rule":
+        raise ConfigError(f"judge.kind={cfg.judge.kind!r}: the online loop drives the 'rule' judge only so far")
+    serve.start(http_options={"host": cfg.cluster.host, "port": cfg.cluster.port})
+    app = build_app({"rule": cfg.judge.rule, "tie_margin": cfg.judge.tie_margin,
+                     "num_replicas": cfg.cluster.judge.count, "num_cpus": cfg.cluster.judge.cpus})
+    return serve.run(app, name="judge", route_prefix="/judge")
+
+
+def sampling(cfg: RunConfig, n: int, temperature: float, seed: int):
+    from raydpo.records import SamplingSettings
+
+    base = SamplingSettings.from_config(cfg.sampler)
+    # per-iteration seeds keep a run reproducible unless sampler.seed says otherwise
+    return replace(base, n=n, temperature=temperature, seed=seed if cfg.sampler.seed is None else cfg.sampler.seed + seed)
+
+
+def baseline_samples(cfg: RunConfig, run_dir: Path, pool, prompts: list[str]) -> list[list[str]]:
+    """`eval_baseline_samples` fixed responses of the starting policy per eval prompt,
+    drawn once (policy_version 0) and kept in <run_dir>/eval/baseline.jsonl."""
+    path = run_dir / "eval" / "baseline.jsonl"
+    k = cfg.loop.eval_baseline_samples
+    if path.exists():
+        rows = [json.loads(line) for line in path.read_text().splitlines()]
+        if [r["prompt"] for r in rows] == prompts and all(len(r["responses"]) == k for r in rows):
+            return [r["responses"] for r in rows]
+        raise ConfigError(f"{path} was drawn for other eval prompts or eval_baseline_samples; "
+                          f"use another run_dir")
+    if pool.version != 0:
+        raise RuntimeError("baseline samples must come from the starting policy (version 0)")
+    samples = pool.sample(prompts, sampling(cfg, k, cfg.loop.eval_temperature, seed=10**6))
+    groups = [[s.text for s in samples[i * k:(i + 1) * k]] for i in range(len(prompts))]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps({"prompt": p, "responses": g}) + "\n" for p, g in zip(prompts, groups)))
+    tmp.replace(path)
+    return groups
+
+
+# ------------------------------------------------------------------ one iteration
+
+
+def collect_pairs(cfg: RunConfig, it: int, prompts, pool, judge, store, timer: Timer):
+    """Steps 1-5 for iteration `it`: returns the PairCounts of the chunks done now
+    plus those found already stored (a resumed iteration)."""
+    from raydpo.online import PairCounts, build_pairs
+
+    n, k, size = cfg.loop.prompts_per_iteration, cfg.sampler.samples_per_prompt, cfg.loop.chunk_prompts
+    with timer("sample"):
+        window = prompts.window(it, n)
+    chunks = [(ci, window[s:s + size]) for ci, s in enumerate(range(0, len(window), size))]
+    todo = [(ci, ps) for ci, ps in chunks if not store.has_chunk(it, ci)]
+    counts = PairCounts()
+    counts.pairs = sum(_stored_pairs(store, it, ci) for ci, _ in chunks if store.has_chunk(it, ci))
+    if not todo:
+        return counts
+    flat = [p for _, ps in todo for p in ps]
+    starts = [sum(len(ps) for _, ps in todo[:j]) for j in range(len(todo))]
+    settings = sampling(cfg, k, cfg.sampler.temperature, seed=it * 1_000_003)
+    stream = pool.stream(flat, settings, min_version=it - 1, chunk_size=size)
+    while True:
+        with timer("sample"):
+            chunk = next(stream, None)  # the pool keeps sampling the next chunk meanwhile
+        if chunk is None:
+            break
+        j = starts.index(min(s.prompt_index for s in chunk))
+        ci = todo[j][0]
+        chunk.sort(key=lambda s: (s.prompt_index, s.sample_index))
+        groups = [chunk[g * k:(g + 1) * k] for g in range(len(chunk) // k)]
+        if any(s.policy_version != it - 1 for s in chunk):
+            raise RuntimeError(f"iteration {it}: samples from policy versions "
+                               f"{sorted({s.policy_version for s in chunk})}, expected {it - 1}")
+        with timer("judge"):
+            scores = judge.score([(s.prompt, s.text) for s in chunk])
+        pairs, c = build_pairs(groups, [scores[g * k:(g + 1) * k] for g in range(len(groups))], iteration=it,
+                               first_prompt=ci * size, judge=judge.name, mode=cfg.loop.pairs,
+                               tie_margin=cfg.judge.tie_margin, pair_margin=cfg.loop.pair_margin)
+        with timer("store"):
+            store.write_chunk(it, ci, pairs)  # durable before anything else happens to them
+        counts.add(c)
+    return counts
+
+
+def prune_step_metrics(run_dir: Path, trained_upto: int) -> None:
+    """Drop per-step lines of online iterations after `trained_upto` from metrics.jsonl
+    (atomically), so that a resumed run does not log the same steps twice."""
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+
+    def keep_line(line: str) -> bool:
+        try:
+            return json.loads(line).get("online/iteration", 0) <= trained_upto
+        except json.JSONDecodeError:  # the last line of a killed writer
+            return False
+
+    keep = [line for line in lines if keep_line(line)]
+    if len(keep) != len(lines):
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("".join(keep))
+        tmp.replace(path)
+
+
+def _stored_pairs(store, it: int, chunk: int | None = None) -> int:
+    import pyarrow.parquet as pq
+
+    files = [store.chunk_path(it, chunk)] if chunk is not None else store.chunk_files([it])
+    return sum(pq.read_metadata(f).num_rows for f in files)
+
+
+def training_data(cfg: RunConfig, store, it: int, tokenizer_path: Path):
+    """The iteration's pairs from the store (+ a replay sample of earlier ones), tokenized on Ray Data."""
+    from raydpo.data.pipeline import store_pairs_for_training, tokenize
+
+    ds = store_pairs_for_training(store, [it])
+    n_replay = round(cfg.loop.replay_fraction * _stored_pairs(store, it))
+    earlier = list(range(1, it))
+    if n_replay and earlier and store.chunk_files(earlier):
+        ds = ds.union(store_pairs_for_training(store, earlier, sample=n_replay, seed=cfg.seed + it))
+    return tokenize(ds, str(tokenizer_path), cfg.data.max_prompt_length, cfg.data.max_length,
+                    trust_remote_code=cfg.model.trust_remote_code, tasks=True).materialize()
+
+
+def dpo_metrics(m: dict) -> dict:
+    keys = {"loss": "dpo_loss", "rewards/accuracies": "reward_accuracy", "rewards/margins": "reward_margin",
+            "kl_estimate": "train_log_ratio"}
+    return {new: m[old] for old, new in keys.items() if old in m}
+
+
+def _logged_last_pass(run_dir: Path, it: int, passes: int) -> dict:
+    """Mean of the last pass's per-step metrics of iteration `it`, from metrics.jsonl."""
+    steps = []
+    path = run_dir / "metrics.jsonl"
+    if path.exists():
+        for line in path.read_text().splitlines():
+            r = json.loads(line)
+            if r.get("online/iteration") == it:
+                steps.append({k.removeprefix("online/"): v for k, v in r.items() if k.startswith("online/")})
+    last = steps[-(len(steps) // passes):] if steps and len(steps) >= passes else steps
+    return {k: statistics.mean(s[k] for s in last) for k in (last[0] if last else {})}
+
+
+def evaluate(cfg: RunConfig, it: int, pool, judge, trainer, tokenizer, prompts: list[str],
+             baseline: list[list[str]]) -> dict:
+    """Win rate of the current policy against the starting policy's fixed samples
+    (both orders, ties half), mean judge score and length, and KL to the reference."""
+    from raydpo.online import win_rate
+
+    samples = pool.sample(prompts, sampling(cfg, 1, cfg.loop.eval_temperature, seed=7 * 10**6 + it))
+    wr = win_rate(judge, prompts, [s.text for s in samples], baseline)
+    scores = judge.score([(s.prompt, s.text) for s in samples])
+    out = {"win_rate": wr.win_rate, "wins": wr.wins, "ties": wr.ties, "losses": wr.losses, "invalid": wr.invalid,
+           "judge_score": statistics.mean(scores),
+           "response_tokens": statistics.mean(len(s.token_ids) for s in samples)}
+    if cfg.loop.eval_kl and it > 0:
+        hot = pool.sample(prompts, sampling(cfg, 1, 1.0, seed=9 * 10**6 + it))
+        prompt_ids = tokenizer([s.prompt for s in hot], add_special_tokens=False)["input_ids"]
+        out["kl"] = trainer.kl(prompt_ids, [list(s.token_ids) for s in hot])["kl"]
+    elif it == 0:
+        out["kl"] = 0.0
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    from raydpo.config import load_config, save_config
+    from raydpo.data.formats import DataError
+
+    parser = argparse.ArgumentParser(prog="online_dpo", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", metavar="FILE", help="YAML config; omitted keys keep their (demo) defaults")
+    parser.add_argument("--resume", action="store_true", help="continue the run in run_dir from its last iteration")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. loop.iterations=4")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        save_config(cfg, cfg.run_dir)
+        return run(cfg, resume=args.resume)
+    except (ConfigError, DataError) as e:  # named problem, no traceback
+        print(f"online_dpo: error: {e}", file=sys.stderr)
+        return 2

@@ -1,0 +1,271 @@
+"""Driver-side parts of the online-DPO loop. `jobs/online_dpo.py` is the loop
+itself, top-down; this module holds what it calls:
+
+* `build_pairs`: judged samples -> preference pairs (pure, no Ray);
+* `PromptSource`: prompts from JSONL/Parquet through Ray Data, a fresh window per iteration;
+* `JudgeClient`: the judge's Serve deployment handle (score / compare, both orders);
+* `OnlineTrainer`: the long-lived Ray Train run (`raydpo.train.online_worker`);
+* `win_rate`: pairwise evaluation against fixed samples of the starting policy.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from raydpo.data.store import StoredPair
+from raydpo.judge import TIE_EPS, combine_both_orders
+from raydpo.records import Sample
+
+# ------------------------------------------------------------------ pairs
+
+
+@dataclass
+class PairCounts:
+    prompts: int = 0
+    samples: int = 0
+    pairs: int = 0
+    ties: int = 0  # prompts (best_worst) or candidate pairs (all) dropped: score gap within the tie margin
+    identical: int = 0  # dropped: chosen and rejected texts are the same
+    below_margin: int = 0  # pairs='all': gap above the tie margin but not above pair_margin
+
+    def add(self, other: PairCounts) -> None:
+        for k, v in other.__dict__.items():
+            setattr(self, k, getattr(self, k) + v)
+
+
+def build_pairs(groups: Sequence[Sequence[Sample]], scores: Sequence[Sequence[float]], *, iteration: int,
+                first_prompt: int, judge: str, mode: str = "best_worst", tie_margin: float = 0.0,
+                pair_margin: float = 0.0) -> tuple[list[StoredPair], PairCounts]:
+    """Preference pairs from the k judged samples of each prompt.
+
+    ``best_worst``: the highest- vs the lowest-scored sample, if their gap is
+    above `tie_margin` and their texts differ. ``all``: every pair of distinct
+    texts whose gap is above max(tie_margin, pair_margin). Pair ids are
+    deterministic (iteration, prompt position, sample indices), so re-running
+    the same chunk gives the same ids.
+    """
+    out, c = [], PairCounts()
+    for g, (samples, sc) in enumerate(zip(groups, scores)):
+        c.prompts += 1
+        c.samples += len(samples)
+        versions = {s.policy_version for s in samples}
+        if len(versions) != 1:
+            raise ValueError(f"prompt {first_prompt + g}: samples from several policy versions {sorted(versions)}")
+        version = versions.pop()
+        order = sorted(range(len(samples)), key=lambda i: (sc[i], -i))  # worst .. best; ties: lower index wins
+        if mode == "best_worst":
+            candidates = [(order[-1], order[0])] if len(order) > 1 else []
+        else:
+            candidates = [(i, j) for i in range(len(samples)) for j in range(len(samples)) if sc[i] > sc[j]]
+        for ci, ri in candidates:
+            gap = sc[ci] - sc[ri]
+            if gap <= tie_margin + TIE_EPS:
+                c.ties += 1
+            elif samples[ci].text == samples[ri].text:
+                c.identical += 1
+            elif mode == "all" and gap <= pair_margin + TIE_EPS:
+                c.below_margin += 1
+            else:
+                out.append(StoredPair(
+                    pair_id=f"it{iteration:06d}-p{first_prompt + g:06d}-s{ci}-{ri}", iteration=iteration,
+                    policy_version=version, source="online", prompt=samples[ci].prompt, chosen=samples[ci].text,
+                    rejected=samples[ri].text, chosen_score=float(sc[ci]), rejected_score=float(sc[ri]), judge=judge))
+    c.pairs = len(out)
+    return out, c
+
+
+# ------------------------------------------------------------------ prompts
+
+
+class PromptSource:
+    """Prompts (a 'prompt' column, JSONL or Parquet) read and checked with Ray Data,
+    shuffled once under the seed; iteration i takes the next window of n prompts,
+    wrapping around (a new epoch over the prompts) when they run out."""
+
+    def __init__(self, path: str | Path, seed: int):
+        import ray.data
+
+        from raydpo.data.pipeline import ordered
+
+        ordered()
+        path = str(path)
+        ds = ray.data.read_parquet(path) if path.endswith(".parquet") else ray.data.read_json(path, lines=True)
+        if "prompt" not in ds.schema().names:
+            raise ValueError(f"{path}: prompt files need a 'prompt' column; found {ds.schema().names}")
+        ds = ds.select_columns(["prompt"]).materialize()
+        total = ds.count()
+        self.path = path
+        self.bad = total - ds.filter(lambda r: isinstance(r["prompt"], str) and r["prompt"].strip() != "").count()
+        good = ds.filter(lambda r: isinstance(r["prompt"], str) and r["prompt"].strip() != "")
+        self.ds = good.random_shuffle(seed=seed).materialize()
+        self.size = self.ds.count()
+        if self.size == 0:
+            raise ValueError(f"{path}: no usable prompts ({self.bad} empty or not strings)")
+        self._all: list[str] | None = None
+
+    def window(self, iteration: int, n: int) -> list[str]:
+        start = ((iteration - 1) * n) % self.size
+        if start + n <= self.size:
+            part = self.ds.split_at_indices([start, start + n])[1]
+            return [r["prompt"] for r in part.take_all()]
+        return self.all()[start:] + self.all()[: start + n - self.size]  # wraps: both ends
+
+    def all(self) -> list[str]:
+        if self._all is None:
+            self._all = [r["prompt"] for r in self.ds.take_all()]
+        return self._all
+
+
+def write_prompts(path: Path, prompts: Sequence[str]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        for p in prompts:
+            f.write(json.dumps({"prompt": p}) + "\n")
+    return path
+
+
+# ------------------------------------------------------------------ judge
+
+
+class JudgeClient:
+    """The judge app through its Serve deployment handle (no HTTP on the loop's path)."""
+
+    def __init__(self, handle):
+        self.handle = handle
+        self.info = handle.info.remote().result()
+        self.name = self.info["judge"]
+
+    def score(self, items: Sequence[tuple[str, str]], chunk: int = 256) -> list[float]:
+        # several concurrent calls: @serve.batch and several replicas get to work in parallel
+        responses = [self.handle.score_items.remote(list(items[s:s + chunk])) for s in range(0, len(items), chunk)]
+        return [x for r in responses for x in r.result()]
+
+    def compare_both_orders(self, items: Sequence[tuple[str, str, str]], chunk: int = 256) -> list[str]:
+        """'a', 'b', 'tie' or 'invalid' for each (prompt, a, b), asked as (a, b) and as (b, a)."""
+        def ask(its):
+            rs = [self.handle.compare_items.remote(list(its[s:s + chunk])) for s in range(0, len(its), chunk)]
+            return [x["preferred"] for r in rs for x in r.result()]
+
+        first = ask(list(items))
+        swapped = ask([(p, b, a) for p, a, b in items])
+        return [combine_both_orders(f, s) for f, s in zip(first, swapped)]
+
+
+@dataclass
+class WinRate:
+    win_rate: float
+    wins: int
+    ties: int
+    losses: int
+    invalid: int
+
+
+def win_rate(judge: JudgeClient, prompts: Sequence[str], policy: Sequence[str],
+             baseline: Sequence[Sequence[str]]) -> WinRate:
+    """Each policy response against each fixed baseline response of its prompt,
+    in both orders; ties count half; invalid verdicts are counted and left out."""
+    items = [(p, r, b) for p, r, bs in zip(prompts, policy, baseline) for b in bs]
+    verdicts = Counter(judge.compare_both_orders(items))
+    valid = verdicts["a"] + verdicts["b"] + verdicts["tie"]
+    rate = (verdicts["a"] + 0.5 * verdicts["tie"]) / valid if valid else float("nan")
+    return WinRate(rate, verdicts["a"], verdicts["tie"], verdicts["b"], verdicts["invalid"])
+
+
+# ------------------------------------------------------------------ trainer
+
+
+def latest_iteration_checkpoint(storage: str | Path, name: str) -> tuple[Path, dict] | None:
+    """(folder, trainer_state) of the online run's newest ``iter-NNNNNN`` checkpoint."""
+    from raydpo.train.worker import STATE_FILE
+
+    best = None
+    for f in Path(storage, name).glob(f"iter-*/{STATE_FILE}"):
+        state = json.loads(f.read_text())
+        if best is None or state["iteration"] > best[1]["iteration"]:
+            best = (f.parent, state)
+    return best
+
+
+@dataclass
+class OnlineTrainer:
+    """The trainer workers of the whole loop: one `TorchTrainer.fit()` running in a
+    driver thread, fed through a `Mailbox` actor (see raydpo.train.online_worker)."""
+
+    cfg: object
+    start_path: str  # the starting policy (SFT output): weights and the fixed reference
+    run_dir: str
+    pad_id: int
+    resume_from: str | None = None
+    name: str = "online"
+    _error: list = field(default_factory=list)
+
+    def __post_init__(self):
+        import ray
+        from ray.train import CheckpointConfig, FailureConfig, ScalingConfig
+        from ray.train import RunConfig as TrainRunConfig
+        from ray.train.torch import TorchTrainer
+
+        from raydpo.train.online_worker import Mailbox, online_loop_per_worker
+        from raydpo.train.trainer import make_spec
+
+        cfg = self.cfg
+        spec = make_spec(cfg, "dpo", self.start_path, self.run_dir, metrics_prefix="online/", max_steps=0, epochs=1,
+                         resume_from=self.resume_from)
+        self.storage = Path(self.run_dir, "ray_train").resolve()
+        self.mailbox = ray.remote(num_cpus=0)(Mailbox).remote()
+        res = cfg.cluster.trainer
+        self._trainer = TorchTrainer(
+            online_loop_per_worker,
+            train_loop_config={"spec": spec.to_dict(), "mailbox": self.mailbox, "pad_id": self.pad_id,
+                               "cpus_per_worker": res.cpus},
+            scaling_config=ScalingConfig(num_workers=res.count, use_gpu=res.gpus > 0,
+                                         resources_per_worker={"CPU": res.cpus, **({"GPU": res.gpus} if res.gpus else {})}),
+            run_config=TrainRunConfig(name=self.name, storage_path=str(self.storage),
+                                      failure_config=FailureConfig(max_failures=cfg.trainer.max_failures),
+                                      checkpoint_config=CheckpointConfig(num_to_keep=None)),
+        )
+        self._thread = threading.Thread(target=self._fit, name="raydpo-online-trainer", daemon=True)
+        self._thread.start()
+
+    def _fit(self) -> None:
+        try:
+            self._trainer.fit()
+        except BaseException as e:  # surfaced to the loop by _call
+            self._error.append(e)
+
+    def _call(self, command: dict, timeout_s: float) -> dict:
+        import ray
+
+        seq = ray.get(self.mailbox.post.remote(command))
+        deadline = time.monotonic() + timeout_s
+        while True:
+            reply = ray.get(self.mailbox.result.remote(seq, 5.0))
+            if reply is not None:
+                return reply
+            if not self._thread.is_alive():
+                cause = self._error[0] if self._error else "it exited"
+                raise RuntimeError(f"the online trainer stopped before answering {command['op']!r}: {cause}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the online trainer did not answer {command['op']!r} within {timeout_s}s")
+
+    def train(self, iteration: int, dataset, passes: int, refresh_reference: bool, timeout_s: float = 3600) -> dict:
+        return self._call({"op": "train", "iteration": iteration, "dataset": dataset, "passes": passes,
+                           "refresh_reference": refresh_reference}, timeout_s)
+
+    def kl(self, prompt_ids: list[list[int]], response_ids: list[list[int]], timeout_s: float = 600) -> dict:
+        return self._call({"op": "kl", "iteration": -1, "rows": {"prompt_ids": prompt_ids,
+                                                                "response_ids": response_ids}}, timeout_s)
+
+    def close(self, timeout_s: float = 120) -> None:
+        import ray
+
+        ray.get(self.mailbox.post.remote({"op": "stop", "iteration": -1}))
+        self._thread.join(timeout_s)
+        if self._error:
+            raise RuntimeError(f"the online trainer failed: {self._error[0]}")

@@ -1,0 +1,182 @@
+"""The online loop's trainer: one long-lived Ray Train run for every iteration.
+
+Ray Train costs ~15 s to start a run on this machine (PLATFORM.md); paying it
+per iteration would dwarf the training itself. So the loop starts one
+`TorchTrainer` whose workers stay up and take commands from a `Mailbox` actor:
+
+    {"op": "train", "iteration": i, "dataset": <Ray Dataset of tokenized pairs>,
+     "passes": p, "refresh_reference": bool}
+        -> {"steps", "pairs", "metrics" (mean of the last pass), "seconds",
+            "weights": ObjectRef of the new numpy state dict, "checkpoint": path}
+    {"op": "kl", "iteration": i, "rows": {"prompt_ids": [...], "response_ids": [...]}}
+        -> {"kl": mean log pi(y|x) - log pi_ref(y|x) over the rows, "n": rows}
+    {"op": "stop"}
+
+Every worker reads every command and the whole dataset of a train command (the
+deterministic global-batch sharding of `raydpo.train.worker`); rank 0 replies.
+After each train command the workers report an HF checkpoint named
+``iter-NNNNNN`` through `ray.train.report`, so a worker failure restarts from
+the last finished iteration (`FailureConfig`): the restarted workers skip the
+train commands that checkpoint already covers and redo the rest. A driver
+restart (``--resume``) starts a new run from the same folder.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from raydpo.data.collate import collate_pairs
+from raydpo.train.step import forward_logps, reference_logps
+from raydpo.train.worker import MetricsLog, PolicyTrainer, TrainSpec, global_batches, resume_directory
+from raydpo.weights import with_tied_head
+
+
+class Mailbox:
+    """Commands from the driver to the trainer workers and rank 0's replies.
+
+    Wrapped with `ray.remote(num_cpus=0)` by the driver; async, so a worker
+    waiting for the next command does not block the driver posting it.
+    """
+
+    def __init__(self):
+        self.commands: list[dict] = []
+        self.replies: dict[int, dict] = {}
+        self._changed = asyncio.Event()
+
+    async def post(self, command: dict) -> int:
+        self.commands.append(command)
+        self._wake()
+        return len(self.commands) - 1
+
+    async def next(self, seq: int, timeout_s: float) -> dict | None:
+        """Command number `seq`, waiting up to `timeout_s` for it (None if none yet)."""
+        return await self._wait(lambda: self.commands[seq] if seq < len(self.commands) else None, timeout_s)
+
+    async def reply(self, seq: int, result: dict) -> None:
+        self.replies.setdefault(seq, result)  # a restarted worker's repeat reply does not overwrite
+        self._wake()
+
+    async def result(self, seq: int, timeout_s: float) -> dict | None:
+        return await self._wait(lambda: self.replies.get(seq), timeout_s)
+
+    def _wake(self) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    async def _wait(self, get, timeout_s: float):
+        deadline = time.monotonic() + timeout_s
+        while (got := get()) is None:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return None
+            try:
+                await asyncio.wait_for(self._changed.wait(), remaining)
+            except asyncio.TimeoutError:
+                return None
+        return got
+
+
+def _rows(ds) -> int:
+    return ds.count()
+
+
+def online_loop_per_worker(config: dict) -> None:
+    """Ray Train entry point of the online trainer; see the module docstring."""
+    import ray
+    import ray.train
+
+    spec = TrainSpec.from_dict(config["spec"])
+    mailbox = config["mailbox"]
+    torch.set_num_threads(max(1, int(config.get("cpus_per_worker", 1))))  # see raydpo.train.worker
+    torch.manual_seed(spec.seed)
+    trainer = PolicyTrainer(spec, config, total_steps=1 << 30, resume_dir=resume_directory(spec))
+    done_iteration = trainer.state.get("iteration", 0)
+    step = trainer.state.get("step", 0)
+    rank = trainer.rank
+    log = MetricsLog(spec.run_dir, total=None, initial=step, prefix=spec.metrics_prefix) if rank == 0 else None
+    seq = 0
+    while True:
+        cmd = ray.get(mailbox.next.remote(seq, 30.0))
+        if cmd is None:
+            continue  # the driver is sampling, judging or evaluating
+        op = cmd["op"]
+        if op == "stop":
+            break
+        if op == "train" and cmd["iteration"] <= done_iteration:
+            seq += 1  # already in the checkpoint this worker restarted from
+            continue
+        t0 = time.perf_counter()
+        if op == "train":
+            if cmd.get("refresh_reference") and trainer.reference is not None and not spec.lora_r:
+                full = trainer.state_dict()  # every rank (ZeRO-3 gathers)
+                trainer.reference.load_state_dict(with_tied_head(full, trainer.reference.config.tie_word_embeddings))
+            ds = cmd["dataset"]
+            last_pass: list[dict] = []
+            n_pairs = _rows(ds)
+            timing = {"setup": time.perf_counter() - t0}
+            t_pass = time.perf_counter()
+            for p in range(cmd["passes"]):
+                windows = ds.iter_batches(batch_size=spec.batch_size * spec.bucket_window, batch_format="numpy")
+                last_pass = []
+                seed = spec.seed + 1000 * cmd["iteration"] + p  # a new batch order each pass and iteration
+                for gbatch in global_batches(windows, spec.batch_size, seed):
+                    metrics = trainer.step(gbatch)
+                    step += 1
+                    last_pass.append(metrics)
+                    if log:
+                        log.log(step, {**metrics, "iteration": cmd["iteration"]})
+            timing["passes"] = time.perf_counter() - t_pass
+            done_iteration = cmd["iteration"]
+            state = {"iteration": done_iteration, "step": step, "mode": "online", "final": False}
+            t_ckpt = time.perf_counter()
+            full = trainer.state_dict()
+            weights = ray.put({k: v.numpy() for k, v in full.items()}) if rank == 0 else None
+            timing["weights"] = time.perf_counter() - t_ckpt
+            t_ckpt = time.perf_counter()
+            with tempfile.TemporaryDirectory() as tmp:
+                trainer.save(Path(tmp), state)
+                ckpt = ray.train.Checkpoint.from_directory(tmp) if trainer.writes_checkpoint else None
+                ray.train.report({"iteration": done_iteration, "step": step}, checkpoint=ckpt,
+                                 checkpoint_dir_name=f"iter-{done_iteration:06d}")
+            timing["checkpoint"] = time.perf_counter() - t_ckpt
+            keys = sorted({k for m in last_pass for k in m})
+            mean = {k: sum(m[k] for m in last_pass) / len(last_pass) for k in keys} if last_pass else {}
+            reply = {"steps": len(last_pass) * cmd["passes"], "pairs": n_pairs, "metrics": mean,
+                     "seconds": time.perf_counter() - t0, "weights": [weights], "step": step, "timing": timing}
+        elif op == "kl":
+            reply = {**_kl(trainer, cmd["rows"]), "seconds": time.perf_counter() - t0}
+        else:
+            raise ValueError(f"online trainer: unknown command {op!r}")
+        if rank == 0:
+            ray.get(mailbox.reply.remote(seq, reply))
+        seq += 1
+    if log:
+        log.close()
+
+
+@torch.no_grad()
+def _kl(trainer: PolicyTrainer, rows: dict, batch: int = 64) -> dict:
+    """Mean over responses y ~ pi of log pi(y|x) - log pi_ref(y|x): a Monte-Carlo
+    estimate of KL(pi || pi_ref) in nats per response, when the responses were
+    sampled from the current policy at temperature 1."""
+    if trainer.reference is None:
+        return {"kl": float("nan"), "n": 0}
+    model = trainer.unwrapped
+    was_training = model.training
+    model.eval()
+    total, n = 0.0, len(rows["prompt_ids"])
+    for s in range(0, n, batch):
+        # chosen = rejected = y: the collated batch's first half is what we score
+        part = {"prompt_ids": rows["prompt_ids"][s:s + batch], "chosen_ids": rows["response_ids"][s:s + batch],
+                "rejected_ids": rows["response_ids"][s:s + batch]}
+        mb = {k: v.to(trainer.device) for k, v in collate_pairs(part, trainer.pad_id).items()}
+        pol = forward_logps(model, mb).chunk(2)[0]
+        ref = reference_logps(trainer.reference, mb)[0]
+        total += float((pol - ref).sum())
+    model.train(was_training)
+    return {"kl": total / max(1, n), "n": n}

@@ -1,0 +1,132 @@
+"""The online loop's parts that need no vLLM: pair building, win-rate counting,
+the mailbox between driver and trainer workers, the report."""
+
+import asyncio
+import json
+
+import pytest
+
+from raydpo.online import PairCounts, WinRate, build_pairs, win_rate
+from raydpo.records import Sample
+from raydpo.report import read_metrics, table, write_report
+from raydpo.tasks import style
+from raydpo.train.online_worker import Mailbox
+
+P = "about: apple | max 5\n"
+
+
+def group(texts, version=3, prompt=P):
+    return [Sample(0, j, prompt, t, (1,), (0.0,), "stop", version) for j, t in enumerate(texts)]
+
+
+def test_best_vs_worst_with_ties_and_identical_texts_dropped_and_counted():
+    groups = [group([" a", " b", " c", " d"]), group([" x", " x", " x", " x"]), group([" p", " q", " q", " p"]),
+              group([" m", " n", " o", " m"])]
+    scores = [[0.2, 0.9, 0.5, 0.1], [0.5, 0.5, 0.5, 0.5], [0.3, 0.6, 0.6, 0.3], [0.7, 0.2, 0.4, 0.7]]
+    pairs, c = build_pairs(groups, scores, iteration=4, first_prompt=10, judge="rule:x")
+    # group 0: best b (0.9) vs worst d (0.1); group 1: all tie; group 2: best q (first of the 0.6s,
+    # index 1) vs worst p (the last of the 0.3s, index 3); group 3: best m (index 0, ties broken by the lower index) vs worst n
+    assert [(p.chosen, p.rejected) for p in pairs] == [(" b", " d"), (" q", " p"), (" m", " n")]
+    assert [p.pair_id for p in pairs] == ["it000004-p000010-s1-3", "it000004-p000012-s1-3", "it000004-p000013-s0-1"]
+    assert all(p.policy_version == 3 and p.iteration == 4 and p.judge == "rule:x" for p in pairs)
+    assert (c.prompts, c.samples, c.pairs, c.ties, c.identical) == (4, 16, 3, 1, 0)
+    assert pairs[0].chosen_score == 0.9 and pairs[0].rejected_score == 0.1
+
+
+def test_identical_best_and_worst_texts_are_not_a_pair():
+    # different scores for the same text cannot come from a deterministic judge, but a
+    # sampled judge can do it; the pair would teach nothing
+    pairs, c = build_pairs([group([" a", " a"])], [[0.9, 0.1]], iteration=1, first_prompt=0, judge="j")
+    assert pairs == [] and c.identical == 1
+
+
+def test_all_pairs_above_a_margin():
+    g = group([" a", " b", " c"])
+    pairs, c = build_pairs([g], [[0.9, 0.5, 0.45]], iteration=1, first_prompt=0, judge="j", mode="all",
+                           pair_margin=0.1)
+    # a>b (0.4), a>c (0.45) kept; b>c (0.05) below the margin
+    assert sorted((p.chosen, p.rejected) for p in pairs) == [(" a", " b"), (" a", " c")]
+    assert c.below_margin == 1 and c.ties == 0
+
+
+def test_tie_margin_drops_close_pairs():
+    pairs, c = build_pairs([group([" a", " b"])], [[0.55, 0.5]], iteration=1, first_prompt=0, judge="j",
+                           tie_margin=0.05)
+    assert pairs == [] and c.ties == 1
+
+
+def test_samples_of_two_versions_in_one_group_are_an_error():
+    g = group([" a", " b"])
+    g[1] = Sample(0, 1, P, " b", (1,), (0.0,), "stop", 4)
+    with pytest.raises(ValueError, match=r"several policy versions \[3, 4\]"):
+        build_pairs([g], [[0.1, 0.9]], iteration=1, first_prompt=0, judge="j")
+
+
+def test_pair_counts_add():
+    a, b = PairCounts(1, 4, 1, 0, 0, 0), PairCounts(2, 8, 1, 1, 0, 0)
+    a.add(b)
+    assert (a.prompts, a.samples, a.pairs, a.ties) == (3, 12, 2, 1)
+
+
+class ScoringJudge:
+    """A scoring judge asked in both orders, as JudgeClient does it, on the style rule."""
+
+    def __init__(self, always_a=False):
+        self.always_a = always_a
+
+    def compare_both_orders(self, items):
+        from raydpo.judge import combine_both_orders, compare_scores
+
+        def verdict(p, a, b):
+            return "a" if self.always_a else compare_scores(style.score(p, a), style.score(p, b)).preferred
+
+        return [combine_both_orders(verdict(p, a, b), verdict(p, b, a)) for p, a, b in items]
+
+
+def test_win_rate_counts_ties_half():
+    good, bad = " apple is fine please.", " stone"
+    prompts = [P, P]
+    # prompt 0: the good response beats bad, ties good; prompt 1: bad loses to good, ties bad
+    r = win_rate(ScoringJudge(), prompts, [good, bad], [[bad, good], [good, bad]])
+    assert r == WinRate(win_rate=(1 + 0.5 + 0 + 0.5) / 4, wins=1, ties=2, losses=1, invalid=0)
+
+
+def test_a_judge_that_always_says_a_gives_only_ties():
+    r = win_rate(ScoringJudge(always_a=True), [P], [" stone"], [[" apple is fine please."] * 3])
+    assert (r.wins, r.ties, r.losses, r.win_rate) == (0, 3, 0, 0.5)
+
+
+def test_mailbox_orders_commands_and_keeps_the_first_reply():
+    async def go():
+        mb = Mailbox()
+        assert await mb.next(0, timeout_s=0.05) is None  # nothing posted yet: times out, no error
+        waiter = asyncio.ensure_future(mb.next(0, timeout_s=5))
+        await asyncio.sleep(0.01)
+        assert await mb.post({"op": "train", "iteration": 1}) == 0
+        assert (await waiter)["iteration"] == 1  # a waiting worker is woken by the post
+        assert await mb.post({"op": "stop"}) == 1
+        assert (await mb.next(1, 1))["op"] == "stop"
+        await mb.reply(0, {"v": 1})
+        await mb.reply(0, {"v": 2})  # a restarted worker answering again
+        assert await mb.result(0, 1) == {"v": 1}
+        assert await mb.result(1, 0.05) is None
+
+    asyncio.run(go())
+
+
+def test_report_table_plot_and_summary(tmp_path):
+    rows = [{"iteration": i, "pairs": 0 if i == 0 else 60, "win_rate": 0.5 + 0.1 * i, "judge_score": 0.6 + 0.05 * i,
+             "response_tokens": 9.0, "kl": 0.5 * i, "reward_accuracy": 0.8, "reward_margin": 0.2,
+             **{f"time_{k}": 1.0 for k in ("sample", "judge", "store", "train", "sync", "eval", "other")},
+             "time_total": 7.0} for i in range(3)]
+    rows[0].pop("reward_accuracy")
+    with open(tmp_path / "online_metrics.jsonl", "w") as f:
+        for r in rows + [{**rows[2], "win_rate": 0.75}]:  # a re-run iteration: the last row wins
+            f.write(json.dumps(r) + "\n")
+    got = read_metrics(tmp_path)
+    assert [r["iteration"] for r in got] == [0, 1, 2] and got[2]["win_rate"] == 0.75
+    md = write_report(tmp_path).read_text()
+    assert "0.500 -> **0.750** after iteration 2" in md
+    assert "judged pairs stored: 120" in md
+    assert "| 0 | 0 | 0.500 | 0.600 | 9.0 | 0.00 | - |" in table(got)  # a missing value prints "-"
+    assert (tmp_path / "report" / "metrics.png").stat().st_size > 10_000

@@ -29,7 +29,8 @@ def job_config(description: str, argv: list[str] | None = None) -> RunConfig:
 
 
 def init_ray(cfg: RunConfig, min_cpus: float = 0) -> None:
-    """Join cluster.address or RAY_ADDRESS if given, else start a local Ray.
+    """Join cluster.address or RAY_ADDRESS if given (``auto``: the cluster `ray start`
+    started on this machine), else start a new local Ray.
 
     A local Ray gets cluster.num_cpus logical CPUs, or, if unset, enough for
     `min_cpus` (the roles that stay up together), at least one per core. The
@@ -49,7 +50,10 @@ def init_ray(cfg: RunConfig, min_cpus: float = 0) -> None:
         num_cpus = cfg.cluster.num_cpus
         if num_cpus is None and min_cpus:
             num_cpus = max(os.cpu_count() or 1, math.ceil(min_cpus))
-        ray.init(num_cpus=num_cpus, include_dashboard=False)
+        # address="local": always a new local Ray. A bare ray.init() would instead join
+        # whatever /tmp/ray/ray_current_cluster names, and hang on a stale entry left by
+        # a cluster that was killed. To join a `ray start` cluster, set RAY_ADDRESS=auto.
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False)
     ray.data.DataContext.get_current().enable_progress_bars = sys.stderr.isatty()
 
 

@@ -124,7 +124,11 @@ def online_loop_per_worker(config: dict) -> None:
                 windows = ds.iter_batches(batch_size=spec.batch_size * spec.bucket_window, batch_format="numpy")
                 last_pass = []
                 seed = spec.seed + 1000 * cmd["iteration"] + p  # a new batch order each pass and iteration
-                for gbatch in global_batches(windows, spec.batch_size, seed):
+                # a short tail batch is trained too (DDP): an iteration's few dozen pairs
+                # rarely fill whole batches. DeepSpeed's fixed accumulation needs full ones.
+                for gbatch in global_batches(windows, spec.batch_size, seed, drop_last=trainer.engine is not None):
+                    if len(gbatch["prompt_ids"]) < trainer.world:
+                        continue  # fewer rows than workers: nothing to split
                     metrics = trainer.step(gbatch)
                     step += 1
                     last_pass.append(metrics)

@@ -97,16 +97,10 @@ def lr_lambda(schedule: str, warmup: int, total: int):
     return f
 
 
-def global_batches(rows_iter, batch_size: int, seed: int):
+def global_batches(rows_iter, batch_size: int, seed: int, drop_last: bool = True):
     """Global batches of `batch_size` rows, sorted by length inside each window of
-    `rows_iter`; the short tail is dropped so every step has the same pairs count."""
-    return bucket_by_length(rows_iter, batch_size, seed=seed, drop_last=True)
-
-
-def rank_slice(batch: dict, rank: int, world: int, micro: int, m: int) -> dict:
-    per_rank = len(batch["prompt_ids"]) // world
-    lo = rank * per_rank + m * micro
-    return {k: v[lo : lo + micro] for k, v in batch.items()}
+    `rows_iter`; by default the short tail is dropped so every step has the same pairs count."""
+    return bucket_by_length(rows_iter, batch_size, seed=seed, drop_last=drop_last)
 
 
 def _load_model(spec: TrainSpec, device: torch.device):
@@ -292,15 +286,31 @@ class PolicyTrainer:
         self.policy.train()
 
     def step(self, gbatch: dict) -> dict[str, float]:
-        """One optimizer step on this rank's slice of the global batch; metrics averaged over ranks."""
+        """One optimizer step on this rank's slice of the global batch; metrics averaged over ranks.
+
+        A full global batch is `accum` micro-batches per rank. A short one (the
+        tail of an online iteration's pairs; DDP only) is cut the same way, into
+        fewer micro-batches, each weighted by its share of the rank's rows; the
+        < world rows that do not split evenly over the ranks are left out.
+        """
         spec, engine, world = self.spec, self.engine, self.world
+        n = len(gbatch["prompt_ids"])
+        if engine is not None and n != spec.batch_size:
+            raise ValueError(f"DeepSpeed accumulates fixed micro-batches: a batch of {n} rows is not {spec.batch_size}")
+        per_rank = n // world
+        if per_rank == 0:
+            raise ValueError(f"a batch of {n} rows cannot be split over {world} workers")
+        starts = list(range(0, per_rank, spec.micro_batch_size))
         sums: dict[str, float] = {}
         tokens = 0
-        for m in range(self.accum):
-            mb = collate_pairs(rank_slice(gbatch, self.rank, world, spec.micro_batch_size, m), self.pad_id)
+        for m, start in enumerate(starts):
+            lo = self.rank * per_rank + start
+            rows = min(spec.micro_batch_size, per_rank - start)
+            weight = rows / per_rank  # 1 / accum for a full batch
+            mb = collate_pairs({k: v[lo:lo + rows] for k, v in gbatch.items()}, self.pad_id)
             mb = {k: v.to(self.device) for k, v in mb.items()}
             tokens += int(mb["attention_mask"].sum())
-            sync = m == self.accum - 1
+            sync = m == len(starts) - 1
             ctx_sync = self.policy.no_sync() if (engine is None and world > 1 and not sync) else nullcontext()
             with ctx_sync, self.autocast:
                 if spec.mode == "sft":
@@ -311,9 +321,9 @@ class PolicyTrainer:
                 engine.backward(loss)  # DeepSpeed scales by 1/accum itself
                 engine.step()
             else:
-                (loss / self.accum).backward()
+                (loss * weight).backward()
             for k, v in metrics.items():
-                sums[k] = sums.get(k, 0.0) + float(v) / self.accum
+                sums[k] = sums.get(k, 0.0) + float(v) * weight
         if engine is not None:
             grad_norm = float(engine.get_global_grad_norm() or 0.0)
         else:

@@ -14,3 +14,12 @@ def run_py(args, timeout, env=None):
     return subprocess.run(
         [sys.executable, *map(str, args)], capture_output=True, text=True, timeout=timeout, cwd=REPO, env=full_env
     )
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now (for Serve, Ray heads)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

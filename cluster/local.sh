@@ -3,7 +3,7 @@
 #
 #   bash cluster/local.sh [PORT]        # default GCS port 6379, dashboard on 8265
 #   export RAY_AUTH_MODE=token RAY_ADDRESS=http://127.0.0.1:8265
-#   .venv/bin/ray job submit --working-dir . -- python jobs/demo.py
+#   .venv/bin/ray job submit --working-dir . -- python jobs/online_dpo.py
 #   .venv/bin/ray stop                  # when done
 #
 # Everything binds to 127.0.0.1. Ray 2.60's token authentication stays on: the

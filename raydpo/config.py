@@ -136,6 +136,9 @@ class LoopConfig(_Section):
     chunk_prompts: int = Field(32, ge=1, description="prompts per sampling chunk; each judged chunk is stored at once, so a crash loses at most the chunk in flight")
     eval_temperature: float = Field(0.8, ge=0.0, description="policy temperature for the win-rate evaluation")
     eval_baseline_samples: int = Field(4, ge=1, description="fixed starting-policy samples each eval response is compared with")
+    pairs_from: Literal["current", "start"] = Field("current", description="sample pairs from the current policy (online DPO) or, all at once before iteration 1, from the starting policy (the offline baseline, same schedule)")
+    max_pairs_per_iteration: int = Field(0, ge=0, description="train on at most this many of an iteration's pairs (0: all); every judged pair is still stored")
+    serve_policy: bool = Field(True, description="serve the current policy on Ray Serve (OpenAI-compatible, /policy/v1) and publish each iteration's weights to it")
     eval_kl: bool = Field(True, description="estimate KL(policy || reference) each iteration from temperature-1 samples on the eval prompts")
 
 
@@ -151,6 +154,7 @@ class ClusterConfig(_Section):
     trainer: Resources = Field(default_factory=lambda: Resources(count=1, cpus=2), description="Ray Train workers (cpus = torch threads each)")
     sampler: Resources = Field(default_factory=lambda: Resources(count=1, cpus=1), description="vLLM sampler actors")
     judge: Resources = Field(default_factory=lambda: Resources(count=1, cpus=0.5), description="judge Serve replicas")
+    policy: Resources = Field(default_factory=lambda: Resources(count=1, cpus=1), description="policy endpoint Serve replicas (one vLLM engine each), when loop.serve_policy")
     host: str = Field("127.0.0.1", description="address Serve HTTP binds to; loopback unless you mean to expose it")
     port: int = Field(8000, ge=1, le=65535, description="Serve HTTP port")
 

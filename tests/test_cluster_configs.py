@@ -66,3 +66,15 @@ def test_rayservice_apps_build_with_their_args():
         builder = getattr(importlib.import_module(module), attr)
         built = builder(app.get("args", {}))
         assert type(built).__name__ == "Application", app["name"]
+
+
+def test_serve_yaml_apps_build_and_bind_to_loopback():
+    import importlib
+
+    for path in sorted((REPO / "serve").glob("*.yaml")):
+        cfg = yaml.safe_load(path.read_text())
+        assert cfg["http_options"]["host"] == "127.0.0.1", path
+        for app in cfg["applications"]:
+            module, _, attr = app["import_path"].partition(":")
+            built = getattr(importlib.import_module(module), attr)(app.get("args", {}))
+            assert type(built).__name__ == "Application", (path, app["name"])

@@ -146,6 +146,14 @@ class Resources(_Section):
     count: int = Field(1, ge=0, description="how many of this role (workers, engines, replicas)")
     cpus: float = Field(1.0, ge=0.0, description="CPUs each one reserves")
     gpus: float = Field(0.0, ge=0.0, description="GPUs each one reserves (0 on CPU clusters)")
+    max_count: int = Field(0, ge=0, description="Serve roles (judge, policy): autoscale between count and this many replicas when above count (0: fixed count)")
+
+    def serve_scaling(self, target_ongoing_requests: int = 8) -> dict:
+        """Serve deployment args: a fixed replica count, or an autoscaling config."""
+        if self.max_count > self.count:
+            return {"autoscaling": {"min_replicas": self.count, "max_replicas": self.max_count,
+                                    "target_ongoing_requests": target_ongoing_requests}}
+        return {"num_replicas": self.count}
 
 
 class ClusterConfig(_Section):

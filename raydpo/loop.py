@@ -235,8 +235,8 @@ def deploy_judge(cfg: RunConfig):
     if cfg.judge.kind != "rule":
         raise ConfigError(f"judge.kind={cfg.judge.kind!r}: the online loop drives the 'rule' judge only so far")
     serve.start(http_options={"host": cfg.cluster.host, "port": cfg.cluster.port})
-    app = build_app({"rule": cfg.judge.rule, "tie_margin": cfg.judge.tie_margin,
-                     "num_replicas": cfg.cluster.judge.count, "num_cpus": cfg.cluster.judge.cpus})
+    app = build_app({"rule": cfg.judge.rule, "tie_margin": cfg.judge.tie_margin, "num_cpus": cfg.cluster.judge.cpus,
+                     **cfg.cluster.judge.serve_scaling()})
     return serve.run(app, name="judge", route_prefix="/judge")
 
 

@@ -165,12 +165,15 @@ class RuleJudge:
 
 def build_app(args: dict):
     """Application builder for `serve run serve/judge_rule.yaml` (and `serve.run` from Python)."""
-    known = {"rule", "tie_margin", "num_replicas", "num_cpus", "max_batch_size"}
+    known = {"rule", "tie_margin", "num_replicas", "num_cpus", "max_batch_size", "autoscaling"}
     unknown = set(args) - known
     if unknown:
         raise ValueError(f"judge app: unknown args {sorted(unknown)}; known: {sorted(known)}")
+    # autoscaling: {min_replicas, max_replicas, target_ongoing_requests} replaces num_replicas
+    scale = ({"autoscaling_config": dict(args["autoscaling"])} if args.get("autoscaling")
+             else {"num_replicas": int(args.get("num_replicas", 1))})
     return RuleJudge.options(
-        num_replicas=int(args.get("num_replicas", 1)),
         ray_actor_options={"num_cpus": float(args.get("num_cpus", 0.5))},
+        **scale,
     ).bind(args.get("rule", "raydpo.tasks.style:score"), float(args.get("tie_margin", 0.0)),
            int(args.get("max_batch_size", 64)))

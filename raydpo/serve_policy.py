@@ -337,7 +337,7 @@ class PolicyEndpoint:
         self.registry = ray.remote(num_cpus=0)(PolicyRegistry).options(name=self.registry_name).remote()
         r = cfg.cluster.policy
         self.replicas = r.count
-        args = {"model_path": model_path, "registry": self.registry_name, "num_replicas": r.count, "num_cpus": r.cpus,
+        args = {"model_path": model_path, "registry": self.registry_name, **r.serve_scaling(), "num_cpus": r.cpus,
                 "num_gpus": r.gpus, "max_model_len": cfg.sampler.max_model_len, "kv_cache_gib": cfg.sampler.kv_cache_gib,
                 "dtype": cfg.model.dtype, "seed": cfg.seed, "trust_remote_code": cfg.model.trust_remote_code}
         serve.run(build_app(args), name=name, route_prefix=route_prefix)

@@ -119,3 +119,11 @@ def test_batch_sizes_must_divide_across_workers():
     cfg = load_config(None, ["trainer.batch_size=48", "trainer.micro_batch_size=8", "cluster.trainer.count=3",
                              "trainer.sft_batch_size=48"])
     assert cfg.trainer.batch_size == 48
+
+
+def test_serve_roles_scale_fixed_or_autoscaled():
+    cfg = load_config(None, ["cluster.judge.count=2"])
+    assert cfg.cluster.judge.serve_scaling() == {"num_replicas": 2}
+    cfg = load_config(None, ["cluster.policy.count=1", "cluster.policy.max_count=4"])
+    assert cfg.cluster.policy.serve_scaling(8) == {
+        "autoscaling": {"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 8}}

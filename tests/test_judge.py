@@ -63,7 +63,12 @@ def judge_url(ray_local):
 
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app({"rule": "raydpo.tasks.style:score", "tie_margin": 0.0}), name="judge", route_prefix="/judge")
+    # with Serve's autoscaler on (1..2 replicas), as cluster.judge.max_count > count configures it
+    serve.run(build_app({"rule": "raydpo.tasks.style:score", "tie_margin": 0.0,
+                         "autoscaling": {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 8}}),
+              name="judge", route_prefix="/judge")
+    dep = serve.status().applications["judge"].deployments["RuleJudge"]
+    assert dep.status == "HEALTHY"
     yield f"http://127.0.0.1:{port}/judge"
     serve.shutdown()
 

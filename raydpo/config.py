@@ -91,6 +91,10 @@ class JudgeConfig(_Section):
     rule: str = Field("raydpo.tasks.style:score", description="module:function scoring (prompt, response) -> float, for kind=rule")
     model_path: str | None = Field(None, description="reward model or LLM judge folder, for kind=reward_model/llm")
     tie_margin: float = Field(0.0, ge=0.0, description="score differences at or below this are ties")
+    template: str | None = Field(None, description="kind=llm: prompt with {prompt}, {response_a}, {response_b}; None uses raydpo.judge.DEFAULT_TEMPLATE")
+    answer_pattern: str = Field(r"\b([AB])\b", description="kind=llm: regex whose first group (or match) is looked up in `answers`")
+    answers: dict[str, Literal["a", "b"]] = Field(default_factory=lambda: {"A": "a", "B": "b"}, description="kind=llm: matched text -> side")
+    max_new_tokens: int = Field(8, ge=1, description="kind=llm: tokens the judge model may write")
 
 
 class TrainerConfig(_Section):

@@ -62,3 +62,42 @@ def combine_both_orders(first: Preferred, swapped: Preferred) -> Preferred:
     if first == "b" and swapped == "a":
         return "b"
     return "tie"
+
+
+# ------------------------------------------------------------------ pairwise LLM judges
+
+DEFAULT_TEMPLATE = (
+    "Which response answers the request better?\n\nRequest:\n{prompt}\n\n"
+    "Response A:\n{response_a}\n\nResponse B:\n{response_b}\n\n"
+    "Answer with one letter, A or B.\nAnswer:"
+)
+DEFAULT_ANSWER_PATTERN = r"\b([AB])\b"
+
+
+def render_judge_prompt(template: str, prompt: str, response_a: str, response_b: str) -> str:
+    """The judge model's input; the template names {prompt}, {response_a}, {response_b}."""
+    return template.format(prompt=prompt, response_a=response_a, response_b=response_b)
+
+
+def check_template(template: str) -> None:
+    import string
+
+    names = {f for _, f, _, _ in string.Formatter().parse(template) if f is not None}
+    missing = {"prompt", "response_a", "response_b"} - names
+    extra = names - {"prompt", "response_a", "response_b"}
+    if missing or extra:
+        raise ValueError(f"judge.template must use {{prompt}}, {{response_a}}, {{response_b}} and nothing else"
+                         f"{'; missing ' + str(sorted(missing)) if missing else ''}"
+                         f"{'; unknown ' + str(sorted(extra)) if extra else ''}")
+
+
+def parse_verdict(text: str, pattern: str, answers: dict[str, str]) -> Preferred:
+    """The first match of `pattern` (its first group) looked up in `answers`
+    (e.g. {"A": "a", "B": "b"}): "a", "b", or "invalid" when nothing usable matches.
+    Never a default side: an unparseable answer is counted by the caller."""
+    import re
+
+    m = re.search(pattern, text)
+    if not m:
+        return "invalid"
+    return answers.get(m.group(1) if m.groups() else m.group(0), "invalid")

@@ -11,7 +11,7 @@ a bad request never takes a replica down. With the environment variable
 RAYDPO_JUDGE_API_KEY set on the replicas, requests need ``Authorization: Bearer
 <key>``. Items of concurrent requests are scored together through
 ``@serve.batch``; an item the rule cannot score fails alone, not its batch.
-The reward-model and pairwise-LLM kinds are not written yet.
+The pairwise LLM judge is `raydpo.serve_llm_judge`; the reward-model kind is not written yet.
 """
 
 from __future__ import annotations
@@ -63,6 +63,25 @@ class _ItemError(Exception):
     pass
 
 
+async def parse_body(request: Request, model: type[_Body], api_key: str | None):
+    """(validated body, None) or (None, 4xx JSONResponse naming the problem). Shared by the judge apps."""
+    if api_key:
+        given = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
+        if not hmac.compare_digest(given.encode(), api_key.encode()):
+            return None, _error(401, "missing or wrong API key (Authorization: Bearer <key>)")
+    size = request.headers.get("content-length")
+    if size and size.isdigit() and int(size) > MAX_BODY_BYTES:
+        return None, _error(413, f"body of {size} bytes exceeds the limit of {MAX_BODY_BYTES}")
+    body = await request.body()
+    if len(body) > MAX_BODY_BYTES:
+        return None, _error(413, f"body of {len(body)} bytes exceeds the limit of {MAX_BODY_BYTES}")
+    try:
+        return model.model_validate_json(body), None
+    except ValidationError as e:
+        problems = [f"{'.'.join(str(p) for p in err['loc']) or 'body'}: {err['msg']}" for err in e.errors()]
+        return None, _error(422, "; ".join(problems[:10]), problems=problems)
+
+
 app = FastAPI(title="raydpo judge", docs_url=None, redoc_url=None)
 
 
@@ -94,21 +113,7 @@ class RuleJudge:
         return results
 
     async def _parse(self, request: Request, model: type[_Body]):
-        if self.api_key:
-            given = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
-            if not hmac.compare_digest(given.encode(), self.api_key.encode()):
-                return None, _error(401, "missing or wrong API key (Authorization: Bearer <key>)")
-        size = request.headers.get("content-length")
-        if size and size.isdigit() and int(size) > MAX_BODY_BYTES:
-            return None, _error(413, f"body of {size} bytes exceeds the limit of {MAX_BODY_BYTES}")
-        body = await request.body()
-        if len(body) > MAX_BODY_BYTES:
-            return None, _error(413, f"body of {len(body)} bytes exceeds the limit of {MAX_BODY_BYTES}")
-        try:
-            return model.model_validate_json(body), None
-        except ValidationError as e:
-            problems = [f"{'.'.join(str(p) for p in err['loc']) or 'body'}: {err['msg']}" for err in e.errors()]
-            return None, _error(422, "; ".join(problems[:10]), problems=problems)
+        return await parse_body(request, model, self.api_key)
 
     @app.get("/v1/judge")
     async def identity(self) -> dict:

@@ -29,7 +29,7 @@ from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
-from raydpo.config import ConfigError, RunConfig
+from raydpo.config import ConfigError, RunConfig, require
 from raydpo.report import METRICS_FILE, TIME_KEYS, read_metrics, table, write_report
 
 
@@ -139,7 +139,8 @@ def run(cfg: RunConfig, resume: bool = False) -> int:
                 version = it - 1 if cfg.loop.pairs_from == "current" else 0
                 counts = collect_pairs(cfg, it, prompts, pool, judge, store, timer, version=version)
                 row.update(pairs=counts.pairs, ties_dropped=counts.ties, identical_dropped=counts.identical,
-                           below_margin_dropped=counts.below_margin, prompts=counts.prompts, samples=counts.samples)
+                           below_margin_dropped=counts.below_margin, invalid_comparisons=counts.invalid,
+                           prompts=counts.prompts, samples=counts.samples)
                 # 6: train on the fresh pairs (+ replay), streamed by Ray Data
                 with timer("train"):
                     t = time.perf_counter()
@@ -232,11 +233,24 @@ def deploy_judge(cfg: RunConfig):
 
     from raydpo.serve_judge import build_app
 
-    if cfg.judge.kind != "rule":
-        raise ConfigError(f"judge.kind={cfg.judge.kind!r}: the online loop drives the 'rule' judge only so far")
+    j, res = cfg.judge, cfg.cluster.judge
     serve.start(http_options={"host": cfg.cluster.host, "port": cfg.cluster.port})
-    app = build_app({"rule": cfg.judge.rule, "tie_margin": cfg.judge.tie_margin, "num_cpus": cfg.cluster.judge.cpus,
-                     **cfg.cluster.judge.serve_scaling()})
+    if j.kind == "llm":
+        from raydpo.serve_llm_judge import build_app as build_llm_app
+
+        require(cfg, "judge.model_path", by="judge.kind=llm")
+        app = build_llm_app({"model_path": j.model_path, "template": j.template, "answer_pattern": j.answer_pattern,
+                             "answers": j.answers, "max_new_tokens": j.max_new_tokens,
+                             "max_model_len": cfg.sampler.max_model_len, "kv_cache_gib": cfg.sampler.kv_cache_gib,
+                             "num_cpus": res.cpus, "trust_remote_code": cfg.model.trust_remote_code,
+                             **res.serve_scaling()})
+    elif j.kind == "reward_model":
+        require(cfg, "judge.model_path", by="judge.kind=reward_model")
+        app = build_app({"reward_model": j.model_path, "tie_margin": j.tie_margin, "num_cpus": res.cpus,
+                         "max_prompt_length": cfg.data.max_prompt_length, "max_length": cfg.data.max_length,
+                         **res.serve_scaling()})
+    else:
+        app = build_app({"rule": j.rule, "tie_margin": j.tie_margin, "num_cpus": res.cpus, **res.serve_scaling()})
     return serve.run(app, name="judge", route_prefix="/judge")
 
 
@@ -307,12 +321,14 @@ def collect_pairs(cfg: RunConfig, it: int, prompts, pool, judge, store, timer: T
             raise RuntimeError(f"iteration {it}: samples from policy versions "
                                f"{sorted({s.policy_version for s in chunk})}, expected {version}")
         with timer("judge"):
-            scores = judge.score([(s.prompt, s.text) for s in chunk])
-        pairs, c = build_pairs(groups, [scores[g * k:(g + 1) * k] for g in range(len(groups))], iteration=it,
+            invalid_before = judge.invalid
+            ranked = judge.rank([[(s.prompt, s.text) for s in g] for g in groups])
+        pairs, c = build_pairs(groups, ranked, iteration=it,
                                first_prompt=ci * size, judge=judge.name, mode=cfg.loop.pairs,
                                tie_margin=cfg.judge.tie_margin, pair_margin=cfg.loop.pair_margin)
         with timer("store"):
             store.write_chunk(it, ci, pairs)  # durable before anything else happens to them
+        c.invalid = judge.invalid - invalid_before
         counts.add(c)
     return counts
 
@@ -388,9 +404,9 @@ def evaluate(cfg: RunConfig, it: int, pool, judge, trainer, tokenizer, prompts: 
 
     samples = pool.sample(prompts, sampling(cfg, 1, cfg.loop.eval_temperature, seed=7 * 10**6 + it))
     wr = win_rate(judge, prompts, [s.text for s in samples], baseline)
-    scores = judge.score([(s.prompt, s.text) for s in samples])
+    scores = [] if judge.pairwise else judge.score([(s.prompt, s.text) for s in samples])
     out = {"win_rate": wr.win_rate, "wins": wr.wins, "ties": wr.ties, "losses": wr.losses, "invalid": wr.invalid,
-           "judge_score": statistics.mean(scores),
+           "judge_score": statistics.mean(scores) if scores else float("nan"),
            "response_tokens": statistics.mean(len(s.token_ids) for s in samples)}
     if cfg.loop.eval_kl and it > 0:
         hot = pool.sample(prompts, sampling(cfg, 1, 1.0, seed=9 * 10**6 + it))

@@ -33,6 +33,7 @@ class PairCounts:
     ties: int = 0  # prompts (best_worst) or candidate pairs (all) dropped: score gap within the tie margin
     identical: int = 0  # dropped: chosen and rejected texts are the same
     below_margin: int = 0  # pairs='all': gap above the tie margin but not above pair_margin
+    invalid: int = 0  # pairwise judges: comparisons answered unparseably (left out of the ranking)
 
     def add(self, other: PairCounts) -> None:
         for k, v in other.__dict__.items():
@@ -133,13 +134,60 @@ def write_prompts(path: Path, prompts: Sequence[str]) -> Path:
 # ------------------------------------------------------------------ judge
 
 
+def copeland_scores(k: int, verdicts: dict[tuple[int, int], str]) -> list[float]:
+    """Scores of k samples from pairwise verdicts on (i, j), i < j ("a": i better,
+    "b": j better, "tie", "invalid"): wins + half the ties, over the valid comparisons
+    (Copeland). Lets best-vs-worst pairing run on a judge that only compares."""
+    score = [0.0] * k
+    for (i, j), v in verdicts.items():
+        if v == "a":
+            score[i] += 1
+        elif v == "b":
+            score[j] += 1
+        elif v == "tie":
+            score[i] += 0.5
+            score[j] += 0.5
+    return score
+
+
 class JudgeClient:
-    """The judge app through its Serve deployment handle (no HTTP on the loop's path)."""
+    """The judge app through its Serve deployment handle (no HTTP on the loop's path).
+    Scoring judges (rule, reward model) score; pairwise judges (llm) compare, in both
+    orders inside the app, and rank a prompt's k samples by round-robin comparisons."""
 
     def __init__(self, handle):
         self.handle = handle
         self.info = handle.info.remote().result()
         self.name = self.info["judge"]
+        self.pairwise = self.info["kind"] == "llm"
+        self.invalid = 0  # comparisons the judge answered unparseably, over this client's life
+
+    def rank(self, groups: Sequence[Sequence[tuple[str, str]]]) -> list[list[float]]:
+        """A score per (prompt, response) in each group: the judge's scores, or Copeland
+        scores from comparing every pair of the group (pairwise judges)."""
+        if not self.pairwise:
+            flat = self.score([x for g in groups for x in g])
+            out, i = [], 0
+            for g in groups:
+                out.append(flat[i:i + len(g)])
+                i += len(g)
+            return out
+        keys, items = [], []
+        for gi, g in enumerate(groups):
+            for i in range(len(g)):
+                for j in range(i + 1, len(g)):
+                    keys.append((gi, i, j))
+                    items.append((g[i][0], g[i][1], g[j][1]))
+        verdicts = self._compare(items)
+        self.invalid += sum(v == "invalid" for v in verdicts)
+        per_group: list[dict] = [{} for _ in groups]
+        for (gi, i, j), v in zip(keys, verdicts):
+            per_group[gi][(i, j)] = v
+        return [copeland_scores(len(g), per_group[gi]) for gi, g in enumerate(groups)]
+
+    def _compare(self, items: list[tuple[str, str, str]], chunk: int = 256) -> list[str]:
+        rs = [self.handle.compare_items.remote(list(items[s:s + chunk])) for s in range(0, len(items), chunk)]
+        return [x["preferred"] for r in rs for x in r.result()]
 
     def score(self, items: Sequence[tuple[str, str]], chunk: int = 256) -> list[float]:
         # several concurrent calls: @serve.batch and several replicas get to work in parallel
@@ -148,12 +196,10 @@ class JudgeClient:
 
     def compare_both_orders(self, items: Sequence[tuple[str, str, str]], chunk: int = 256) -> list[str]:
         """'a', 'b', 'tie' or 'invalid' for each (prompt, a, b), asked as (a, b) and as (b, a)."""
-        def ask(its):
-            rs = [self.handle.compare_items.remote(list(its[s:s + chunk])) for s in range(0, len(its), chunk)]
-            return [x["preferred"] for r in rs for x in r.result()]
-
-        first = ask(list(items))
-        swapped = ask([(p, b, a) for p, a, b in items])
+        if self.pairwise:  # the LLM judge app asks both orders itself
+            return self._compare(list(items), chunk)
+        first = self._compare(list(items), chunk)
+        swapped = self._compare([(p, b, a) for p, a, b in items], chunk)
         return [combine_both_orders(f, s) for f, s in zip(first, swapped)]
 
 

@@ -1,4 +1,4 @@
-"""The judge role on Ray Serve (rule / verifier kind), reachable by HTTP and handle.
+"""The scoring judges on Ray Serve (rule / verifier, and reward model), reachable by HTTP and handle.
 
     serve run serve/judge_rule.yaml          # 127.0.0.1:8000/judge
     POST /judge/v1/score    {"items": [{"prompt": "...", "response": "..."}]}
@@ -11,7 +11,8 @@ a bad request never takes a replica down. With the environment variable
 RAYDPO_JUDGE_API_KEY set on the replicas, requests need ``Authorization: Bearer
 <key>``. Items of concurrent requests are scored together through
 ``@serve.batch``; an item the rule cannot score fails alone, not its batch.
-The pairwise LLM judge is `raydpo.serve_llm_judge`; the reward-model kind is not written yet.
+The reward model is served with the app arg ``reward_model: <HF folder>`` (train one
+with jobs/train_reward.py); the pairwise LLM judge is `raydpo.serve_llm_judge`.
 """
 
 from __future__ import annotations
@@ -85,18 +86,67 @@ async def parse_body(request: Request, model: type[_Body], api_key: str | None):
 app = FastAPI(title="raydpo judge", docs_url=None, redoc_url=None)
 
 
+class RewardModelScorer:
+    """Scores (prompt, response) with a Bradley-Terry reward model (an HF
+    sequence-classification folder, e.g. from jobs/train_reward.py), rendered and
+    tokenized exactly as in training (text pairs: prompt, then response + EOS)."""
+
+    def __init__(self, model_path: str, max_prompt_length: int = 128, max_length: int = 192,
+                 trust_remote_code: bool = False, num_threads: int = 1):
+        import torch
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        torch.set_num_threads(max(1, num_threads))  # Ray leaves torch at 1 thread; see raydpo.train.worker
+        self.tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust_remote_code)
+        self.model = AutoModelForSequenceClassification.from_pretrained(
+            model_path, dtype=torch.float32, trust_remote_code=trust_remote_code).eval()
+        if self.model.config.num_labels != 1:
+            raise ValueError(f"{model_path}: a reward model has one output (num_labels=1), "
+                             f"this one has {self.model.config.num_labels}")
+        self.max_prompt_length, self.max_length = max_prompt_length, max_length
+
+    def __call__(self, pairs: list[tuple[str, str]]) -> list[float]:
+        import torch
+
+        from raydpo.data.collate import collate_pairs
+        from raydpo.data.tokenize import tokenize_batch
+        from raydpo.train.step import sequence_rewards
+
+        n = len(pairs)
+        cols = {"prompt": [p for p, _ in pairs], "chosen": [r for _, r in pairs], "rejected": [r for _, r in pairs],
+                "is_chat": [False] * n, "tools": [""] * n}
+        batch = collate_pairs(tokenize_batch(cols, self.tokenizer, self.max_prompt_length, self.max_length),
+                              self.tokenizer.pad_token_id)
+        with torch.no_grad():  # the chosen half of the collated batch is the responses as given
+            return sequence_rewards(self.model, batch["input_ids"][:n], batch["attention_mask"][:n]).tolist()
+
+
 @serve.deployment(max_ongoing_requests=64)
 @serve.ingress(app)
-class RuleJudge:
-    def __init__(self, rule: str, tie_margin: float = 0.0, max_batch_size: int = 64):
-        self.fn = load_rule(rule)
+class ScoringJudge:
+    """A judge that scores: a rule (`module:function`) or a reward model."""
+
+    def __init__(self, rule: str | None = "raydpo.tasks.style:score", tie_margin: float = 0.0,
+                 max_batch_size: int = 64, reward_model: str | None = None, max_prompt_length: int = 128,
+                 max_length: int = 192, num_threads: int = 1):
+        if reward_model:
+            self.kind, self.name = "reward_model", f"reward_model:{os.path.basename(os.path.normpath(reward_model))}"
+            self.model_scorer = RewardModelScorer(reward_model, max_prompt_length, max_length, num_threads=num_threads)
+            self.fn = None
+        else:
+            self.kind, self.name = "rule", f"rule:{rule}"
+            self.fn, self.model_scorer = load_rule(rule), None
         self._score_many.set_max_batch_size(max_batch_size)  # 1 turns batching off
-        self.name = f"rule:{rule}"
         self.tie_margin = tie_margin
         self.api_key = os.environ.get("RAYDPO_JUDGE_API_KEY") or None
 
     @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.005)
     async def _score_many(self, pairs: list[tuple[str, str]]) -> list[float | str]:
+        if self.model_scorer is not None:  # one forward pass for the whole batch, off the event loop
+            try:
+                return await asyncio.to_thread(self.model_scorer, list(pairs))
+            except Exception as e:
+                return [f"{type(e).__name__}: {e}"] * len(pairs)
         out: list[float | str] = []
         for prompt, response in pairs:
             try:
@@ -117,7 +167,7 @@ class RuleJudge:
 
     @app.get("/v1/judge")
     async def identity(self) -> dict:
-        return {"judge": self.name, "kind": "rule"}
+        return {"judge": self.name, "kind": self.kind}
 
     # ------------------------------------------------ deployment-handle API
     # The online loop calls these through a DeploymentHandle (no HTTP, no JSON);
@@ -137,7 +187,7 @@ class RuleJudge:
         return [compare_scores(s[2 * i], s[2 * i + 1], self.tie_margin).__dict__ for i in range(len(items))]
 
     async def info(self) -> dict:
-        return {"judge": self.name, "kind": "rule", "tie_margin": self.tie_margin}
+        return {"judge": self.name, "kind": self.kind, "tie_margin": self.tie_margin}
 
     @app.post("/v1/score")
     async def score(self, request: Request):
@@ -170,15 +220,18 @@ class RuleJudge:
 
 def build_app(args: dict):
     """Application builder for `serve run serve/judge_rule.yaml` (and `serve.run` from Python)."""
-    known = {"rule", "tie_margin", "num_replicas", "num_cpus", "max_batch_size", "autoscaling"}
+    known = {"rule", "tie_margin", "num_replicas", "num_cpus", "max_batch_size", "autoscaling", "reward_model",
+             "max_prompt_length", "max_length"}
     unknown = set(args) - known
     if unknown:
         raise ValueError(f"judge app: unknown args {sorted(unknown)}; known: {sorted(known)}")
     # autoscaling: {min_replicas, max_replicas, target_ongoing_requests} replaces num_replicas
     scale = ({"autoscaling_config": dict(args["autoscaling"])} if args.get("autoscaling")
              else {"num_replicas": int(args.get("num_replicas", 1))})
-    return RuleJudge.options(
-        ray_actor_options={"num_cpus": float(args.get("num_cpus", 0.5))},
+    cpus = float(args.get("num_cpus", 0.5))
+    return ScoringJudge.options(
+        ray_actor_options={"num_cpus": cpus},
         **scale,
     ).bind(args.get("rule", "raydpo.tasks.style:score"), float(args.get("tie_margin", 0.0)),
-           int(args.get("max_batch_size", 64)))
+           int(args.get("max_batch_size", 64)), args.get("reward_model"), int(args.get("max_prompt_length", 128)),
+           int(args.get("max_length", 192)), max(1, int(cpus)))

@@ -67,7 +67,7 @@ def judge_url(ray_local):
     serve.run(build_app({"rule": "raydpo.tasks.style:score", "tie_margin": 0.0,
                          "autoscaling": {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 8}}),
               name="judge", route_prefix="/judge")
-    dep = serve.status().applications["judge"].deployments["RuleJudge"]
+    dep = serve.status().applications["judge"].deployments["ScoringJudge"]
     assert dep.status == "HEALTHY"
     yield f"http://127.0.0.1:{port}/judge"
     serve.shutdown()

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from raydpo.online import PairCounts, WinRate, build_pairs, win_rate
+from raydpo.online import PairCounts, WinRate, build_pairs, copeland_scores, win_rate
 from raydpo.records import Sample
 from raydpo.report import read_metrics, table, write_report
 from raydpo.tasks import style
@@ -63,9 +63,9 @@ def test_samples_of_two_versions_in_one_group_are_an_error():
 
 
 def test_pair_counts_add():
-    a, b = PairCounts(1, 4, 1, 0, 0, 0), PairCounts(2, 8, 1, 1, 0, 0)
+    a, b = PairCounts(1, 4, 1, 0, 0, 0, 0), PairCounts(2, 8, 1, 1, 0, 0, 2)
     a.add(b)
-    assert (a.prompts, a.samples, a.pairs, a.ties) == (3, 12, 2, 1)
+    assert (a.prompts, a.samples, a.pairs, a.ties, a.invalid) == (3, 12, 2, 1, 2)
 
 
 class ScoringJudge:
@@ -130,3 +130,13 @@ def test_report_table_plot_and_summary(tmp_path):
     assert "judged pairs stored: 120" in md
     assert "| 0 | 0 | 0.500 | 0.600 | 9.0 | 0.00 | - |" in table(got)  # a missing value prints "-"
     assert (tmp_path / "report" / "metrics.png").stat().st_size > 10_000
+
+
+def test_copeland_scores_rank_samples_from_pairwise_verdicts():
+    # 0 beats 1 and 2; 1 ties 2; 3 is compared once, unparseably: it earns nothing
+    verdicts = {(0, 1): "a", (0, 2): "a", (1, 2): "tie", (0, 3): "invalid", (1, 3): "b", (2, 3): "b"}
+    assert copeland_scores(4, verdicts) == [2.0, 0.5, 0.5, 2.0]
+    # best vs worst on these scores: 0 (first of the 2.0s) vs 2 (last of the 0.5s)
+    pairs, c = build_pairs([group([" a", " b", " c", " d"])], [copeland_scores(4, verdicts)], iteration=1,
+                           first_prompt=0, judge="llm:x")
+    assert [(p.chosen, p.rejected) for p in pairs] == [(" a", " c")]

@@ -94,3 +94,27 @@ def sft_loss(model, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]
     logps = sequence_logps(model(input_ids=ids, attention_mask=am, use_cache=False).logits, ids, lm)
     loss = nll_loss(logps, response_lengths(lm))
     return loss, {"loss": loss.detach()}
+
+
+def sequence_rewards(model, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+    """Scalar reward per sequence from a sequence-classification head (num_labels=1),
+    read at the last non-pad token (transformers does that from config.pad_token_id)."""
+    return model(input_ids=input_ids, attention_mask=attention_mask).logits.squeeze(-1).float()
+
+
+def bradley_terry_loss(reward_chosen: Tensor, reward_rejected: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+    """-log sigmoid(r_c - r_r), mean over pairs (Bradley-Terry), and detached metrics.
+
+    Hand check: r_c = r_r gives ln 2 = 0.6931; r_c - r_r = 2 gives log(1 + e^-2) = 0.1269.
+    """
+    margin = reward_chosen - reward_rejected
+    loss = -torch.nn.functional.logsigmoid(margin).mean()
+    return loss, {"loss": loss.detach(), "accuracy": (margin > 0).float().mean().detach(),
+                  "margin": margin.mean().detach(), "reward/chosen": reward_chosen.mean().detach(),
+                  "reward/rejected": reward_rejected.mean().detach()}
+
+
+def reward_step_loss(model, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+    """Reward-model step on a collated pair batch (chosen rows first)."""
+    rc, rr = sequence_rewards(model, batch["input_ids"], batch["attention_mask"]).chunk(2)
+    return bradley_terry_loss(rc, rr)

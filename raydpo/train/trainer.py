@@ -34,7 +34,7 @@ def make_spec(cfg: RunConfig, mode: str, model_path: str, run_dir: str, **overri
     if mode == "sft":
         common.update(lr=t.sft_lr, batch_size=t.sft_batch_size, micro_batch_size=t.sft_batch_size // cfg.cluster.trainer.count,
                       max_steps=t.sft_steps, epochs=1 << 20)
-    else:
+    else:  # "dpo" and "reward" (a Bradley-Terry reward model on the same pairs)
         common.update(lr=t.lr, batch_size=t.batch_size, micro_batch_size=t.micro_batch_size, epochs=t.epochs,
                       max_steps=t.max_steps,
                       loss=LossSettings(t.loss, t.beta, t.label_smoothing, t.simpo_gamma_beta_ratio, t.rpo_alpha))

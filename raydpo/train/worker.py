@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from raydpo.data.collate import bucket_by_length, collate_pairs
-from raydpo.train.step import LossSettings, dpo_step_loss, sft_loss
+from raydpo.train.step import LossSettings, dpo_step_loss, reward_step_loss, sft_loss
 from raydpo.weights import read_safetensors, with_tied_head
 
 STATE_FILE = "trainer_state.json"
@@ -41,7 +41,7 @@ OPTIMIZER_FILE = "optimizer.pt"
 class TrainSpec:
     """Everything a worker needs; crosses the driver -> worker boundary."""
 
-    mode: str  # "sft" | "dpo"
+    mode: str  # "sft" | "dpo" | "reward"
     model_path: str
     run_dir: str  # metrics.jsonl and tensorboard/ go here (rank 0)
     loss: LossSettings = field(default_factory=LossSettings)
@@ -103,11 +103,20 @@ def global_batches(rows_iter, batch_size: int, seed: int, drop_last: bool = True
     return bucket_by_length(rows_iter, batch_size, seed=seed, drop_last=drop_last)
 
 
-def _load_model(spec: TrainSpec, device: torch.device):
-    from transformers import AutoModelForCausalLM
+def _model_class(spec: TrainSpec):
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    model = AutoModelForCausalLM.from_pretrained(spec.model_path, dtype=torch.float32,
-                                                 trust_remote_code=spec.trust_remote_code).to(device)
+    return AutoModelForSequenceClassification if spec.mode == "reward" else AutoModelForCausalLM
+
+
+def _load_model(spec: TrainSpec, device: torch.device):
+    kw = {}
+    if spec.mode == "reward":  # a scalar head on the policy's body; its pad id finds each sequence's last token
+        from transformers import AutoTokenizer
+
+        kw = {"num_labels": 1, "pad_token_id": AutoTokenizer.from_pretrained(spec.model_path).pad_token_id}
+    model = _model_class(spec).from_pretrained(spec.model_path, dtype=torch.float32,
+                                               trust_remote_code=spec.trust_remote_code, **kw).to(device)
     if spec.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if spec.lora_r:
@@ -155,11 +164,12 @@ def save_hf(module, zero_stage, spec: TrainSpec, out: Path, write: bool) -> None
     state = full_state_dict(module, zero_stage)
     if not write:
         return
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
 
-    cfg = AutoConfig.from_pretrained(spec.model_path, trust_remote_code=spec.trust_remote_code)
+    cfg = module.config if spec.mode == "reward" else AutoConfig.from_pretrained(spec.model_path,
+                                                                                 trust_remote_code=spec.trust_remote_code)
     with torch.device("meta"):
-        shell = AutoModelForCausalLM.from_config(cfg)
+        shell = _model_class(spec).from_config(cfg)
     shell.save_pretrained(out, state_dict=state, safe_serialization=True)
     AutoTokenizer.from_pretrained(spec.model_path, trust_remote_code=spec.trust_remote_code).save_pretrained(out)
     gen = Path(spec.model_path) / "generation_config.json"
@@ -250,7 +260,8 @@ class PolicyTrainer:
 
                 model.load_state_dict(load_file(str(Path(resume_dir) / "adapter.safetensors")), strict=False)
             else:
-                model.load_state_dict(with_tied_head(read_safetensors(resume_dir), model.config.tie_word_embeddings))
+                tied = model.config.tie_word_embeddings and spec.mode != "reward"  # a reward model has no LM head
+                model.load_state_dict(with_tied_head(read_safetensors(resume_dir), tied))
 
         self.engine = None
         if spec.strategy == "deepspeed":
@@ -315,6 +326,8 @@ class PolicyTrainer:
             with ctx_sync, self.autocast:
                 if spec.mode == "sft":
                     loss, metrics = sft_loss(self.policy, mb)
+                elif spec.mode == "reward":
+                    loss, metrics = reward_step_loss(self.policy, mb)
                 else:
                     loss, metrics = dpo_step_loss(self.policy, self.reference, mb, spec.loss)
             if engine is not None:

@@ -96,6 +96,12 @@ def test_loop_as_a_submitted_ray_job(ray_head, tmp_path):
 
     ident = httpx.get(f"http://127.0.0.1:{serve_port}/judge/v1/judge", timeout=10).json()
     assert ident["judge"] == "rule:raydpo.tasks.style:score"
+    # and so does the policy endpoint, serving the last iteration's weights the loop published
+    import openai
+
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{serve_port}/policy/v1", api_key="unused", max_retries=0)
+    reply = client.completions.create(model="policy", prompt="about: apple | max 5\n", max_tokens=8)
+    assert reply.system_fingerprint == "raydpo-policy-v2" and reply.choices[0].text
 
 
 def _kill_tree(pid: int) -> None:

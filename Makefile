@@ -16,7 +16,7 @@ demo: $(STAMP)
 	$(PY) jobs/online_dpo.py $(ARGS)
 
 test: $(STAMP)
-	$(PY) -m pytest -q $(ARGS)
+	$(PY) -m pytest -q --durations=15 $(ARGS)
 
 clean:
 	rm -rf runs .pytest_cache

@@ -33,3 +33,19 @@ def ray_local():
         ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def serve_port(ray_local):
+    """Ray Serve on a fresh 127.0.0.1 port for one test module. Serve keeps its first
+    http_options for the life of the Ray session, so a module that started it on
+    another port must not leave it running: shut down before and after."""
+    from ray import serve
+
+    from tests.helpers.proc import free_port
+
+    serve.shutdown()
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    yield port
+    serve.shutdown()

@@ -1,7 +1,6 @@
 """The judge: pure verdict logic, and the rule judge over HTTP on a real Ray Serve."""
 
 import json
-import socket
 import urllib.error
 import urllib.request
 
@@ -39,12 +38,6 @@ def test_load_rule_errors_name_the_spec():
         load_rule("raydpo.tasks.style:nope")
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def post(url, body, headers=None):
     data = body if isinstance(body, bytes) else json.dumps(body).encode()
     req = urllib.request.Request(url, data=data, headers={"content-type": "application/json", **(headers or {})})
@@ -56,13 +49,12 @@ def post(url, body, headers=None):
 
 
 @pytest.fixture(scope="module")
-def judge_url(ray_local):
+def judge_url(serve_port):
     from ray import serve
 
     from raydpo.serve_judge import build_app
 
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    port = serve_port
     # with Serve's autoscaler on (1..2 replicas), as cluster.judge.max_count > count configures it
     serve.run(build_app({"rule": "raydpo.tasks.style:score", "tie_margin": 0.0,
                          "autoscaling": {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 8}}),
@@ -70,7 +62,7 @@ def judge_url(ray_local):
     dep = serve.status().applications["judge"].deployments["ScoringJudge"]
     assert dep.status == "HEALTHY"
     yield f"http://127.0.0.1:{port}/judge"
-    serve.shutdown()
+    serve.delete("judge")
 
 
 def test_score_and_compare_over_http(judge_url):

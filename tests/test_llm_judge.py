@@ -10,7 +10,6 @@ import urllib.request
 import pytest
 
 from raydpo.judge import DEFAULT_TEMPLATE, check_template, parse_verdict, render_judge_prompt
-from tests.helpers.proc import free_port
 
 P = "about: apple | max 5\n"
 AB = {"A": "a", "B": "b"}
@@ -49,16 +48,6 @@ def post(url, body):
 def get(url):
     with urllib.request.urlopen(url, timeout=60) as r:
         return json.loads(r.read())
-
-
-@pytest.fixture(scope="module")
-def serve_port(ray_local):
-    from ray import serve
-
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    yield port
-    serve.shutdown()
 
 
 ITEMS = [{"prompt": P, "response_a": " apple is red please.", "response_b": " stone"},

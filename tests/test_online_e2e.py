@@ -22,7 +22,7 @@ VENV_BIN = str(Path(sys.executable).parent)
 def small_config(run_dir: Path, serve_port: int, **extra) -> list[str]:
     args = {"run_dir": str(run_dir), "loop.iterations": 2, "loop.prompts_per_iteration": 16, "loop.chunk_prompts": 4,
             "loop.eval_prompts": 24, "trainer.sft_steps": 40, "trainer.sft_batch_size": 32, "cluster.port": serve_port,
-            "cluster.trainer.cpus": 1, **extra}
+            "cluster.trainer.cpus": 2, **extra}
     return [f"{k}={v}" for k, v in args.items()]
 
 
@@ -84,13 +84,28 @@ def ray_head(tmp_path):
 
 
 def test_loop_as_a_submitted_ray_job(ray_head, tmp_path):
+    """Also the shortened main job: the embedded demo with SFT 300 steps, 3 iterations of
+    64 prompts and 64 eval prompts. The full demo reaches >= 0.65 (printed by `make demo`);
+    here the policy must clearly beat its start: iteration 0 (the starting policy against
+    its own fixed samples) sits near 0.5 with a few points of noise."""
     run_dir, serve_port = tmp_path / "run", free_port()
-    r = subprocess.run(["ray", "job", "submit", "--working-dir", str(REPO), "--", "python", "jobs/online_dpo.py",
-                        *small_config(run_dir, serve_port)],
-                       env=ray_head, capture_output=True, text=True, timeout=900)
+    cmd = ["ray", "job", "submit", "--working-dir", str(REPO), "--", "python", "jobs/online_dpo.py",
+           *small_config(run_dir, serve_port, **{"loop.iterations": 3, "loop.prompts_per_iteration": 64,
+                                                 "loop.chunk_prompts": 16, "loop.eval_prompts": 64,
+                                                 "trainer.sft_steps": 300, "trainer.sft_batch_size": 64})]
+    deadline = time.time() + 120
+    while True:  # the head answers `ray job list` a little before its job agent takes submissions
+        r = subprocess.run(cmd, env=ray_head, capture_output=True, text=True, timeout=900)
+        accepted = "submitted successfully" in r.stdout + r.stderr
+        if accepted or time.time() > deadline:
+            break
+        time.sleep(3)  # refused before the job existed: nothing ran, submitting again is safe
     assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
     assert "final win rate vs the starting policy" in r.stdout
-    check_run(run_dir, iterations=2, prompts=16, chunks=4)
+    raw = check_run(run_dir, iterations=3, prompts=64, chunks=4)
+    assert 0.35 <= raw[0]["win_rate"] <= 0.65  # the starting policy against itself
+    assert raw[-1]["win_rate"] >= 0.65 and raw[-1]["win_rate"] > raw[0]["win_rate"] + 0.15, raw
+    assert raw[-1]["judge_score"] > raw[0]["judge_score"]
     # the judge app outlives the job on the cluster, on loopback only
     import httpx
 
@@ -101,7 +116,7 @@ def test_loop_as_a_submitted_ray_job(ray_head, tmp_path):
 
     client = openai.OpenAI(base_url=f"http://127.0.0.1:{serve_port}/policy/v1", api_key="unused", max_retries=0)
     reply = client.completions.create(model="policy", prompt="about: apple | max 5\n", max_tokens=8)
-    assert reply.system_fingerprint == "raydpo-policy-v2" and reply.choices[0].text
+    assert reply.system_fingerprint == "raydpo-policy-v3" and reply.choices[0].text
 
 
 def _kill_tree(pid: int) -> None:
@@ -121,7 +136,8 @@ def _kill_tree(pid: int) -> None:
 def test_killed_driver_resumes_with_every_pair_exactly_once(tmp_path):
     run_dir = tmp_path / "run"
     args = [sys.executable, "jobs/online_dpo.py", *small_config(run_dir, free_port(), **{
-        "loop.iterations": 3, "trainer.sft_steps": 0, "cluster.num_cpus": 6})]
+        "loop.iterations": 3, "trainer.sft_steps": 0, "cluster.num_cpus": 6,
+        "loop.serve_policy": "false"})]  # the policy endpoint is checked in the submitted-job test
     log = open(tmp_path / "first.log", "w")
     first = subprocess.Popen(args, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     target = run_dir / "preferences" / "iteration=000002" / "chunk-00000.parquet"

@@ -8,19 +8,17 @@ import pytest
 import ray
 import torch
 
-from tests.helpers.proc import free_port
 
 PROMPT = "about: apple | max 5\n"
 
 
 @pytest.fixture(scope="module")
-def policy_app(ray_local, tiny_model_dir):
+def policy_app(serve_port, tiny_model_dir):
     from ray import serve
 
     from raydpo.serve_policy import PolicyRegistry, build_app
 
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    port = serve_port
     registry = ray.remote(num_cpus=0)(PolicyRegistry).options(name="test-policy-registry").remote()
     serve.run(build_app({"model_path": str(tiny_model_dir), "registry": "test-policy-registry", "num_cpus": 0.5,
                          "max_batch_size": 8}), name="policy", route_prefix="/policy")

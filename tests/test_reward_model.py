@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from raydpo.train.step import bradley_terry_loss
-from tests.helpers.proc import free_port, run_py
+from tests.helpers.proc import run_py
 from tests.test_judge import post
 
 P = "about: apple | max 5\n"
@@ -45,15 +45,14 @@ def test_reward_model_learns_the_preferences(trained_reward_model):
     assert losses[0] == pytest.approx(math.log(2), abs=0.15) and sum(losses[-10:]) / 10 < 0.5
 
 
-def test_reward_model_served_as_a_judge(ray_local, trained_reward_model):
+def test_reward_model_served_as_a_judge(serve_port, trained_reward_model):
     from ray import serve
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from raydpo.serve_judge import build_app
 
     ckpt = str(next((trained_reward_model / "ray_train" / "reward").glob("reward-step-*")))
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    port = serve_port
     serve.run(build_app({"reward_model": ckpt, "num_cpus": 0.5}), name="rm", route_prefix="/rm")
     url = f"http://127.0.0.1:{port}/rm"
     responses = [" apple is red please.", " stone", " apple thanks a b c d e f g h."]

@@ -57,11 +57,16 @@ def ray_head(tmp_path):
     """A real one-node cluster from `ray start --head --block`, in its own process group
     (so teardown stops only it, not the tests' own Ray)."""
     gcs, dash = free_port(), free_port()
+    # every port of its own: the tests' own Ray (ray_local) already holds the defaults, e.g. the
+    # dashboard agent's 52365, and a head whose agent cannot bind refuses job submissions
+    agent_ports = [f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+                   f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}"]
     env = {**os.environ, "PATH": f"{VENV_BIN}:{os.environ['PATH']}"}
     env.pop("RAY_ADDRESS", None)
     head = subprocess.Popen(
         ["ray", "start", "--head", "--block", f"--port={gcs}", "--node-ip-address=127.0.0.1",
-         "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--num-cpus=6", "--disable-usage-stats"],
+         "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--num-cpus=6", "--disable-usage-stats",
+         *agent_ports],
         env=env, stdout=open(tmp_path / "head.log", "w"), stderr=subprocess.STDOUT, start_new_session=True)
     env.update(RAY_ADDRESS=f"http://127.0.0.1:{dash}", RAY_AUTH_MODE="token")
     deadline = time.time() + 120

@@ -228,14 +228,9 @@ def win_rate(judge: JudgeClient, prompts: Sequence[str], policy: Sequence[str],
 
 def latest_iteration_checkpoint(storage: str | Path, name: str) -> tuple[Path, dict] | None:
     """(folder, trainer_state) of the online run's newest ``iter-NNNNNN`` checkpoint."""
-    from raydpo.train.worker import STATE_FILE
+    from raydpo.train.trainer import latest_checkpoint
 
-    best = None
-    for f in Path(storage, name).glob(f"iter-*/{STATE_FILE}"):
-        state = json.loads(f.read_text())
-        if best is None or state["iteration"] > best[1]["iteration"]:
-            best = (f.parent, state)
-    return best
+    return latest_checkpoint(storage, name, pattern="iter-*", key="iteration")
 
 
 @dataclass

@@ -42,12 +42,14 @@ def make_spec(cfg: RunConfig, mode: str, model_path: str, run_dir: str, **overri
     return TrainSpec(**common)
 
 
-def latest_checkpoint(storage: str | Path, name: str) -> tuple[Path, dict] | None:
-    """(path, trainer_state) of the highest-step checkpoint of run `name`, if any."""
+def latest_checkpoint(storage: str | Path, name: str, pattern: str = "*-step-*",
+                      key: str = "step") -> tuple[Path, dict] | None:
+    """(path, trainer_state) of run `name`'s checkpoint (folders matching `pattern`)
+    with the highest trainer_state[`key`], if any."""
     best = None
-    for state_file in Path(storage, name).glob(f"*-step-*/{STATE_FILE}"):
+    for state_file in Path(storage, name).glob(f"{pattern}/{STATE_FILE}"):
         state = json.loads(state_file.read_text())
-        if best is None or state["step"] > best[1]["step"]:
+        if best is None or state[key] > best[1][key]:
             best = (state_file.parent, state)
     return best
 

@@ -64,18 +64,28 @@ class _ItemError(Exception):
     pass
 
 
-async def parse_body(request: Request, model: type[_Body], api_key: str | None):
-    """(validated body, None) or (None, 4xx JSONResponse naming the problem). Shared by the judge apps."""
+async def read_guarded_body(request: Request, api_key: str | None,
+                            limit: int = MAX_BODY_BYTES) -> tuple[bytes | None, tuple[int, str] | None]:
+    """The raw body after the API-key and size checks, or (None, (status, message)).
+    Shared by every raydpo app; each wraps the problem in its own error shape."""
     if api_key:
         given = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
         if not hmac.compare_digest(given.encode(), api_key.encode()):
-            return None, _error(401, "missing or wrong API key (Authorization: Bearer <key>)")
+            return None, (401, "missing or wrong API key (Authorization: Bearer <key>)")
     size = request.headers.get("content-length")
-    if size and size.isdigit() and int(size) > MAX_BODY_BYTES:
-        return None, _error(413, f"body of {size} bytes exceeds the limit of {MAX_BODY_BYTES}")
+    if size and size.isdigit() and int(size) > limit:
+        return None, (413, f"body of {size} bytes exceeds the limit of {limit}")
     body = await request.body()
-    if len(body) > MAX_BODY_BYTES:
-        return None, _error(413, f"body of {len(body)} bytes exceeds the limit of {MAX_BODY_BYTES}")
+    if len(body) > limit:
+        return None, (413, f"body of {len(body)} bytes exceeds the limit of {limit}")
+    return body, None
+
+
+async def parse_body(request: Request, model: type[_Body], api_key: str | None):
+    """(validated body, None) or (None, 4xx JSONResponse naming the problem). Shared by the judge apps."""
+    body, problem = await read_guarded_body(request, api_key)
+    if problem:
+        return None, _error(*problem)
     try:
         return model.model_validate_json(body), None
     except ValidationError as e:

@@ -31,7 +31,6 @@ supported (400). With RAYDPO_POLICY_API_KEY set on the replicas, requests need
 from __future__ import annotations
 
 import asyncio
-import hmac
 import os
 import threading
 import time
@@ -193,16 +192,11 @@ class PolicyServer:
     # ------------------------------------------------------------ HTTP
 
     async def _parse(self, request: Request, model: type[_Body]):
-        if self.api_key:
-            given = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
-            if not hmac.compare_digest(given.encode(), self.api_key.encode()):
-                return None, _error(401, "missing or wrong API key (Authorization: Bearer <key>)", code="invalid_api_key")
-        size = request.headers.get("content-length")
-        if size and size.isdigit() and int(size) > MAX_BODY_BYTES:
-            return None, _error(413, f"body of {size} bytes exceeds the limit of {MAX_BODY_BYTES}")
-        body = await request.body()
-        if len(body) > MAX_BODY_BYTES:
-            return None, _error(413, f"body of {len(body)} bytes exceeds the limit of {MAX_BODY_BYTES}")
+        from raydpo.serve_judge import read_guarded_body
+
+        body, problem = await read_guarded_body(request, self.api_key, MAX_BODY_BYTES)
+        if problem:
+            return None, _error(*problem, code="invalid_api_key" if problem[0] == 401 else None)
         try:
             req = model.model_validate_json(body)
         except ValidationError as e:

@@ -92,13 +92,14 @@ class PromptSource:
     def __init__(self, path: str | Path, seed: int):
         import ray.data
 
+        from raydpo.data.formats import DataError
         from raydpo.data.pipeline import ordered
 
         ordered()
         path = str(path)
         ds = ray.data.read_parquet(path) if path.endswith(".parquet") else ray.data.read_json(path, lines=True)
         if "prompt" not in ds.schema().names:
-            raise ValueError(f"{path}: prompt files need a 'prompt' column; found {ds.schema().names}")
+            raise DataError(f"{path}: prompt files need a 'prompt' column; found {ds.schema().names}")
         ds = ds.select_columns(["prompt"]).materialize()
         total = ds.count()
         self.path = path
@@ -107,7 +108,7 @@ class PromptSource:
         self.ds = good.random_shuffle(seed=seed).materialize()
         self.size = self.ds.count()
         if self.size == 0:
-            raise ValueError(f"{path}: no usable prompts ({self.bad} empty or not strings)")
+            raise DataError(f"{path}: no usable prompts ({self.bad} empty or not strings)")
         self._all: list[str] | None = None
 
     def window(self, iteration: int, n: int) -> list[str]:

@@ -71,9 +71,11 @@ def main() -> None:
     import ray
     from ray import serve
 
+    from raydpo.runner import LOCAL_RAY_RUNTIME_ENV
     from raydpo.serve_judge import build_app
 
-    ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False,
+             runtime_env=LOCAL_RAY_RUNTIME_ENV)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     results = {}

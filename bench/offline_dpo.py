@@ -110,7 +110,10 @@ def main() -> None:
     print(f"model {n_params / 1e6:.1f}M params, {args.pairs} pairs, {tokens} tokens, batch {args.batch}, "
           f"fp32 matmul peak {peak / 1e9:.0f} GFLOP/s")
     trl_setup, trl_train = run_trl(model_dir, rows, args.batch, args.lr)
-    ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    from raydpo.runner import LOCAL_RAY_RUNTIME_ENV
+
+    ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False,
+             runtime_env=LOCAL_RAY_RUNTIME_ENV)
     ray.data.DataContext.get_current().enable_progress_bars = False
     ours = run_raydpo(model_dir, str(work / "pairs.jsonl"), str(work / "run"), args.batch, args.lr)
     ray.shutdown()

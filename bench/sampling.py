@@ -96,8 +96,11 @@ def main() -> None:
 
     hf_secs, hf_tokens, hf_prompt_tokens = hf_generate(model_dir, prompts, args.n, args.max_new)
 
+    from raydpo.runner import LOCAL_RAY_RUNTIME_ENV
+
     cpus = os.cpu_count()
-    ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=False,
+             runtime_env=LOCAL_RAY_RUNTIME_ENV)
     pool = SamplerPool(model_dir, num_engines=args.engines, cpus=cpus / args.engines, kv_cache_gib=2)
     settings = SamplingSettings(n=args.n, temperature=1.0, max_new_tokens=args.max_new, seed=0)
     pool.sample(prompts[:8], settings)  # warm-up

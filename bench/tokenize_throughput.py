@@ -81,7 +81,10 @@ def main() -> None:
         write_records(data, args.records, args.files)
         build_tiny_model(style.corpus(), model)
         tok = AutoTokenizer.from_pretrained(model)
-        ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+        from raydpo.runner import LOCAL_RAY_RUNTIME_ENV
+
+        ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False,
+             runtime_env=LOCAL_RAY_RUNTIME_ENV)
         ray.data.DataContext.get_current().enable_progress_bars = False
         ray_data(data, model, args.workers)  # warm-up: worker processes, imports
         t_ray, n_ray = ray_data(data, model, args.workers)

@@ -30,7 +30,10 @@ def ray_local():
 
     if not ray.is_initialized():
         # address="local": a new Ray, never one named by a (possibly stale) /tmp/ray entry
-        ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
+        from raydpo.runner import LOCAL_RAY_RUNTIME_ENV
+
+        ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False,
+                 runtime_env=LOCAL_RAY_RUNTIME_ENV)
     yield ray
     ray.shutdown()
 

@@ -45,7 +45,8 @@ def main(argv=None) -> int:
             print(f"reference log-probs: cached at {cache}")
             ds = ray.data.read_parquet(str(cache)).materialize()
         else:
-            ds = precompute_reference(ds, str(model), tok.pad_token_id, cpus=cfg.cluster.trainer.cpus).materialize()
+            ds = precompute_reference(ds, str(model), tok.pad_token_id, cpus=cfg.cluster.trainer.cpus,
+                                      shared_prefix=cfg.trainer.shared_prefix).materialize()
             ds.write_parquet(str(cache))
             (cache / "_SUCCESS").touch()
             print(f"reference log-probs: computed and cached at {cache}")

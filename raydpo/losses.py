@@ -36,6 +36,23 @@ def sequence_logps(logits: Tensor, input_ids: Tensor, loss_mask: Tensor) -> Tens
     return (token_logps * mask).sum(-1)
 
 
+def shared_prefix_logps(logits: Tensor, input_ids: Tensor, source_index: Tensor, chosen_mask: Tensor,
+                        rejected_mask: Tensor) -> Tensor:
+    """`sequence_logps` for the shared-prefix layout (`raydpo.data.collate.collate_shared_prefix`):
+    one row per pair holds prompt + chosen + rejected, and the token at j is predicted by
+    the logits at ``source_index[j]`` (j-1, except the first rejected token: the last
+    prompt token). Returns (2B,): chosen sums then rejected sums, like `sequence_logps`
+    on `collate_pairs`' 2B rows. Gathers from the flattened logits instead of building a
+    re-ordered (B, T, V) copy.
+    """
+    logits = logits.float()
+    b, t, v = logits.shape
+    lse = torch.logsumexp(logits, dim=-1).gather(1, source_index)  # (B, T)
+    picked = logits.reshape(b, t * v).gather(1, source_index * v + input_ids)  # logits[b, src[j], ids[j]]
+    token_logps = picked - lse
+    return torch.cat([(token_logps * chosen_mask).sum(-1), (token_logps * rejected_mask).sum(-1)])
+
+
 def response_lengths(loss_mask: Tensor) -> Tensor:
     """Number of scored tokens per sequence, (N,), matching `sequence_logps`."""
     return loss_mask[:, 1:].sum(-1)

@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from raydpo.data.collate import bucket_by_length, collate_pairs
+from raydpo.data.collate import bucket_by_length, collate_pairs, collate_shared_prefix
 from raydpo.data.tokenize import tokenize_batch
 
 
@@ -88,6 +88,47 @@ def test_collate_literal_tensors():
     assert out["reference_rejected_logps"].tolist() == [-3.0, -4.5]
     padded = collate_pairs(batch, pad_id=0, pad_to_multiple_of=8)
     assert padded["input_ids"].shape == (4, 8) and padded["loss_mask"][:, 5:].sum() == 0
+
+
+def test_collate_shared_prefix_literal_tensors():
+    """Pair 0: prompt [5, 6], chosen [10, 11, 1], rejected [20, 1]  -> 7 tokens.
+    Pair 1: prompt [7], chosen [12, 1], rejected [21, 22, 23, 1]      -> 7 tokens.
+    Rejected tokens restart at the position after the prompt and cannot see the
+    chosen tokens; the first rejected token is predicted by the last prompt token."""
+    batch = {
+        "prompt_ids": [np.array([5, 6]), np.array([7])],
+        "chosen_ids": [np.array([10, 11, 1]), np.array([12, 1])],
+        "rejected_ids": [np.array([20, 1]), np.array([21, 22, 23, 1])],
+        "reference_chosen_logps": [-1.5, -2.0],
+        "reference_rejected_logps": [-3.0, -4.5],
+    }
+    out = collate_shared_prefix(batch, pad_id=0)
+    assert out["input_ids"].tolist() == [[5, 6, 10, 11, 1, 20, 1], [7, 12, 1, 21, 22, 23, 1]]
+    assert out["position_ids"].tolist() == [[0, 1, 2, 3, 4, 2, 3], [0, 1, 2, 1, 2, 3, 4]]
+    assert out["source_index"].tolist() == [[0, 0, 1, 2, 3, 1, 5], [0, 0, 1, 0, 3, 4, 5]]
+    assert out["chosen_mask"].tolist() == [[0, 0, 1, 1, 1, 0, 0], [0, 1, 1, 0, 0, 0, 0]]
+    assert out["rejected_mask"].tolist() == [[0, 0, 0, 0, 0, 1, 1], [0, 0, 0, 1, 1, 1, 1]]
+    assert out["lengths"].tolist() == [7, 7]
+    m = out["attention_mask"].int()
+    assert m.shape == (2, 1, 7, 7)
+    assert m[0, 0].tolist() == [
+        [1, 0, 0, 0, 0, 0, 0],
+        [1, 1, 0, 0, 0, 0, 0],
+        [1, 1, 1, 0, 0, 0, 0],
+        [1, 1, 1, 1, 0, 0, 0],
+        [1, 1, 1, 1, 1, 0, 0],
+        [1, 1, 0, 0, 0, 1, 0],  # rejected: prompt and itself, not the chosen tokens
+        [1, 1, 0, 0, 0, 1, 1],
+    ]
+    assert out["reference_chosen_logps"].tolist() == [-1.5, -2.0]
+    # a shorter pair is right-padded; its pad rows see only earlier tokens (no all-masked row)
+    short = collate_shared_prefix({"prompt_ids": [batch["prompt_ids"][0], np.array([8])],
+                                   "chosen_ids": [batch["chosen_ids"][0], np.array([12, 1])],
+                                   "rejected_ids": [batch["rejected_ids"][0], np.array([9])]}, pad_id=0)
+    assert short["input_ids"][1].tolist() == [8, 12, 1, 9, 0, 0, 0]
+    assert short["chosen_mask"][1].tolist() == [0, 1, 1, 0, 0, 0, 0]
+    assert short["rejected_mask"][1].tolist() == [0, 0, 0, 1, 0, 0, 0]
+    assert short["attention_mask"][1, 0].any(-1).all()
 
 
 def test_bucketing_keeps_every_row_and_pads_less():

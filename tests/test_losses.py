@@ -13,6 +13,7 @@ from raydpo.losses import (
     response_lengths,
     robust_loss,
     sequence_logps,
+    shared_prefix_logps,
     sigmoid_loss,
     simpo_loss,
 )
@@ -40,6 +41,19 @@ def test_sequence_logps_literal_shift_and_padding():
     assert response_lengths(mask).tolist() == [2, 1]
     # a mask on position 0 changes nothing: nothing predicts the first token
     assert sequence_logps(logits, ids, T([[1, 1, 1], [1, 1, 0]])).tolist() == pytest.approx(got.tolist())
+
+
+def test_shared_prefix_logps_hand_worked():
+    """V = 2. One row: prompt [0], chosen [1], rejected [1] -> ids [0, 1, 1].
+    logits at t=0 [0, ln 3] predict both responses' first token: p(1) = 3/4.
+    The rejected token at j=2 is scored with the logits at source_index 0, not
+    at t=1 (which would give p(1) = 1/3 from [ln 2, 0]).
+    chosen = rejected = ln(3/4)."""
+    logits = T([[[0.0, math.log(3)], [math.log(2), 0.0], [100.0, -100.0]]])
+    got = shared_prefix_logps(logits, T([[0, 1, 1]]), T([[0, 0, 0]]), T([[0, 1, 0]]), T([[0, 0, 1]]))
+    assert got.tolist() == pytest.approx([math.log(0.75), math.log(0.75)], abs=1e-6)
+    shifted = shared_prefix_logps(logits, T([[0, 1, 1]]), T([[0, 0, 1]]), T([[0, 1, 0]]), T([[0, 0, 1]]))
+    assert shifted[1].item() == pytest.approx(math.log(1 / 3), abs=1e-6)
 
 
 def test_sequence_logps_matches_log_softmax_gather():

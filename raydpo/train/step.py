@@ -1,6 +1,7 @@
 """One SFT or DPO step's math on a collated batch (pure torch; no Ray).
 
-A DPO batch holds 2B sequences, chosen rows first (`raydpo.data.collate`).
+A DPO batch holds 2B sequences, chosen rows first (`collate_pairs`), or B rows of
+prompt + chosen + rejected (`collate_shared_prefix`); `forward_logps` takes either.
 """
 
 from __future__ import annotations
@@ -9,7 +10,8 @@ from dataclasses import dataclass
 
 import torch
 
-from raydpo.losses import LENGTH_NORMALISED, LOSSES, REFERENCE_FREE, nll_loss, response_lengths, sequence_logps
+from raydpo.losses import (LENGTH_NORMALISED, LOSSES, REFERENCE_FREE, nll_loss, response_lengths, sequence_logps,
+                           shared_prefix_logps)
 
 Tensor = torch.Tensor
 
@@ -27,10 +29,55 @@ class LossSettings:
         return self.loss not in REFERENCE_FREE
 
 
+def is_shared_prefix(batch: dict[str, Tensor]) -> bool:
+    return "source_index" in batch
+
+
+def _attention_implementation(model) -> str:
+    while hasattr(model, "module"):  # DDP and DeepSpeed wrap the HF model (a DeepSpeed engine's .config is its own)
+        model = model.module
+    if hasattr(model, "peft_model"):  # the LoRA reference: the policy with adapters off
+        model = model.peft_model
+    return getattr(model.config, "_attn_implementation", None) or "sdpa"
+
+
+def _custom_mask(model, mask: Tensor) -> Tensor:
+    """The shared-prefix (B, 1, T, T) bool mask in the form the attention kernel takes:
+    sdpa takes bool as is; eager adds it to the scores, so it needs 0 / -inf-like floats.
+    Flash-attention kernels take no arbitrary mask: use trainer.shared_prefix=false there."""
+    impl = _attention_implementation(model)
+    if impl == "sdpa":
+        return mask
+    if impl == "eager":
+        return torch.zeros(mask.shape, dtype=torch.float32, device=mask.device).masked_fill_(
+            ~mask, torch.finfo(torch.float32).min)
+    raise ValueError(f"trainer.shared_prefix needs an attention implementation that takes a custom mask "
+                     f"(sdpa or eager); this model uses {impl!r}: set trainer.shared_prefix=false")
+
+
 def forward_logps(model, batch: dict[str, Tensor]) -> Tensor:
-    """Summed response log-probs of every row, (2B,)."""
+    """Summed response log-probs, (2B,): chosen then rejected, in either layout."""
+    if is_shared_prefix(batch):
+        logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
+                       attention_mask=_custom_mask(model, batch["attention_mask"]), use_cache=False).logits
+        return shared_prefix_logps(logits, batch["input_ids"], batch["source_index"], batch["chosen_mask"],
+                                   batch["rejected_mask"])
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
     return sequence_logps(logits, batch["input_ids"], batch["loss_mask"])  # (2B,)
+
+
+def batch_response_lengths(batch: dict[str, Tensor]) -> Tensor:
+    """Scored tokens per response, (2B,), chosen then rejected, in either layout."""
+    if is_shared_prefix(batch):
+        return torch.cat([batch["chosen_mask"].sum(-1), batch["rejected_mask"].sum(-1)])
+    return response_lengths(batch["loss_mask"])
+
+
+def batch_tokens(batch: dict[str, Tensor]) -> int:
+    """Real (non-pad) tokens the batch runs through the model."""
+    if is_shared_prefix(batch):
+        return int(batch["lengths"].sum())
+    return int(batch["attention_mask"].sum())
 
 
 @torch.no_grad()
@@ -77,7 +124,7 @@ def dpo_loss(policy_logps: Tensor, reference_chosen: Tensor | None, reference_re
 def dpo_step_loss(policy, reference, batch: dict[str, Tensor], s: LossSettings) -> tuple[Tensor, dict[str, Tensor]]:
     """Forward the policy (and the reference, unless precomputed log-probs are in
     the batch or the loss is reference-free) and return (loss, metrics)."""
-    lengths = response_lengths(batch["loss_mask"])
+    lengths = batch_response_lengths(batch)
     if not s.needs_reference:
         rc = rr = None
     elif "reference_chosen_logps" in batch:

@@ -14,7 +14,7 @@ import ray.data
 import torch
 
 from raydpo.config import RunConfig
-from raydpo.data.collate import collate_pairs
+from raydpo.data.collate import collate_pairs, collate_shared_prefix, pair_length, shared_row_length
 from raydpo.data.pipeline import ordered
 from raydpo.train.step import LossSettings, reference_logps
 from raydpo.train.worker import STATE_FILE, TrainSpec, train_loop_per_worker
@@ -25,7 +25,8 @@ def make_spec(cfg: RunConfig, mode: str, model_path: str, run_dir: str, **overri
     common = dict(
         mode=mode, model_path=str(Path(model_path).resolve()), run_dir=str(Path(run_dir).resolve()),
         weight_decay=t.weight_decay, warmup_steps=t.warmup_steps, schedule=t.schedule,
-        max_grad_norm=t.max_grad_norm, bucket_window=t.bucket_window, seed=cfg.seed, strategy=t.strategy,
+        max_grad_norm=t.max_grad_norm, bucket_window=t.bucket_window, shared_prefix=t.shared_prefix, seed=cfg.seed,
+        strategy=t.strategy,
         zero_stage=t.zero_stage, lora_r=t.lora_r, lora_alpha=t.lora_alpha,
         gradient_checkpointing=t.gradient_checkpointing, bf16=cfg.model.dtype == "bfloat16",
         checkpoint_every=t.checkpoint_every, trust_remote_code=cfg.model.trust_remote_code,
@@ -100,7 +101,8 @@ def fit(spec: TrainSpec, train_ds: ray.data.Dataset, cfg: RunConfig, name: str, 
 class _ReferenceScorer:
     """Ray Data callable class: the frozen reference model on a CPU worker."""
 
-    def __init__(self, model_path: str, pad_id: int, trust_remote_code: bool, num_threads: int):
+    def __init__(self, model_path: str, pad_id: int, trust_remote_code: bool, num_threads: int,
+                 shared_prefix: bool, micro_batch_size: int):
         from transformers import AutoModelForCausalLM
 
         torch.set_num_threads(num_threads)  # Ray leaves torch at 1 thread even with more CPUs reserved
@@ -108,19 +110,39 @@ class _ReferenceScorer:
         self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32,
                                                           trust_remote_code=trust_remote_code).eval()
         self.pad_id = pad_id
+        self.collate = collate_shared_prefix if shared_prefix else collate_pairs
+        self.micro_batch_size = micro_batch_size
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         cols = {k: batch.column(k).to_pylist() for k in ("prompt_ids", "chosen_ids", "rejected_ids")}
-        rc, rr = reference_logps(self.model, collate_pairs(cols, self.pad_id))
-        return batch.append_column("reference_chosen_logps", pa.array(rc.tolist(), pa.float32())).append_column(
-            "reference_rejected_logps", pa.array(rr.tolist(), pa.float32()))
+        n = batch.num_rows
+        # forward passes over rows of similar length (less padding), results put back in row order
+        length = shared_row_length if self.collate is collate_shared_prefix else pair_length
+        order = sorted(range(n), key=lambda i: length(cols, i))
+        chosen, rejected = [0.0] * n, [0.0] * n
+        for s in range(0, n, self.micro_batch_size):
+            idx = order[s:s + self.micro_batch_size]
+            rc, rr = reference_logps(self.model, self.collate({k: [v[i] for i in idx] for k, v in cols.items()},
+                                                              self.pad_id))
+            for i, c, r in zip(idx, rc.tolist(), rr.tolist()):
+                chosen[i], rejected[i] = c, r
+        return batch.append_column("reference_chosen_logps", pa.array(chosen, pa.float32())).append_column(
+            "reference_rejected_logps", pa.array(rejected, pa.float32()))
 
 
 def precompute_reference(ds: ray.data.Dataset, model_path: str, pad_id: int, concurrency: int = 1,
-                         batch_size: int = 32, trust_remote_code: bool = False, cpus: float = 1) -> ray.data.Dataset:
+                         batch_size: int = 256, trust_remote_code: bool = False, cpus: float = 1,
+                         shared_prefix: bool = True, micro_batch_size: int = 64) -> ray.data.Dataset:
     """Add reference_chosen_logps / reference_rejected_logps columns, computed once
     by Ray Data batch inference, so that training (and later epochs and runs, if
-    the result is written next to the pairs) skips the reference forward."""
+    the result is written next to the pairs) skips the reference forward.
+
+    Each Ray Data batch of `batch_size` rows is sorted by length and run in forward
+    passes of `micro_batch_size` pairs, in the shared-prefix layout unless told not to.
+    No gradients are kept, so the forward batch can be larger than training's: bigger
+    matmuls run closer to the machine's peak; the log-probs do not depend on it.
+    """
     ordered()
-    return ds.map_batches(_ReferenceScorer, fn_constructor_args=(model_path, pad_id, trust_remote_code, max(1, int(cpus))),
+    return ds.map_batches(_ReferenceScorer, fn_constructor_args=(model_path, pad_id, trust_remote_code, max(1, int(cpus)),
+                                                                 shared_prefix, micro_batch_size),
                           batch_size=batch_size, batch_format="pyarrow", concurrency=concurrency, num_cpus=cpus)

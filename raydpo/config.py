@@ -115,7 +115,7 @@ class TrainerConfig(_Section):
     max_grad_norm: float = Field(1.0, gt=0.0, description="gradient clipping norm")
     epochs: int = Field(1, ge=1, description="passes over the training pairs")
     max_steps: int = Field(0, ge=0, description="stop after this many optimizer steps (0: run all epochs)")
-    bucket_window: int = Field(8, ge=1, description="global batches sorted by length together (1: no bucketing)")
+    bucket_window: int = Field(32, ge=1, description="global batches sorted by length together (1: no bucketing); transformers' group_by_length sorts 50 at a time")
     shared_prefix: bool = Field(True, description="DPO: run prompt + chosen + rejected as one row (prompt once) instead of two padded rows; same log-probs. Needs sdpa or eager attention")
     gradient_checkpointing: bool = Field(False, description="recompute activations in backward to save memory")
     lora_r: int = Field(0, ge=0, description="LoRA rank via peft (0: full fine-tuning); the reference is the base with adapters off")

@@ -54,7 +54,7 @@ class TrainSpec:
     max_grad_norm: float = 1.0
     epochs: int = 1
     max_steps: int = 0
-    bucket_window: int = 8
+    bucket_window: int = 32
     shared_prefix: bool = False  # DPO modes only: `collate_shared_prefix` instead of `collate_pairs`
     seed: int = 0
     strategy: str = "ddp"

@@ -56,14 +56,19 @@ def test_prompt_longer_than_total_is_refused(tiny_tokenizer):
         tokenize_batch(batch_of(("a", "b", "c")), tiny_tokenizer, max_prompt_length=8, max_length=8)
 
 
+# pair 0: prompt [5, 6], chosen [10, 11, 1], rejected [20, 1]; pair 1: prompt [7], chosen [12, 1],
+# rejected [21, 22, 23, 1]; with precomputed reference log-probs
+TWO_PAIRS = {
+    "prompt_ids": [np.array([5, 6]), np.array([7])],
+    "chosen_ids": [np.array([10, 11, 1]), np.array([12, 1])],
+    "rejected_ids": [np.array([20, 1]), np.array([21, 22, 23, 1])],
+    "reference_chosen_logps": [-1.5, -2.0],
+    "reference_rejected_logps": [-3.0, -4.5],
+}
+
+
 def test_collate_literal_tensors():
-    batch = {
-        "prompt_ids": [np.array([5, 6]), np.array([7])],
-        "chosen_ids": [np.array([10, 11, 1]), np.array([12, 1])],
-        "rejected_ids": [np.array([20, 1]), np.array([21, 22, 23, 1])],
-        "reference_chosen_logps": [-1.5, -2.0],
-        "reference_rejected_logps": [-3.0, -4.5],
-    }
+    batch = TWO_PAIRS
     out = collate_pairs(batch, pad_id=0)
     # rows: chosen of pair 0, chosen of pair 1, rejected of pair 0, rejected of pair 1
     assert out["input_ids"].tolist() == [
@@ -95,13 +100,7 @@ def test_collate_shared_prefix_literal_tensors():
     Pair 1: prompt [7], chosen [12, 1], rejected [21, 22, 23, 1]      -> 7 tokens.
     Rejected tokens restart at the position after the prompt and cannot see the
     chosen tokens; the first rejected token is predicted by the last prompt token."""
-    batch = {
-        "prompt_ids": [np.array([5, 6]), np.array([7])],
-        "chosen_ids": [np.array([10, 11, 1]), np.array([12, 1])],
-        "rejected_ids": [np.array([20, 1]), np.array([21, 22, 23, 1])],
-        "reference_chosen_logps": [-1.5, -2.0],
-        "reference_rejected_logps": [-3.0, -4.5],
-    }
+    batch = TWO_PAIRS
     out = collate_shared_prefix(batch, pad_id=0)
     assert out["input_ids"].tolist() == [[5, 6, 10, 11, 1, 20, 1], [7, 12, 1, 21, 22, 23, 1]]
     assert out["position_ids"].tolist() == [[0, 1, 2, 3, 4, 2, 3], [0, 1, 2, 1, 2, 3, 4]]

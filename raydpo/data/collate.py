@@ -19,7 +19,8 @@ T is the longest sequence in *this* batch (dynamic padding), rounded up to
 from __future__ import annotations
 
 import random
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -116,6 +117,23 @@ def pair_length(batch: Mapping[str, Sequence[Any]], i: int) -> int:
 def shared_row_length(batch: Mapping[str, Sequence[Any]], i: int) -> int:
     """Row length of pair i in `collate_shared_prefix`' layout."""
     return len(batch["prompt_ids"][i]) + len(batch["chosen_ids"][i]) + len(batch["rejected_ids"][i])
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How pairs become model rows: the collate function and the per-pair row length
+    that bucketing sorts by (the length that padding follows in that layout)."""
+
+    collate: Callable[..., dict[str, torch.Tensor]]
+    length: Callable[[Mapping[str, Sequence[Any]], int], int]
+
+
+TWO_ROWS = Layout(collate_pairs, pair_length)
+SHARED_PREFIX = Layout(collate_shared_prefix, shared_row_length)
+
+
+def layout(shared_prefix: bool) -> Layout:
+    return SHARED_PREFIX if shared_prefix else TWO_ROWS
 
 
 def bucket_by_length(

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from raydpo.data.collate import collate_pairs, collate_shared_prefix
+from raydpo.data.collate import collate_pairs
 from raydpo.train.step import forward_logps, reference_logps
 from raydpo.train.worker import MetricsLog, PolicyTrainer, TrainSpec, global_batches, resume_directory
 from raydpo.weights import with_tied_head
@@ -127,7 +127,7 @@ def online_loop_per_worker(config: dict) -> None:
                 # a short tail batch is trained too (DDP): an iteration's few dozen pairs
                 # rarely fill whole batches. DeepSpeed's fixed accumulation needs full ones.
                 for gbatch in global_batches(windows, spec.batch_size, seed, drop_last=trainer.engine is not None,
-                                             shared_prefix=trainer.collate is collate_shared_prefix):
+                                             length=trainer.layout.length):
                     if len(gbatch["prompt_ids"]) < trainer.world:
                         continue  # fewer rows than workers: nothing to split
                     metrics = trainer.step(gbatch)

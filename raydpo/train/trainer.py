@@ -14,7 +14,7 @@ import ray.data
 import torch
 
 from raydpo.config import RunConfig
-from raydpo.data.collate import collate_pairs, collate_shared_prefix, pair_length, shared_row_length
+from raydpo.data.collate import layout
 from raydpo.data.pipeline import ordered
 from raydpo.train.step import LossSettings, reference_logps
 from raydpo.train.worker import STATE_FILE, TrainSpec, train_loop_per_worker
@@ -110,20 +110,19 @@ class _ReferenceScorer:
         self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32,
                                                           trust_remote_code=trust_remote_code).eval()
         self.pad_id = pad_id
-        self.collate = collate_shared_prefix if shared_prefix else collate_pairs
+        self.layout = layout(shared_prefix)
         self.micro_batch_size = micro_batch_size
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         cols = {k: batch.column(k).to_pylist() for k in ("prompt_ids", "chosen_ids", "rejected_ids")}
         n = batch.num_rows
         # forward passes over rows of similar length (less padding), results put back in row order
-        length = shared_row_length if self.collate is collate_shared_prefix else pair_length
-        order = sorted(range(n), key=lambda i: length(cols, i))
+        order = sorted(range(n), key=lambda i: self.layout.length(cols, i))
         chosen, rejected = [0.0] * n, [0.0] * n
         for s in range(0, n, self.micro_batch_size):
             idx = order[s:s + self.micro_batch_size]
-            rc, rr = reference_logps(self.model, self.collate({k: [v[i] for i in idx] for k, v in cols.items()},
-                                                              self.pad_id))
+            part = {k: [v[i] for i in idx] for k, v in cols.items()}
+            rc, rr = reference_logps(self.model, self.layout.collate(part, self.pad_id))
             for i, c, r in zip(idx, rc.tolist(), rr.tolist()):
                 chosen[i], rejected[i] = c, r
         return batch.append_column("reference_chosen_logps", pa.array(chosen, pa.float32())).append_column(

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from raydpo.data.collate import bucket_by_length, collate_pairs, collate_shared_prefix, pair_length, shared_row_length
+from raydpo.data.collate import bucket_by_length, layout, pair_length
 from raydpo.train.step import LossSettings, batch_tokens, dpo_step_loss, reward_step_loss, sft_loss
 from raydpo.weights import read_safetensors, with_tied_head
 
@@ -98,12 +98,11 @@ def lr_lambda(schedule: str, warmup: int, total: int):
     return f
 
 
-def global_batches(rows_iter, batch_size: int, seed: int, drop_last: bool = True, shared_prefix: bool = False):
-    """Global batches of `batch_size` rows, sorted by length (in the layout they will be
-    collated in) inside each window of `rows_iter`; by default the short tail is dropped
+def global_batches(rows_iter, batch_size: int, seed: int, drop_last: bool = True, length=pair_length):
+    """Global batches of `batch_size` rows, sorted by `length` (that of the layout they will
+    be collated in) inside each window of `rows_iter`; by default the short tail is dropped
     so every step has the same pairs count."""
-    return bucket_by_length(rows_iter, batch_size, seed=seed, drop_last=drop_last,
-                            length=shared_row_length if shared_prefix else pair_length)
+    return bucket_by_length(rows_iter, batch_size, seed=seed, drop_last=drop_last, length=length)
 
 
 def _model_class(spec: TrainSpec):
@@ -237,7 +236,7 @@ class PolicyTrainer:
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
         self.device = ray.train.torch.get_device() if torch.cuda.is_available() else torch.device("cpu")
         self.pad_id = config["pad_id"]
-        self.collate = collate_shared_prefix if spec.shared_prefix and spec.mode in ("dpo", "online") else collate_pairs
+        self.layout = layout(spec.shared_prefix and spec.mode in ("dpo", "online"))
         self.accum = accumulation_steps(spec.batch_size, spec.micro_batch_size, self.world)
         model = _load_model(spec, self.device)
         self.reference = None
@@ -325,7 +324,7 @@ class PolicyTrainer:
             lo = self.rank * per_rank + start
             rows = min(spec.micro_batch_size, per_rank - start)
             weight = rows / per_rank  # 1 / accum for a full batch
-            mb = self.collate({k: v[lo:lo + rows] for k, v in gbatch.items()}, self.pad_id)
+            mb = self.layout.collate({k: v[lo:lo + rows] for k, v in gbatch.items()}, self.pad_id)
             mb = {k: v.to(self.device) for k, v in mb.items()}
             tokens += batch_tokens(mb)
             padded += mb["input_ids"].numel()
@@ -431,7 +430,7 @@ def train_loop_per_worker(config: dict) -> None:
         windows = shard.iter_batches(batch_size=spec.batch_size * spec.bucket_window, batch_format="numpy",
                                      prefetch_batches=2)
         for i, gbatch in enumerate(global_batches(windows, spec.batch_size, spec.seed + epoch,
-                                                  shared_prefix=trainer.collate is collate_shared_prefix)):
+                                                  length=trainer.layout.length)):
             if epoch * steps_per_epoch + i < step:
                 continue  # resume: skip what the checkpoint already trained on
             metrics = trainer.step(gbatch)

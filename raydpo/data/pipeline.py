@@ -133,11 +133,13 @@ def tokenize(ds: ray.data.Dataset, tokenizer_path: str, max_prompt_length: int, 
              tasks: bool = False) -> ray.data.Dataset:
     """Add prompt_ids/chosen_ids/rejected_ids (+ truncation flags) on CPU workers.
 
-    Default: an actor pool of `concurrency` tokenizer actors (big data sets).
-    `tasks=True`: plain tasks, for small, repeated jobs such as each online
-    iteration's pairs: no actor start-up per call, and no actor holding a CPU
-    that the read tasks feeding it are waiting for when other long-lived roles
-    (trainer, samplers) already hold the rest of the cluster.
+    Default: an actor pool of `concurrency` tokenizer actors.
+    `tasks=True` (what the jobs use): plain tasks, which Ray Data spreads over
+    every free CPU, with the tokenizer loaded once per worker process. No actor
+    start-up per call (measured on the offline bench's 1024 pairs: 3.8-5.4 s
+    against 4.4-6.9 s for one actor), and no actor holding a CPU that the read
+    tasks feeding it are waiting for when other long-lived roles (trainer,
+    samplers) already hold the rest of the cluster.
     """
     ordered()
     if tasks:
@@ -148,17 +150,27 @@ def tokenize(ds: ray.data.Dataset, tokenizer_path: str, max_prompt_length: int, 
         fn_constructor_args=(tokenizer_path, max_prompt_length, max_length, trust_remote_code),
         batch_size=batch_size,
         batch_format="pyarrow",
-        concurrency=concurrency,
+        compute=ray.data.ActorPoolStrategy(size=concurrency),
         num_cpus=1,
     )
 
 
 def truncation_counts(ds: ray.data.Dataset) -> dict[str, int]:
-    """How many tokenized records had their prompt / a response cut."""
-    return {
-        "prompt_truncated": int(ds.sum("prompt_truncated") or 0),
-        "response_truncated": int(ds.sum("response_truncated") or 0),
-    }
+    """How many tokenized records had their prompt / a response cut (`ds` materialized).
+
+    One small task per block, next to the block, instead of a Ray Data aggregate:
+    measured on 1024 tokenized pairs (one block) on 2 cores, `ds.sum` of both columns
+    took 9-11 s and `ds.aggregate` 5-6 s, against 0.02 s for this.
+    """
+    parts = ray.get([_truncated_in_block.remote(ref) for ref in ds.to_arrow_refs()])
+    return {"prompt_truncated": sum(p for p, _ in parts), "response_truncated": sum(r for _, r in parts)}
+
+
+@ray.remote(num_cpus=0)
+def _truncated_in_block(block: pa.Table) -> tuple[int, int]:
+    import pyarrow.compute as pc
+
+    return tuple(int(pc.sum(block[c]).as_py() or 0) for c in ("prompt_truncated", "response_truncated"))
 
 
 def read_store(store: PreferenceStore, iterations=None) -> ray.data.Dataset:

@@ -14,8 +14,9 @@ state). Each side is timed from the raw records to that checkpoint:
   overridden so that both sides do the same arithmetic: `bf16` (on by default;
   on this CPU it runs the matmuls in bf16 autocast) and `gradient_checkpointing`
   (on by default; it recomputes activations).
-* raydpo: validation + tokenization on Ray Data, reference log-probs precomputed
-  once by Ray Data batch inference, then `fit()` on one Ray Train worker with
+* raydpo, as `jobs/train_dpo.py` runs it: validation on Ray Data, then one Ray
+  Data batch-inference stage that tokenizes the pairs and precomputes their
+  reference log-probs once, then `fit()` on one Ray Train worker with
   both CPUs (length-bucketed batches, prompt + chosen + rejected in one row).
   Ray's own start-up is excluded (a long-running cluster has it up already);
   Ray Train's per-fit start-up and the checkpoint are included.
@@ -89,7 +90,7 @@ def run_raydpo(model_dir: str, data: str, run_dir: str, batch: int, lr: float, e
     from transformers import AutoTokenizer
 
     from raydpo.config import load_config
-    from raydpo.data.pipeline import read_pairs, tokenize
+    from raydpo.data.pipeline import read_pairs
     from raydpo.train.trainer import fit, make_spec, precompute_reference
 
     cfg = load_config(None, [f"run_dir={run_dir}", f"trainer.batch_size={batch}", f"trainer.micro_batch_size={batch}",
@@ -98,11 +99,10 @@ def run_raydpo(model_dir: str, data: str, run_dir: str, batch: int, lr: float, e
                              f"trainer.shared_prefix={str(shared_prefix).lower()}"])
     pad = AutoTokenizer.from_pretrained(model_dir).pad_token_id
     t0 = time.perf_counter()
-    good, _ = read_pairs(data)
-    ds = tokenize(good, model_dir, 255, 256).materialize()
+    good, _ = read_pairs(data)  # as jobs/train_dpo.py with trainer.reference=precomputed
     t1 = time.perf_counter()
-    ds = precompute_reference(ds, model_dir, pad, concurrency=1, cpus=os.cpu_count(),
-                              shared_prefix=shared_prefix).materialize()
+    ds = precompute_reference(good, model_dir, pad, concurrency=1, cpus=os.cpu_count(), shared_prefix=shared_prefix,
+                              tokenize=(255, 256)).materialize()
     t2 = time.perf_counter()
     fit(make_spec(cfg, "dpo", model_dir, run_dir), ds, cfg, "bench", pad, precomputed_reference=True, resume=False)
     t3 = time.perf_counter()
@@ -180,7 +180,8 @@ def main() -> None:
         print(line("raydpo, two-row layout (shared_prefix=false)", two["total"], "two", two["tokens"]))
     print("(pairs/s counts every epoch; tok/s is TRL's real tokens per pair at every row's pairs/s; tok/pair run:\n"
           " tokens the training forward passes run per pair, padding included; MFU: FLOPs on real tokens / time / peak)")
-    print(f"\nwhere the time goes: raydpo data {ours['data']:.1f} s, reference pass {ours['reference']:.1f} s, "
+    print(f"\nwhere the time goes: raydpo validation {ours['data']:.1f} s, tokenization + reference pass "
+          f"{ours['reference']:.1f} s, "
           f"steps {ours['steps']:.1f} s, Ray Train start-up + checkpoint + shutdown {ours['fit'] - ours['steps']:.1f} s; "
           f"TRL set-up {trl['setup']:.1f} s, train() + checkpoint {trl['train']:.1f} s")
     extra = f"trl_precompute_ratio={trl_pre['total'] / ours['total']:.2f} " if trl_pre else ""

@@ -15,28 +15,31 @@ from pathlib import Path
 
 from raydpo.config import ConfigError, require
 from raydpo.data.formats import DataError
-from raydpo.runner import (base_model, init_ray, job_config, last_metrics, print_table, read_tokenized,
-                           reference_cache_key)
+from raydpo.runner import (base_model, init_ray, job_config, last_metrics, print_table, print_truncation,
+                           read_tokenized, read_validated, reference_cache_key)
 
 
 def main(argv=None) -> int:
     cfg = job_config(__doc__, argv)
+    from raydpo.train.step import LossSettings
+
+    precomputed = cfg.trainer.reference == "precomputed" and LossSettings(cfg.trainer.loss).needs_reference
     try:
         require(cfg, "data.train_path", by="jobs/train_dpo.py")
         model = base_model(cfg)
         init_ray(cfg)
-        ds = read_tokenized(cfg, cfg.data.train_path, model)
+        # precomputed reference: validated text rows go straight to the reference pass,
+        # which tokenizes them itself (one Ray Data stage; see precompute_reference)
+        ds = read_validated(cfg, cfg.data.train_path) if precomputed else read_tokenized(cfg, cfg.data.train_path, model)
     except (ConfigError, DataError) as e:  # named, no traceback
         print(f"error: {e}", file=sys.stderr)
         return 2
     import ray.data
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from raydpo.train.step import LossSettings
     from raydpo.train.trainer import fit, make_spec, precompute_reference
 
     tok = AutoTokenizer.from_pretrained(model)
-    precomputed = cfg.trainer.reference == "precomputed" and LossSettings(cfg.trainer.loss).needs_reference
     if precomputed:
         key = reference_cache_key(Path(model).resolve(), Path(cfg.data.train_path).resolve(),
                                   cfg.data.max_prompt_length, cfg.data.max_length, cfg.data.format)
@@ -46,7 +49,10 @@ def main(argv=None) -> int:
             ds = ray.data.read_parquet(str(cache)).materialize()
         else:
             ds = precompute_reference(ds, str(model), tok.pad_token_id, cpus=cfg.cluster.trainer.cpus,
-                                      shared_prefix=cfg.trainer.shared_prefix).materialize()
+                                      shared_prefix=cfg.trainer.shared_prefix,
+                                      trust_remote_code=cfg.model.trust_remote_code,
+                                      tokenize=(cfg.data.max_prompt_length, cfg.data.max_length)).materialize()
+            print_truncation(ds)
             ds.write_parquet(str(cache))
             (cache / "_SUCCESS").touch()
             print(f"reference log-probs: computed and cached at {cache}")

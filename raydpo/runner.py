@@ -39,9 +39,13 @@ def job_config(description: str, argv: list[str] | None = None) -> RunConfig:
 # * RAY_TRAIN_HEALTH_CHECK_INTERVAL_S: the controller polls its workers every 2 s by
 #   default, so each fit() ended 2-4 s after its last checkpoint; 0.5 s polls cost nothing
 #   measurable next to training.
+# * RAY_TRAIN_ENABLE_PREEMPTION_WATCHER=0: the watcher is one more actor process per fit()
+#   that polls for nodes being drained (spot instances, autoscaler scale-down); a local
+#   Ray on this machine has no other node and nothing that drains it.
 # A cluster we join (RAY_ADDRESS, `ray job submit`) keeps its own settings.
 LOCAL_RAY_RUNTIME_ENV = {"env_vars": {"RAY_API_SERVER_ADDRESS": "http://127.0.0.1:1",
-                                      "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}}
+                                      "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",
+                                      "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}}
 
 
 def init_ray(cfg: RunConfig, min_cpus: float = 0) -> None:
@@ -89,9 +93,9 @@ def base_model(cfg: RunConfig) -> Path:
     return out
 
 
-def read_tokenized(cfg: RunConfig, source, tokenizer_path: Path):
-    """Validate (report printed) and tokenize on Ray Data; a materialized dataset."""
-    from raydpo.data.pipeline import read_pairs, tokenize, truncation_counts
+def read_validated(cfg: RunConfig, source):
+    """Validate on Ray Data (the report is printed); the good records, not yet tokenized."""
+    from raydpo.data.pipeline import read_pairs
 
     good, report = read_pairs(source, cfg.data.format, cfg.data.strict)
     print(report.summary())
@@ -99,15 +103,36 @@ def read_tokenized(cfg: RunConfig, source, tokenizer_path: Path):
         print(f"  e.g. {bad}")
     if report.good == 0:
         raise ConfigError(f"data.train_path: no usable records in {source}")
-    ds = tokenize(good, str(tokenizer_path), cfg.data.max_prompt_length, cfg.data.max_length,
-                  trust_remote_code=cfg.model.trust_remote_code).materialize()
+    return good
+
+
+def print_truncation(ds) -> None:
+    from raydpo.data.pipeline import truncation_counts
+
     cut = truncation_counts(ds)
     print(f"truncated: {cut['prompt_truncated']} prompts (end kept), {cut['response_truncated']} pairs' responses (cut)")
+
+
+def read_tokenized(cfg: RunConfig, source, tokenizer_path: Path):
+    """Validate (report printed) and tokenize on Ray Data; a materialized dataset."""
+    from raydpo.data.pipeline import tokenize
+
+    ds = tokenize(read_validated(cfg, source), str(tokenizer_path), cfg.data.max_prompt_length, cfg.data.max_length,
+                  trust_remote_code=cfg.model.trust_remote_code, tasks=True).materialize()
+    print_truncation(ds)
     return ds
 
 
-def reference_cache_key(*parts) -> str:
-    return hashlib.sha256(json.dumps([str(p) for p in parts]).encode()).hexdigest()[:16]
+def reference_cache_key(model: Path, data: Path, *settings) -> str:
+    """Key of the cached reference log-probs: model and data paths, every data file's and
+    weight file's size and modification time (a file rewritten in place is a new key), and
+    the settings that change the tokens."""
+    from raydpo.data.formats import list_files
+
+    files = list_files(str(data)) + sorted(str(f) for f in Path(model).glob("*.safetensors"))
+    stats = [(f, os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in files]
+    parts = [str(model), str(data), stats, *map(str, settings)]
+    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
 
 
 def print_table(title: str, rows: list[tuple[str, str]]) -> None:

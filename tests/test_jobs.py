@@ -34,3 +34,30 @@ def test_missing_data_file_is_named(tmp_path):
                 "cluster.num_cpus=2"], timeout=300)
     assert r.returncode == 2 and "/nonexistent/pairs.jsonl: no such file or folder" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_train_dpo_job_precomputes_caches_and_trains(tmp_path):
+    """jobs/train_dpo.py end to end on a file with one malformed line: the bad record is
+    counted and the rest kept, the reference pass (which tokenizes) runs once and is cached,
+    DPO starts at ln 2 (policy == precomputed reference), and a second run on the same data
+    reads the cache and finds the stage finished."""
+    from raydpo.tasks import style
+
+    data = tmp_path / "pairs.jsonl"
+    lines = [json.dumps(r) for r in style.preference_records(style.split_prompts()[0], 40, seed=5)]
+    lines.insert(7, '{"prompt": "no responses"}')
+    data.write_text("\n".join(lines) + "\n")
+    args = ["jobs/train_dpo.py", f"run_dir={tmp_path / 'run'}", f"data.train_path={data}", "trainer.batch_size=8",
+            "trainer.micro_batch_size=8", "trainer.max_steps=3", "cluster.num_cpus=2"]
+    r = run_py(args, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "good records: 40" in r.stdout and "bad records:  1" in r.stdout, r.stdout[-2000:]
+    assert "reference log-probs: computed and cached" in r.stdout and "truncated: 0 prompts" in r.stdout
+    assert "DPO done" in r.stdout
+    rows = [json.loads(l) for l in open(tmp_path / "run" / "metrics.jsonl")]
+    assert [x["step"] for x in rows] == [1, 2, 3]
+    assert abs(rows[0]["dpo/loss"] - 0.693147) < 1e-4  # precomputed reference == policy at step 0
+
+    again = run_py(args, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "reference log-probs: cached at" in again.stdout and "already finished at step 3" in again.stdout

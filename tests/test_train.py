@@ -18,15 +18,23 @@ STEPS = 4
 
 
 @pytest.fixture(scope="module")
-def pairs_ds(ray_local, tiny_model_dir, tmp_path_factory):
-    from raydpo.data.pipeline import read_pairs, tokenize
+def text_pairs(ray_local, tmp_path_factory):
+    """Validated, not yet tokenized pairs."""
+    from raydpo.data.pipeline import read_pairs
 
     path = tmp_path_factory.mktemp("pairs") / "pairs.jsonl"
     with open(path, "w") as f:
         for r in style.preference_records(style.split_prompts()[0], BATCH * STEPS * 2, seed=3):
             f.write(json.dumps(r) + "\n")
     good, _ = read_pairs(str(path))
-    return tokenize(good, str(tiny_model_dir), 48, 80).materialize()
+    return good
+
+
+@pytest.fixture(scope="module")
+def pairs_ds(text_pairs, tiny_model_dir):
+    from raydpo.data.pipeline import tokenize
+
+    return tokenize(text_pairs, str(tiny_model_dir), 48, 80).materialize()
 
 
 def run(tmp_path, name, ds, model_dir, pad_id, *overrides, precomputed=False):
@@ -68,6 +76,23 @@ def test_precomputed_reference_matches_live(tmp_path, pairs_ds, tiny_model_dir, 
     pre, _ = run(tmp_path, "pre", with_ref, tiny_model_dir, pad, "trainer.reference=precomputed", precomputed=True)
     assert traj(pre, "loss") == pytest.approx(traj(live, "loss"), rel=1e-4, abs=1e-5)
     assert traj(pre, "rewards/margins") == pytest.approx(traj(live, "rewards/margins"), rel=1e-3, abs=1e-5)
+
+
+def test_reference_pass_that_tokenizes_matches_tokenize_then_score(text_pairs, pairs_ds, tiny_model_dir, tiny_tokenizer):
+    """The one-stage path (text rows in, the scorer tokenizes them) gives the same rows as
+    tokenize() followed by the reference pass: same token ids, truncation flags and log-probs."""
+    from raydpo.train.trainer import precompute_reference
+
+    pad = tiny_tokenizer.pad_token_id
+    two_stage = precompute_reference(pairs_ds, str(tiny_model_dir), pad, batch_size=7).take_all()
+    one_stage = precompute_reference(text_pairs, str(tiny_model_dir), pad, batch_size=7, tokenize=(48, 80)).take_all()
+    assert len(one_stage) == len(two_stage) == BATCH * STEPS * 2
+    for a, b in zip(one_stage, two_stage):
+        for k in ("prompt", "prompt_ids", "chosen_ids", "rejected_ids", "prompt_truncated", "response_truncated"):
+            assert list(a[k]) == list(b[k]) if k.endswith("_ids") else a[k] == b[k], k
+        assert a["reference_chosen_logps"] == pytest.approx(b["reference_chosen_logps"], abs=1e-5)
+        assert a["reference_rejected_logps"] == pytest.approx(b["reference_rejected_logps"], abs=1e-5)
+    assert one_stage[0]["reference_chosen_logps"] < 0
 
 
 @pytest.mark.parametrize("stage", [2, 3])

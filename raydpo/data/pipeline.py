@@ -99,8 +99,9 @@ def read_pairs(source: str | list[str] | ray.data.Dataset, fmt: str = "auto", st
     return good, report
 
 
-class _Tokenizer:
-    """Ray Data callable class: loads the tokenizer once per worker."""
+class ArrowTokenizer:
+    """Ray Data callable class (Arrow batch in, Arrow batch out): loads the tokenizer
+    once per worker. Also used inside the reference scorer (`precompute_reference`)."""
 
     def __init__(self, tokenizer_path: str, max_prompt_length: int, max_length: int, trust_remote_code: bool):
         from transformers import AutoTokenizer
@@ -119,7 +120,7 @@ class _Tokenizer:
 
 @functools.lru_cache(maxsize=4)
 def _cached_tokenizer(tokenizer_path: str, max_prompt_length: int, max_length: int, trust_remote_code: bool):
-    return _Tokenizer(tokenizer_path, max_prompt_length, max_length, trust_remote_code)
+    return ArrowTokenizer(tokenizer_path, max_prompt_length, max_length, trust_remote_code)
 
 
 def _tokenize_task(batch: pa.Table, tokenizer_path: str, max_prompt_length: int, max_length: int,
@@ -146,7 +147,7 @@ def tokenize(ds: ray.data.Dataset, tokenizer_path: str, max_prompt_length: int, 
         return ds.map_batches(_tokenize_task, fn_args=(tokenizer_path, max_prompt_length, max_length, trust_remote_code),
                               batch_size=batch_size, batch_format="pyarrow", num_cpus=1)
     return ds.map_batches(
-        _Tokenizer,
+        ArrowTokenizer,
         fn_constructor_args=(tokenizer_path, max_prompt_length, max_length, trust_remote_code),
         batch_size=batch_size,
         batch_format="pyarrow",
@@ -156,7 +157,7 @@ def tokenize(ds: ray.data.Dataset, tokenizer_path: str, max_prompt_length: int, 
 
 
 def truncation_counts(ds: ray.data.Dataset) -> dict[str, int]:
-    """How many tokenized records had their prompt / a response cut (`ds` materialized).
+    """How many tokenized records had their prompt / a response cut (runs `ds` if not materialized).
 
     One small task per block, next to the block, instead of a Ray Data aggregate:
     measured on 1024 tokenized pairs (one block) on 2 cores, `ds.sum` of both columns

@@ -15,7 +15,7 @@ import torch
 
 from raydpo.config import RunConfig
 from raydpo.data.collate import layout
-from raydpo.data.pipeline import _Tokenizer, ordered
+from raydpo.data.pipeline import ArrowTokenizer, ordered
 from raydpo.train.step import LossSettings, reference_logps
 from raydpo.train.worker import STATE_FILE, TrainSpec, train_loop_per_worker
 
@@ -112,8 +112,8 @@ class _ReferenceScorer:
         self.pad_id = pad_id
         self.layout = layout(shared_prefix)
         self.micro_batch_size = micro_batch_size
-        # text rows in: tokenized here first, with the same `_Tokenizer` as `tokenize()`
-        self.tokenizer = _Tokenizer(model_path, *tokenize, trust_remote_code) if tokenize else None
+        # text rows in: tokenized here first, with the same `ArrowTokenizer` as `tokenize()`
+        self.tokenizer = ArrowTokenizer(model_path, *tokenize, trust_remote_code) if tokenize else None
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         if self.tokenizer is not None:
@@ -148,7 +148,7 @@ def precompute_reference(ds: ray.data.Dataset, model_path: str, pad_id: int, con
 
     `tokenize=(max_prompt_length, max_length)`: `ds` holds validated text rows
     (`read_pairs`), and the scorer tokenizes each batch itself, exactly as
-    `raydpo.data.pipeline.tokenize` would (same `_Tokenizer`, the model's
+    `raydpo.data.pipeline.tokenize` would (same `ArrowTokenizer`, the model's
     tokenizer), before scoring it. One Ray Data stage instead of two: no second
     execution, no materialized intermediate, and the scorer's start-up (imports,
     model load) is not paid after tokenization has finished. Measured on the

@@ -88,8 +88,20 @@ def ray_head(tmp_path):
     from ray._common.utils import reset_ray_address
 
     reset_ray_address()
+    # wait for the head's own processes only (its session, from start_new_session): the tests'
+    # local Ray has a gcs_server and raylet too, and waiting on those cost the full 30 s every run
+    def head_processes() -> list:
+        left = []
+        for p in psutil.process_iter(["name"]):
+            try:
+                if p.info["name"] in ("gcs_server", "raylet") and os.getsid(p.pid) == head.pid:
+                    left.append(p)
+            except (ProcessLookupError, PermissionError):
+                pass
+        return left
+
     deadline = time.time() + 30
-    while any(p.info["name"] in ("gcs_server", "raylet") for p in psutil.process_iter(["name"])) and time.time() < deadline:
+    while head_processes() and time.time() < deadline:
         time.sleep(0.5)
 
 

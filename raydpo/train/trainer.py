@@ -152,8 +152,8 @@ def precompute_reference(ds: ray.data.Dataset, model_path: str, pad_id: int, con
     tokenizer), before scoring it. One Ray Data stage instead of two: no second
     execution, no materialized intermediate, and the scorer's start-up (imports,
     model load) is not paid after tokenization has finished. Measured on the
-    bench's 1024 pairs on 2 cores: 21.1 s against 25.5-27.3 s for tokenize then
-    score (`bench/offline_dpo.py` reports this phase).
+    bench's 1024 pairs on 2 cores: 20.9 s against 26.3 s for tokenize then score
+    (`bench/reference_pass.py`, medians of alternated runs; same log-probs).
     """
     ordered()
     return ds.map_batches(_ReferenceScorer, fn_constructor_args=(model_path, pad_id, trust_remote_code, max(1, int(cpus)),

@@ -19,3 +19,27 @@ def matmul_peak_flops(sizes: tuple[int, ...] = (1024, 2048), trials: int = 3, re
                 torch.matmul(a, b)
             best = max(best, 2 * n**3 * reps / (time.perf_counter() - t))
     return best
+
+
+def llama_shape(hidden: int, layers: int, **kw):
+    """The benches' Llama shape at a given width and depth: 64-wide heads (no GQA) and an
+    MLP of 2.75x the width (512 x 8 layers: the ~26M model the offline and sampling benches use)."""
+    from raydpo.config import TinyModelConfig
+
+    return TinyModelConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=hidden // 64,
+                           num_key_value_heads=hidden // 64, intermediate_size=int(hidden * 2.75), **kw)
+
+
+def start_local_ray(num_cpus: int | None = None) -> None:
+    """A new local Ray for a bench, as raydpo's own jobs start one (LOCAL_RAY_RUNTIME_ENV), with all
+    CPUs unless told otherwise, no dashboard, worker logs and Ray Data progress bars kept out of the
+    bench's table. Its start-up is not part of any timing."""
+    import os
+
+    import ray
+
+    from raydpo.runner import LOCAL_RAY_RUNTIME_ENV
+
+    ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, log_to_driver=False,
+             runtime_env=LOCAL_RAY_RUNTIME_ENV)
+    ray.data.DataContext.get_current().enable_progress_bars = False

@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import socket
 import statistics
 import time
+
+from common import start_local_ray
 
 
 def free_port() -> int:
@@ -71,11 +72,9 @@ def main() -> None:
     import ray
     from ray import serve
 
-    from raydpo.runner import LOCAL_RAY_RUNTIME_ENV
     from raydpo.serve_judge import build_app
 
-    ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False,
-             runtime_env=LOCAL_RAY_RUNTIME_ENV)
+    start_local_ray()
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     results = {}

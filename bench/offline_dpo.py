@@ -41,7 +41,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import matmul_peak_flops
+from common import llama_shape, matmul_peak_flops, start_local_ray
 
 
 def layout_tokens(rows, tok) -> dict[str, int]:
@@ -128,16 +128,12 @@ def main() -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from raydpo.config import TinyModelConfig
-    from raydpo.runner import LOCAL_RAY_RUNTIME_ENV
     from raydpo.tasks import style
     from raydpo.tiny_model import build_tiny_model, count_parameters
 
     torch.set_num_threads(os.cpu_count())
     work = Path(tempfile.mkdtemp(prefix="bench_dpo_"))
-    shape = TinyModelConfig(hidden_size=args.hidden, num_hidden_layers=args.layers, num_attention_heads=args.hidden // 64,
-                            num_key_value_heads=args.hidden // 64, intermediate_size=int(args.hidden * 2.75))
-    model_dir = str(build_tiny_model(style.corpus(), work / "model", shape))
+    model_dir = str(build_tiny_model(style.corpus(), work / "model", llama_shape(args.hidden, args.layers)))
     n_params = count_parameters(AutoModelForCausalLM.from_pretrained(model_dir))
     rows = style.preference_records(style.split_prompts()[0], args.pairs, seed=0)
     (work / "pairs.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
@@ -149,9 +145,7 @@ def main() -> None:
 
     trl = run_trl(model_dir, rows, args.batch, args.lr, args.epochs)
     trl_pre = run_trl(model_dir, rows, args.batch, args.lr, args.epochs, precompute=True) if args.trl_precompute else None
-    ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False,
-             runtime_env=LOCAL_RAY_RUNTIME_ENV)
-    ray.data.DataContext.get_current().enable_progress_bars = False
+    start_local_ray()
     ours = run_raydpo(model_dir, str(work / "pairs.jsonl"), str(work / "run"), args.batch, args.lr, args.epochs,
                       shared_prefix=True)
     two = run_raydpo(model_dir, str(work / "pairs.jsonl"), str(work / "run_two_rows"), args.batch, args.lr,

@@ -24,6 +24,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from common import llama_shape, start_local_ray
+
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -36,24 +38,18 @@ def main() -> None:
     import ray
     from transformers import AutoTokenizer
 
-    from raydpo.config import TinyModelConfig
     from raydpo.data.pipeline import read_pairs, tokenize, truncation_counts
-    from raydpo.runner import LOCAL_RAY_RUNTIME_ENV
     from raydpo.tasks import style
     from raydpo.tiny_model import build_tiny_model
     from raydpo.train.trainer import precompute_reference
 
     work = Path(tempfile.mkdtemp(prefix="bench_ref_"))
-    shape = TinyModelConfig(hidden_size=args.hidden, num_hidden_layers=args.layers, num_attention_heads=args.hidden // 64,
-                            num_key_value_heads=args.hidden // 64, intermediate_size=int(args.hidden * 2.75))
-    model = str(build_tiny_model(style.corpus(), work / "model", shape))
+    model = str(build_tiny_model(style.corpus(), work / "model", llama_shape(args.hidden, args.layers)))
     rows = style.preference_records(style.split_prompts()[0], args.pairs, seed=0)
     (work / "pairs.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
     pad = AutoTokenizer.from_pretrained(model).pad_token_id
     cpus = os.cpu_count()
-    ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=False,
-             runtime_env=LOCAL_RAY_RUNTIME_ENV)
-    ray.data.DataContext.get_current().enable_progress_bars = False
+    start_local_ray(cpus)
     good, _ = read_pairs(str(work / "pairs.jsonl"))
 
     def two_stages():

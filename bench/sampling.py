@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import matmul_peak_flops
+from common import llama_shape, matmul_peak_flops, start_local_ray
 
 
 def quick_sft(model_dir: str, steps: int = 80, batch: int = 32) -> None:
@@ -84,9 +84,7 @@ def main() -> None:
     from raydpo.tiny_model import build_tiny_model, count_parameters
 
     work = Path(tempfile.mkdtemp(prefix="bench_sampling_"))
-    shape = TinyModelConfig(hidden_size=512, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=8,
-                            intermediate_size=1408, max_position_embeddings=256)
-    model_dir = str(build_tiny_model(style.corpus(), work / "m25", shape))
+    model_dir = str(build_tiny_model(style.corpus(), work / "m25", llama_shape(512, 8, max_position_embeddings=256)))
     quick_sft(model_dir)
     n_params = count_parameters(AutoModelForCausalLM.from_pretrained(model_dir))
     prompts = style.split_prompts()[1][: args.prompts]
@@ -96,11 +94,9 @@ def main() -> None:
 
     hf_secs, hf_tokens, hf_prompt_tokens = hf_generate(model_dir, prompts, args.n, args.max_new)
 
-    from raydpo.runner import LOCAL_RAY_RUNTIME_ENV
 
     cpus = os.cpu_count()
-    ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=False,
-             runtime_env=LOCAL_RAY_RUNTIME_ENV)
+    start_local_ray(cpus)
     pool = SamplerPool(model_dir, num_engines=args.engines, cpus=cpus / args.engines, kv_cache_gib=2)
     settings = SamplingSettings(n=args.n, temperature=1.0, max_new_tokens=args.max_new, seed=0)
     pool.sample(prompts[:8], settings)  # warm-up

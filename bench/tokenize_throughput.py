@@ -20,6 +20,7 @@ import random
 import tempfile
 import time
 
+from common import start_local_ray
 from raydpo.data.formats import validate_paths
 from raydpo.data.tokenize import tokenize_batch
 from raydpo.tasks import style
@@ -81,11 +82,8 @@ def main() -> None:
         write_records(data, args.records, args.files)
         build_tiny_model(style.corpus(), model)
         tok = AutoTokenizer.from_pretrained(model)
-        from raydpo.runner import LOCAL_RAY_RUNTIME_ENV
 
-        ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False,
-             runtime_env=LOCAL_RAY_RUNTIME_ENV)
-        ray.data.DataContext.get_current().enable_progress_bars = False
+        start_local_ray()
         ray_data(data, model, args.workers)  # warm-up: worker processes, imports
         t_ray, n_ray = ray_data(data, model, args.workers)
         t_base, n_base = baseline(data, tok)

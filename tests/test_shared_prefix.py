@@ -50,27 +50,51 @@ def test_same_logps_and_gradients_as_two_rows(model, attention):
 
 
 def test_three_training_steps_match(model):
-    """DPO with a live reference, AdamW, clipping, the same 6 pairs each step: the
-    losses and the weights after 3 steps agree between the layouts."""
+    """DPO with a live reference, AdamW, clipping, the same 6 pairs each step.
+
+    What the layouts must agree on is the loss and the gradient at the same weights.
+    Weights after several Adam steps are not a fair check: Adam divides by sqrt(v), so a
+    parameter whose gradient is at noise level (1e-9 one way, 2e-9 the other) moves by up
+    to lr either way, whatever the layout; a weight tolerance tuned on one CPU then fails
+    on another (1.06e-5 against 1e-5 was seen). So: follow one trajectory, and at each of
+    its 3 steps compare both layouts' loss and gradient at the same weights; separately,
+    two independent 3-step trajectories must give the same losses."""
     ref = copy.deepcopy(model).eval().requires_grad_(False)
-    runs = []
-    for collate in (collate_pairs, collate_shared_prefix):
-        policy = copy.deepcopy(model)
-        opt = torch.optim.AdamW(policy.parameters(), lr=1e-3)
-        losses = []
-        for step in range(3):
-            loss, metrics = dpo_step_loss(policy, ref, collate(random_pairs(6, seed=10), 0), LossSettings())
+    policy = copy.deepcopy(model)
+    opt = torch.optim.AdamW(policy.parameters(), lr=1e-3)
+    pairs = random_pairs(6, seed=10)
+    losses = []
+    for step in range(3):
+        grads, step_losses = [], []
+        for collate in (collate_pairs, collate_shared_prefix):
+            policy.zero_grad()
+            loss, _ = dpo_step_loss(policy, ref, collate(pairs, 0), LossSettings())
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
-            opt.step()
-            opt.zero_grad()
-            losses.append(loss.item())
-        runs.append((losses, torch.cat([p.detach().flatten() for p in policy.parameters()])))
-    (l1, w1), (l2, w2) = runs
-    assert l1[0] == pytest.approx(0.6931, abs=1e-4)  # policy == reference at step 1: ln 2
-    assert l1[2] < l1[0]  # it trains
-    assert l1 == pytest.approx(l2, rel=1e-4)
-    assert torch.allclose(w1, w2, atol=1e-5)
+            grads.append(torch.cat([p.grad.flatten() for p in policy.parameters()]))
+            step_losses.append(loss.item())
+        assert step_losses[0] == pytest.approx(step_losses[1], rel=1e-5)
+        # float32 sums in another order: the difference is a tiny fraction of the gradient, everywhere
+        assert (grads[0] - grads[1]).norm() < 1e-4 * grads[0].norm()
+        assert (grads[0] - grads[1]).abs().max() < 1e-4 * grads[0].abs().max()
+        losses.append(step_losses[0])
+        torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)  # the step takes the shared-prefix gradient
+        opt.step()
+    assert losses[0] == pytest.approx(0.6931, abs=1e-4)  # policy == reference at step 1: ln 2
+    assert losses[2] < losses[0]  # it trains
+    independent = []
+    for collate in (collate_pairs, collate_shared_prefix):
+        p = copy.deepcopy(model)
+        o = torch.optim.AdamW(p.parameters(), lr=1e-3)
+        run = []
+        for step in range(3):
+            loss, _ = dpo_step_loss(p, ref, collate(pairs, 0), LossSettings())
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(p.parameters(), 1.0)
+            o.step()
+            o.zero_grad()
+            run.append(loss.item())
+        independent.append(run)
+    assert independent[0] == pytest.approx(independent[1], rel=1e-4)
 
 
 def test_flash_attention_is_refused_by_name(model):

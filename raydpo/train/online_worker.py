@@ -33,7 +33,7 @@ import torch
 from raydpo.data.collate import collate_pairs
 from raydpo.train.step import forward_logps, reference_logps
 from raydpo.train.worker import MetricsLog, PolicyTrainer, TrainSpec, global_batches, resume_directory
-from raydpo.weights import with_tied_head
+from raydpo.weights import tied_weight_keys, with_tied_head
 
 
 class Mailbox:
@@ -114,7 +114,7 @@ def online_loop_per_worker(config: dict) -> None:
         if op == "train":
             if cmd.get("refresh_reference") and trainer.reference is not None and not spec.lora_r:
                 full = trainer.state_dict()  # every rank (ZeRO-3 gathers)
-                trainer.reference.load_state_dict(with_tied_head(full, trainer.reference.config.tie_word_embeddings))
+                trainer.reference.load_state_dict(with_tied_head(full, tied_weight_keys(trainer.reference)))
             ds = cmd["dataset"]
             last_pass: list[dict] = []
             n_pairs = _rows(ds)

@@ -31,7 +31,7 @@ import torch
 
 from raydpo.data.collate import bucket_by_length, layout, pair_length
 from raydpo.train.step import LossSettings, batch_tokens, dpo_step_loss, reward_step_loss, sft_loss
-from raydpo.weights import read_safetensors, with_tied_head
+from raydpo.weights import read_safetensors, tied_weight_keys, with_tied_head
 
 STATE_FILE = "trainer_state.json"
 OPTIMIZER_FILE = "optimizer.pt"
@@ -266,8 +266,7 @@ class PolicyTrainer:
 
                 model.load_state_dict(load_file(str(Path(resume_dir) / "adapter.safetensors")), strict=False)
             else:
-                tied = model.config.tie_word_embeddings and spec.mode != "reward"  # a reward model has no LM head
-                model.load_state_dict(with_tied_head(read_safetensors(resume_dir), tied))
+                model.load_state_dict(with_tied_head(read_safetensors(resume_dir), tied_weight_keys(model)))
 
         self.engine = None
         if spec.strategy == "deepspeed":

@@ -144,7 +144,8 @@ def run(cfg: RunConfig, resume: bool = False) -> int:
                 # 6: train on the fresh pairs (+ replay), streamed by Ray Data
                 with timer("train"):
                     t = time.perf_counter()
-                    ds = training_data(cfg, store, it, base)
+                    ds, kept = training_data(cfg, store, it)
+                    row.update(kept)
                     t_data = time.perf_counter() - t
                     reply = trainer.train(it, ds, cfg.loop.dpo_passes, refresh_reference=cfg.loop.reference == "previous")
                 row.update(train_steps=reply["steps"], trained_pairs=reply["pairs"], **dpo_metrics(reply["metrics"]),
@@ -159,7 +160,7 @@ def run(cfg: RunConfig, resume: bool = False) -> int:
                            **dpo_metrics(_logged_last_pass(run_dir, it, cfg.loop.dpo_passes)))
             # 8: evaluate against the starting policy
             with timer("eval"):
-                row.update(evaluate(cfg, it, pool, judge, trainer, tokenizer, eval_prompts, baseline))
+                row.update(evaluate(cfg, it, pool, judge, trainer, eval_prompts, baseline))
             row.update(timer.row())
             with open(run_dir / METRICS_FILE, "a") as f:
                 f.write(json.dumps(row) + "\n")
@@ -254,12 +255,24 @@ def deploy_judge(cfg: RunConfig):
     return serve.run(app, name="judge", route_prefix="/judge")
 
 
-def sampling(cfg: RunConfig, n: int, temperature: float, seed: int):
+# What a batch of samples is for: part of every sample's seed, so the streams never share draws.
+TRAIN, BASELINE, EVAL, KL = 1, 2, 3, 4
+
+
+def sampling(cfg: RunConfig, n: int, temperature: float):
     from raydpo.records import SamplingSettings
 
-    base = SamplingSettings.from_config(cfg.sampler)
-    # per-iteration seeds keep a run reproducible unless sampler.seed says otherwise
-    return replace(base, n=n, temperature=temperature, seed=seed if cfg.sampler.seed is None else cfg.sampler.seed + seed)
+    return replace(SamplingSettings.from_config(cfg.sampler), n=n, temperature=temperature, seed=None)
+
+
+def prompt_seeds(cfg: RunConfig, purpose: int, it: int, positions) -> list[int]:
+    """One seed per prompt from (run seed, purpose, iteration, the prompt's position in its
+    window); sample j of a prompt draws with derive_seed(that, j). So every sample's draws are
+    fixed by what it is, whichever engine, chunk or resumed run produces it."""
+    from raydpo.records import derive_seed
+
+    run_seed = cfg.seed if cfg.sampler.seed is None else cfg.sampler.seed
+    return [derive_seed(run_seed, purpose, it, p) for p in positions]
 
 
 def baseline_samples(cfg: RunConfig, run_dir: Path, pool, prompts: list[str]) -> list[list[str]]:
@@ -275,7 +288,8 @@ def baseline_samples(cfg: RunConfig, run_dir: Path, pool, prompts: list[str]) ->
                           f"use another run_dir")
     if pool.version != 0:
         raise RuntimeError("baseline samples must come from the starting policy (version 0)")
-    samples = pool.sample(prompts, sampling(cfg, k, cfg.loop.eval_temperature, seed=10**6))
+    samples = pool.sample(prompts, sampling(cfg, k, cfg.loop.eval_temperature),
+                          seeds=prompt_seeds(cfg, BASELINE, 0, range(len(prompts))))
     groups = [[s.text for s in samples[i * k:(i + 1) * k]] for i in range(len(prompts))]
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
@@ -304,10 +318,11 @@ def collect_pairs(cfg: RunConfig, it: int, prompts, pool, judge, store, timer: T
         return counts
     flat = [p for _, ps in todo for p in ps]
     starts = [sum(len(ps) for _, ps in todo[:j]) for j in range(len(todo))]
-    settings = sampling(cfg, k, cfg.sampler.temperature, seed=it * 1_000_003)
+    seeds = prompt_seeds(cfg, TRAIN, it, [ci * size + j for ci, ps in todo for j in range(len(ps))])
     if pool.version != version:
         raise RuntimeError(f"iteration {it} wants samples of policy version {version}; the pool is at {pool.version}")
-    stream = pool.stream(flat, settings, min_version=version, chunk_size=size)
+    stream = pool.stream(flat, sampling(cfg, k, cfg.sampler.temperature), min_version=version, chunk_size=size,
+                         seeds=seeds)
     while True:
         with timer("sample"):
             chunk = next(stream, None)  # the pool keeps sampling the next chunk meanwhile
@@ -361,20 +376,33 @@ def _stored_pairs(store, it: int, chunk: int | None = None) -> int:
     return sum(pq.read_metadata(f).num_rows for f in files)
 
 
-def training_data(cfg: RunConfig, store, it: int, tokenizer_path: Path):
-    """The iteration's pairs from the store (+ a replay sample of earlier ones), tokenized on Ray Data."""
-    from raydpo.data.pipeline import store_pairs_for_training, tokenize
+def training_data(cfg: RunConfig, store, it: int) -> tuple[object, dict]:
+    """The iteration's pairs from the store (+ a replay sample of earlier ones) as training rows
+    on the sampler's own token ids (`raydpo.data.store.training_rows`), and what was kept."""
+    import pyarrow as pa
+    import ray.data
 
+    from raydpo.data.store import training_rows
+
+    fresh, counts = training_rows(store.read_table([it]), cfg.loop.truncated, cfg.data.max_length)
     cap = cfg.loop.max_pairs_per_iteration
-    ds = store_pairs_for_training(store, [it])
     if cap:
-        ds = ds.limit(cap)
-    n_replay = round(cfg.loop.replay_fraction * min(_stored_pairs(store, it), cap or 1 << 62))
+        fresh = fresh.slice(0, cap)
+    parts = [fresh]
+    n_replay = round(cfg.loop.replay_fraction * fresh.num_rows)
     earlier = list(range(1, it))
     if n_replay and earlier and store.chunk_files(earlier):
-        ds = ds.union(store_pairs_for_training(store, earlier, sample=n_replay, seed=cfg.seed + it))
-    return tokenize(ds, str(tokenizer_path), cfg.data.max_prompt_length, cfg.data.max_length,
-                    trust_remote_code=cfg.model.trust_remote_code, tasks=True).materialize()
+        old, _ = training_rows(store.read_table(earlier), cfg.loop.truncated, cfg.data.max_length)
+        if n_replay < old.num_rows:
+            import numpy as np
+
+            idx = np.sort(np.random.default_rng(cfg.seed + it).choice(old.num_rows, size=n_replay, replace=False))
+            old = old.take(pa.array(idx))
+        parts.append(old)
+    rows = pa.concat_tables(parts)
+    stats = {"truncated_pairs": counts.truncated, "truncated_dropped": counts.truncated_dropped,
+             "over_length_dropped": counts.over_length_dropped, "replayed_pairs": rows.num_rows - fresh.num_rows}
+    return ray.data.from_arrow(rows).materialize(), stats
 
 
 def dpo_metrics(m: dict) -> dict:
@@ -396,22 +424,23 @@ def _logged_last_pass(run_dir: Path, it: int, passes: int) -> dict:
     return {k: statistics.mean(s[k] for s in last) for k in (last[0] if last else {})}
 
 
-def evaluate(cfg: RunConfig, it: int, pool, judge, trainer, tokenizer, prompts: list[str],
+def evaluate(cfg: RunConfig, it: int, pool, judge, trainer, prompts: list[str],
              baseline: list[list[str]]) -> dict:
     """Win rate of the current policy against the starting policy's fixed samples
     (both orders, ties half), mean judge score and length, and KL to the reference."""
     from raydpo.online import win_rate
 
-    samples = pool.sample(prompts, sampling(cfg, 1, cfg.loop.eval_temperature, seed=7 * 10**6 + it))
+    samples = pool.sample(prompts, sampling(cfg, 1, cfg.loop.eval_temperature),
+                          seeds=prompt_seeds(cfg, EVAL, it, range(len(prompts))))
     wr = win_rate(judge, prompts, [s.text for s in samples], baseline)
     scores = [] if judge.pairwise else judge.score([(s.prompt, s.text) for s in samples])
     out = {"win_rate": wr.win_rate, "wins": wr.wins, "ties": wr.ties, "losses": wr.losses, "invalid": wr.invalid,
            "judge_score": statistics.mean(scores) if scores else float("nan"),
            "response_tokens": statistics.mean(len(s.token_ids) for s in samples)}
     if cfg.loop.eval_kl and it > 0:
-        hot = pool.sample(prompts, sampling(cfg, 1, 1.0, seed=9 * 10**6 + it))
-        prompt_ids = tokenizer([s.prompt for s in hot], add_special_tokens=False)["input_ids"]
-        out["kl"] = trainer.kl(prompt_ids, [list(s.token_ids) for s in hot])["kl"]
+        hot = pool.sample(prompts, sampling(cfg, 1, 1.0), seeds=prompt_seeds(cfg, KL, it, range(len(prompts))))
+        # the sampler's own ids: the trainer scores exactly the context and tokens that were sampled
+        out["kl"] = trainer.kl([list(s.prompt_token_ids) for s in hot], [list(s.token_ids) for s in hot])["kl"]
     elif it == 0:
         out["kl"] = 0.0
     return out

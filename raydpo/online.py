@@ -76,7 +76,11 @@ def build_pairs(groups: Sequence[Sequence[Sample]], scores: Sequence[Sequence[fl
                 out.append(StoredPair(
                     pair_id=f"it{iteration:06d}-p{first_prompt + g:06d}-s{ci}-{ri}", iteration=iteration,
                     policy_version=version, source="online", prompt=samples[ci].prompt, chosen=samples[ci].text,
-                    rejected=samples[ri].text, chosen_score=float(sc[ci]), rejected_score=float(sc[ri]), judge=judge))
+                    rejected=samples[ri].text, chosen_score=float(sc[ci]), rejected_score=float(sc[ri]), judge=judge,
+                    prompt_token_ids=samples[ci].prompt_token_ids, chosen_token_ids=samples[ci].token_ids,
+                    rejected_token_ids=samples[ri].token_ids, chosen_finish_reason=samples[ci].finish_reason,
+                    rejected_finish_reason=samples[ri].finish_reason, chosen_logprobs=samples[ci].logprobs,
+                    rejected_logprobs=samples[ri].logprobs))
     c.pairs = len(out)
     return out, c
 

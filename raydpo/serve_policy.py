@@ -126,14 +126,14 @@ class PolicyServer:
     def __init__(self, model_path: str, model_name: str = "policy", registry: str | None = None,
                  max_model_len: int = 256, kv_cache_gib: float = 1.0, dtype: str = "float32", seed: int = 0,
                  trust_remote_code: bool = False, max_batch_size: int = 32, poll_s: float = 0.5):
-        from raydpo.sampler import checkpoint_shapes
+        from raydpo.sampler import checkpoint_shapes, engine_tied_keys
         from raydpo.vllm_engine import make_llm
 
         self.llm = make_llm(model_path, max_model_len=max_model_len, kv_cache_gib=kv_cache_gib, dtype=dtype,
                             seed=seed, in_process=True, trust_remote_code=trust_remote_code)
         self.tokenizer = self.llm.get_tokenizer()
         self.expected = checkpoint_shapes(model_path)
-        self.tied = "lm_head.weight" not in self.expected
+        self.tied = engine_tied_keys(model_path, self.expected, trust_remote_code)
         self.model_name, self.max_model_len = model_name, max_model_len
         self.version = 0
         self.engine_lock = threading.Lock()  # vLLM's LLM is not thread-safe: generate and reload take turns
@@ -141,6 +141,7 @@ class PolicyServer:
         self.api_key = os.environ.get("RAYDPO_POLICY_API_KEY") or None
         self._generate_batch.set_max_batch_size(max_batch_size)
         self.update_error: str | None = None
+        self.broken: str | None = None  # set when a weight load failed part-way: never serve mixed weights
         if registry:
             self.registry = ray.get_actor(registry)
             threading.Thread(target=self._follow, args=(poll_s,), daemon=True, name="policy-follow").start()
@@ -148,16 +149,21 @@ class PolicyServer:
     # ------------------------------------------------------------ weights
 
     def _follow(self, poll_s: float) -> None:
-        from raydpo.sampler import reload_llm_weights
+        from raydpo.sampler import checked_update
 
         while True:
             try:
                 version, payload = ray.get(self.registry.current.remote())
-                if version > self.version and payload:
+                if version > self.version and payload and not self.broken:
                     state = ray.get(payload[0]) if isinstance(payload[0], ray.ObjectRef) else None
                     path = payload[0] if isinstance(payload[0], str) else None
+                    items = checked_update(self.expected, self.tied, state, path)  # a bad update changes nothing
                     with self.engine_lock:
-                        reload_llm_weights(self.llm, self.expected, self.tied, state, path)
+                        try:
+                            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": items})
+                        except Exception as e:  # part-loaded: mixed weights. Serve replaces the replica
+                            self.broken = f"loading version {version} failed part-way: {e}"  # (check_health)
+                            raise
                         self.version = version
                     self.update_error = None
             except Exception as e:  # keep serving the old version; the publisher sees the error
@@ -167,6 +173,12 @@ class PolicyServer:
             except Exception:  # the registry is gone (its job ended): keep serving what we have
                 pass
             time.sleep(poll_s)
+
+    def check_health(self) -> None:
+        """Serve restarts a replica whose health check raises: a new one starts from the base
+        weights and follows the registry to the current version."""
+        if self.broken:
+            raise RuntimeError(self.broken)
 
     # ------------------------------------------------------------ generation
 
@@ -182,6 +194,8 @@ class PolicyServer:
                 params.append(sp)
                 owners.append(j)
         with self.engine_lock:
+            if self.broken:
+                raise RuntimeError(f"policy replica unavailable until replaced: {self.broken}")
             outs = self.llm.generate(prompts, params, use_tqdm=False)
             version = self.version
         results: list[tuple[list, int]] = [([], version) for _ in jobs]

@@ -173,3 +173,79 @@ def test_stream_yields_chunks_as_they_finish_and_dataset_stage(pool, ray_local):
     whole = pool.sample(PROMPTS, settings)  # same seeds per prompt whether batched by the dataset or not
     assert sorted((s.prompt_index, s.sample_index, s.token_ids) for s in via_ds) == \
         [(s.prompt_index, s.sample_index, s.token_ids) for s in whole]
+
+
+def hf_token_logps(model, prompt_ids, response_ids) -> list[float]:
+    """transformers' log-prob of each response token after the prompt (a plain second implementation)."""
+    ids = torch.tensor([list(prompt_ids) + list(response_ids)])
+    with torch.no_grad():
+        logps = torch.log_softmax(model(ids).logits[0, :-1].double(), -1)
+    p = len(prompt_ids)
+    return [float(logps[p - 1 + t, tok]) for t, tok in enumerate(response_ids)]
+
+
+def test_stored_pair_trains_on_exactly_the_sampled_ids_and_sampler_logprobs_match_transformers(pool, base_dir, tmp_path):
+    """What you sample is what you train: the training row of a stored online pair is the
+    sampler's prompt + response ids, EOS only where the sampler stopped on it; the sampler's
+    recorded log-probs equal transformers' at the same weights."""
+    import pyarrow as pa
+
+    from raydpo.data.store import PreferenceStore, training_rows
+    from raydpo.online import build_pairs
+
+    model, tok = trained(base_dir, seed=5)
+    pool.publish(pool.version + 1, state_dict={k: v.detach().clone() for k, v in model.state_dict().items()})
+    k = 4
+    out = pool.sample(PROMPTS[:16], SamplingSettings(n=k, temperature=1.0, max_new_tokens=10, seed=11))
+    groups = [out[i * k:(i + 1) * k] for i in range(16)]
+    assert {s.finish_reason for s in out} == {"stop", "length"}  # both kinds occur at this cap
+    for s in out:
+        assert list(s.prompt_token_ids) == tok(s.prompt, add_special_tokens=False).input_ids  # no BOS in this tokenizer
+        ends_with_eos = s.token_ids[-1] == tok.eos_token_id
+        assert ends_with_eos == (s.finish_reason == "stop")
+        assert s.finish_reason == "stop" or len(s.token_ids) == 10
+    # sampler log-probs vs transformers at the same weights (fp32 both; the gap is rounding)
+    gaps = [abs(a - b) for s in out for a, b in zip(s.logprobs, hf_token_logps(model, s.prompt_token_ids, s.token_ids))]
+    print(f"sampler vs transformers log-prob gap over {len(gaps)} tokens: max {max(gaps):.2e}")
+    assert max(gaps) < 1e-4
+    # stored, then turned into training rows: the very ids
+    scores = [[float(j) for j in range(k)] for _ in groups]  # the last sample wins, the first loses
+    pairs, _ = build_pairs(groups, scores, iteration=1, first_prompt=0, judge="t")
+    store = PreferenceStore(tmp_path / "store")
+    store.write_chunk(1, 0, pairs)
+    rows, counts = training_rows(store.read_table([1]), "keep")
+    assert counts.rows == rows.num_rows == len(pairs) == 16
+    assert counts.truncated == sum(g[-1].finish_reason == "length" or g[0].finish_reason == "length" for g in groups)
+    for r, g in zip(rows.to_pylist(), groups):
+        assert r["prompt_ids"] == list(g[0].prompt_token_ids)
+        assert r["chosen_ids"] == list(g[-1].token_ids) and r["rejected_ids"] == list(g[0].token_ids)
+    stored = store.read_pairs()
+    assert [p.chosen_logprobs for p in stored] == [tuple(pa.array(g[-1].logprobs, pa.float32()).to_pylist())
+                                                   for g in groups]
+    dropped, c2 = training_rows(store.read_table([1]), "drop")
+    assert dropped.num_rows == 16 - counts.truncated and c2.truncated_dropped == counts.truncated
+    short, c3 = training_rows(store.read_table([1]), "keep", max_length=14)
+    assert c3.over_length_dropped == 16 - short.num_rows
+    assert all(len(r["prompt_ids"]) + max(len(r["chosen_ids"]), len(r["rejected_ids"])) <= 14 for r in short.to_pylist())
+
+
+def test_a_load_that_fails_part_way_leaves_no_mixed_or_mislabelled_engine(pool, base_dir):
+    """One actor's reload dies after a few tensors went in (its engine then holds two
+    versions' weights): the pool replaces it, brings every actor back to the current
+    version, and says so; samples after that are the current version's, correctly labelled."""
+    import ray
+
+    from raydpo.sampler import SamplerError
+
+    v = pool.version
+    before = pool.sample(PROMPTS, GREEDY, chunk_size=3)  # spread over both actors
+    restarts = pool.stats.restarts
+    ray.get(pool.actors[0].inject_reload_fault.remote(3))
+    model, _ = trained(base_dir, seed=9)
+    with pytest.raises(SamplerError, match=rf"sampler 0: loading version {v + 1} failed part-way.*back on version {v}"):
+        pool.publish(v + 1, state_dict={k: t.detach().clone() for k, t in model.state_dict().items()})
+    assert pool.version == v and pool.stats.restarts == restarts + 1  # the broken engine was replaced
+    assert ray.get([a.get_version.remote() for a in pool.actors]) == [v, v]
+    for actor in pool.actors:  # each engine, alone, gives the current version's greedy output
+        got = ray.get(actor.generate.remote(PROMPTS, 0, GREEDY, v))
+        assert ids(got) == ids(before) and {s.policy_version for s in got} == {v}

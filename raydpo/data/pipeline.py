@@ -187,30 +187,3 @@ def read_store(store: PreferenceStore, iterations=None) -> ray.data.Dataset:
         [str(f) for f in files],
         partitioning=Partitioning("hive", base_dir=str(store.root), field_types={"iteration": int}),
     )
-
-
-def _as_text_pairs(batch: pa.Table) -> pa.Table:
-    n = batch.num_rows
-    return pa.table({"prompt": batch.column("prompt"), "chosen": batch.column("chosen"),
-                     "rejected": batch.column("rejected"), "is_chat": pa.array([False] * n),
-                     "tools": pa.array([""] * n, pa.string())})
-
-
-def store_pairs_for_training(store: PreferenceStore, iterations, sample: int | None = None,
-                             seed: int = 0) -> ray.data.Dataset:
-    """Stored pairs of `iterations` (or a seeded random `sample` of them) as
-    normalised text pairs, ready for `tokenize`.
-
-    The few files of an online iteration are read with pyarrow and handed to Ray
-    Data with `from_arrow`: measured here, `ray.data.read_parquet` costs 4-8 s per
-    call on a 60-pair iteration (file listing and metadata tasks), more than the
-    iteration's training; `from_arrow` + tokenize tasks take 0.1 s. `read_store`
-    stays the reader for a whole (large) store.
-    """
-    import numpy as np
-
-    table = store.read_table(iterations)
-    if sample is not None and sample < table.num_rows:
-        idx = np.sort(np.random.default_rng(seed).choice(table.num_rows, size=sample, replace=False))
-        table = table.take(pa.array(idx))
-    return ray.data.from_arrow(_as_text_pairs(table))

@@ -42,6 +42,15 @@ class StoredPair:
     chosen_score: float
     rejected_score: float
     judge: str  # judge identity and version
+    # What the sampler produced, token for token: the trainer trains on these, not on the text.
+    # None for pairs that never came from the sampler (they go through the text path).
+    prompt_token_ids: tuple[int, ...] | None = None
+    chosen_token_ids: tuple[int, ...] | None = None  # EOS last if and only if the sampler stopped on it
+    rejected_token_ids: tuple[int, ...] | None = None
+    chosen_finish_reason: str | None = None  # "stop" or "length" (cut at max_new_tokens)
+    rejected_finish_reason: str | None = None
+    chosen_logprobs: tuple[float, ...] | None = None  # the sampler's log-prob of each response token
+    rejected_logprobs: tuple[float, ...] | None = None
 
 
 SCHEMA = pa.schema(
@@ -55,6 +64,13 @@ SCHEMA = pa.schema(
         ("chosen_score", pa.float64()),
         ("rejected_score", pa.float64()),
         ("judge", pa.string()),
+        ("prompt_token_ids", pa.list_(pa.int32())),
+        ("chosen_token_ids", pa.list_(pa.int32())),
+        ("rejected_token_ids", pa.list_(pa.int32())),
+        ("chosen_finish_reason", pa.string()),
+        ("rejected_finish_reason", pa.string()),
+        ("chosen_logprobs", pa.list_(pa.float32())),
+        ("rejected_logprobs", pa.list_(pa.float32())),
     ]
 )  # `iteration` lives in the partition path, not in the file
 PARTITIONING = pads.partitioning(pa.schema([("iteration", pa.int32())]), flavor="hive")
@@ -107,7 +123,9 @@ class PreferenceStore:
         return ds.to_table()
 
     def read_pairs(self) -> list[StoredPair]:
-        return [StoredPair(**row) for row in self.read_table().to_pylist()]
+        tuples = {"prompt_token_ids", "chosen_token_ids", "rejected_token_ids", "chosen_logprobs", "rejected_logprobs"}
+        return [StoredPair(**{k: tuple(v) if k in tuples and v is not None else v for k, v in row.items()})
+                for row in self.read_table().to_pylist()]
 
     def count(self) -> int:
         return self.read_table().num_rows
@@ -130,3 +148,59 @@ def _fsync_dir(path: Path) -> None:
     finally:
         os.close(fd)
 
+
+
+# ------------------------------------------------------------------ training rows
+
+TRUNCATED = ("keep", "drop")
+
+
+@dataclass
+class RowCounts:
+    """What `training_rows` did with an iteration's stored pairs."""
+
+    pairs: int = 0  # stored pairs looked at
+    truncated: int = 0  # pairs with a response the sampler cut at max_new_tokens (kept or dropped)
+    truncated_dropped: int = 0  # ... dropped by truncated="drop"
+    over_length_dropped: int = 0  # prompt + response longer than max_length: dropped, never re-cut
+    rows: int = 0  # training rows out
+
+
+def training_rows(table: pa.Table, truncated: str = "keep", max_length: int | None = None) -> tuple[pa.Table, RowCounts]:
+    """Stored online pairs -> training rows on the sampler's own token ids.
+
+    prompt_ids / chosen_ids / rejected_ids are the stored ids unchanged: a response
+    carries EOS if and only if the sampler ended it with EOS. A response the sampler
+    cut (finish_reason "length") is a prefix of what the policy would have written:
+    ``truncated="keep"`` trains on it as it is (no EOS is made up), ``"drop"`` leaves
+    the pair out. A pair longer than `max_length` is dropped, not cut: cutting the
+    prompt would train on a context the sampler never saw. Both are counted.
+    """
+    import pyarrow.compute as pc
+
+    if truncated not in TRUNCATED:
+        raise ValueError(f"truncated must be one of {TRUNCATED}, got {truncated!r}")
+    missing = [c for c in ("prompt_token_ids", "chosen_token_ids", "rejected_token_ids") if c not in table.column_names]
+    if missing:
+        raise ValueError(f"stored pairs have no {missing} columns: the store predates token-exact training")
+    if table.num_rows and table.column("chosen_token_ids").null_count:
+        raise ValueError("stored pairs without sampler token ids cannot be trained token-exactly")
+    counts = RowCounts(pairs=table.num_rows)
+    cut = pc.or_(pc.equal(table.column("chosen_finish_reason"), "length"),
+                 pc.equal(table.column("rejected_finish_reason"), "length"))
+    counts.truncated = int(pc.sum(cut).as_py() or 0)
+    keep = pc.invert(cut) if truncated == "drop" else pa.array([True] * table.num_rows)
+    if truncated == "drop":
+        counts.truncated_dropped = counts.truncated
+    if max_length is not None:
+        p = pc.list_value_length(table.column("prompt_token_ids"))
+        longest = pc.max_element_wise(pc.list_value_length(table.column("chosen_token_ids")),
+                                      pc.list_value_length(table.column("rejected_token_ids")))
+        fits = pc.less_equal(pc.add(p, longest), max_length)
+        counts.over_length_dropped = int(pc.sum(pc.and_(keep, pc.invert(fits))).as_py() or 0)
+        keep = pc.and_(keep, fits)
+    rows = table.filter(keep)
+    counts.rows = rows.num_rows
+    out = pa.table({"pair_id": rows.column("pair_id"), "prompt_ids": rows.column("prompt_token_ids"),
+                    "chosen_ids": rows.column("chosen_token_ids"), "rejected_ids": rows.column("rejected_token_ids")})
+    return out, counts

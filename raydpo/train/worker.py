@@ -129,6 +129,36 @@ def _load_model(spec: TrainSpec, device: torch.device):
     return model
 
 
+def restore_weights(model, folder: str | Path, lora: bool) -> None:
+    """Load a checkpoint's weights into the freshly built (unwrapped) policy.
+
+    LoRA: the base is model_path, unchanged, so only the adapters are restored.
+    `adapter.safetensors` holds peft's own keys, without the adapter name
+    (``...lora_A.weight``, not ``...lora_A.default.weight``): a plain
+    load_state_dict(strict=False) matches none of them and silently keeps the fresh
+    adapters, so they go through peft's set_peft_model_state_dict, and any key it
+    could not place is an error.
+    """
+    if not lora:
+        model.load_state_dict(with_tied_head(read_safetensors(folder), tied_weight_keys(model)))
+        return
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    path = Path(folder) / "adapter.safetensors"
+    saved = load_file(str(path))
+    if not saved:
+        raise ValueError(f"{path}: no adapter tensors")
+    result = set_peft_model_state_dict(model, saved)
+    unexpected = list(getattr(result, "unexpected_keys", []) or [])
+    if unexpected:
+        raise ValueError(f"{path}: {len(unexpected)} adapter tensors match no adapter of the model, "
+                         f"e.g. {unexpected[:3]}")
+    missing = [k for k in (getattr(result, "missing_keys", []) or []) if "lora_" in k]
+    if missing:
+        raise ValueError(f"{path}: the model's adapters {missing[:3]} are not in the checkpoint")
+
+
 class _LoraReference(torch.nn.Module):
     """The reference for LoRA: the same module with adapters disabled, so no
     second copy of the base weights is held."""
@@ -261,12 +291,7 @@ class PolicyTrainer:
         self.state: dict = {}
         if resume_dir:
             self.state = json.loads((Path(resume_dir) / STATE_FILE).read_text())
-            if spec.lora_r:  # the base is model_path, unchanged: only the adapters are restored
-                from safetensors.torch import load_file
-
-                model.load_state_dict(load_file(str(Path(resume_dir) / "adapter.safetensors")), strict=False)
-            else:
-                model.load_state_dict(with_tied_head(read_safetensors(resume_dir), tied_weight_keys(model)))
+            restore_weights(model, resume_dir, lora=bool(spec.lora_r))
 
         self.engine = None
         if spec.strategy == "deepspeed":

@@ -140,6 +140,7 @@ def run(cfg: RunConfig, resume: bool = False) -> int:
                 counts = collect_pairs(cfg, it, prompts, pool, judge, store, timer, version=version)
                 row.update(pairs=counts.pairs, ties_dropped=counts.ties, identical_dropped=counts.identical,
                            below_margin_dropped=counts.below_margin, invalid_comparisons=counts.invalid,
+                           unranked_samples=counts.unranked,
                            prompts=counts.prompts, samples=counts.samples)
                 # 6: train on the fresh pairs (+ replay), streamed by Ray Data
                 with timer("train"):

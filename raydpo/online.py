@@ -11,6 +11,7 @@ itself, top-down; this module holds what it calls:
 from __future__ import annotations
 
 import json
+import math
 import threading
 import time
 from collections import Counter
@@ -34,6 +35,7 @@ class PairCounts:
     identical: int = 0  # dropped: chosen and rejected texts are the same
     below_margin: int = 0  # pairs='all': gap above the tie margin but not above pair_margin
     invalid: int = 0  # pairwise judges: comparisons answered unparseably (left out of the ranking)
+    unranked: int = 0  # samples left out of pairing: every comparison of theirs was unparseable
 
     def add(self, other: PairCounts) -> None:
         for k, v in other.__dict__.items():
@@ -59,11 +61,13 @@ def build_pairs(groups: Sequence[Sequence[Sample]], scores: Sequence[Sequence[fl
         if len(versions) != 1:
             raise ValueError(f"prompt {first_prompt + g}: samples from several policy versions {sorted(versions)}")
         version = versions.pop()
-        order = sorted(range(len(samples)), key=lambda i: (sc[i], -i))  # worst .. best; ties: lower index wins
+        ranked = [i for i in range(len(samples)) if not math.isnan(sc[i])]  # NaN: the judge could not rank it
+        c.unranked += len(samples) - len(ranked)
+        order = sorted(ranked, key=lambda i: (sc[i], -i))  # worst .. best; ties: lower index wins
         if mode == "best_worst":
             candidates = [(order[-1], order[0])] if len(order) > 1 else []
         else:
-            candidates = [(i, j) for i in range(len(samples)) for j in range(len(samples)) if sc[i] > sc[j]]
+            candidates = [(i, j) for i in ranked for j in ranked if sc[i] > sc[j]]
         for ci, ri in candidates:
             gap = sc[ci] - sc[ri]
             if gap <= tie_margin + TIE_EPS:
@@ -141,18 +145,20 @@ def write_prompts(path: Path, prompts: Sequence[str]) -> Path:
 
 def copeland_scores(k: int, verdicts: dict[tuple[int, int], str]) -> list[float]:
     """Scores of k samples from pairwise verdicts on (i, j), i < j ("a": i better,
-    "b": j better, "tie", "invalid"): wins + half the ties, over the valid comparisons
-    (Copeland). Lets best-vs-worst pairing run on a judge that only compares."""
-    score = [0.0] * k
+    "b": j better, "tie", "invalid"): the share of a sample's *valid* comparisons it won,
+    ties counting half (Copeland, normalised). An unparseable verdict is left out for both
+    samples, rather than counting as a loss for both; a sample with no valid comparison
+    scores NaN and `build_pairs` leaves it out. Lets best-vs-worst pairing run on a judge
+    that only compares."""
+    won, valid = [0.0] * k, [0] * k
     for (i, j), v in verdicts.items():
-        if v == "a":
-            score[i] += 1
-        elif v == "b":
-            score[j] += 1
-        elif v == "tie":
-            score[i] += 0.5
-            score[j] += 0.5
-    return score
+        if v not in ("a", "b", "tie"):
+            continue
+        valid[i] += 1
+        valid[j] += 1
+        won[i] += 1.0 if v == "a" else 0.5 if v == "tie" else 0.0
+        won[j] += 1.0 if v == "b" else 0.5 if v == "tie" else 0.0
+    return [w / n if n else float("nan") for w, n in zip(won, valid)]
 
 
 class JudgeClient:
@@ -249,6 +255,7 @@ class OnlineTrainer:
     pad_id: int
     resume_from: str | None = None
     name: str = "online"
+    fault: dict | None = None  # tests only: fault injection in the workers (raydpo.train.online_worker)
     _error: list = field(default_factory=list)
 
     def __post_init__(self):
@@ -261,6 +268,7 @@ class OnlineTrainer:
         from raydpo.train.trainer import make_spec
 
         cfg = self.cfg
+        self.stall_timeout_s = cfg.trainer.stall_timeout_s
         spec = make_spec(cfg, "dpo", self.start_path, self.run_dir, metrics_prefix="online/", max_steps=0, epochs=1,
                          resume_from=self.resume_from)
         self.storage = Path(self.run_dir, "ray_train").resolve()
@@ -269,7 +277,7 @@ class OnlineTrainer:
         self._trainer = TorchTrainer(
             online_loop_per_worker,
             train_loop_config={"spec": spec.to_dict(), "mailbox": self.mailbox, "pad_id": self.pad_id,
-                               "cpus_per_worker": res.cpus},
+                               "cpus_per_worker": res.cpus, "fault": self.fault},
             scaling_config=ScalingConfig(num_workers=res.count, use_gpu=res.gpus > 0,
                                          resources_per_worker={"CPU": res.cpus, **({"GPU": res.gpus} if res.gpus else {})}),
             run_config=TrainRunConfig(name=self.name, storage_path=str(self.storage),
@@ -293,10 +301,17 @@ class OnlineTrainer:
         while True:
             reply = ray.get(self.mailbox.result.remote(seq, 5.0))
             if reply is not None:
+                ray.get(self.mailbox.done.remote(seq))  # the mailbox lets go of the dataset and weights
                 return reply
             if not self._thread.is_alive():
                 cause = self._error[0] if self._error else "it exited"
                 raise RuntimeError(f"the online trainer stopped before answering {command['op']!r}: {cause}")
+            silent = ray.get(self.mailbox.silent_s.remote())
+            if silent > self.stall_timeout_s:
+                raise TimeoutError(f"the online trainer's workers showed no sign of life for {silent:.0f}s while "
+                                   f"{command['op']!r} (iteration {command.get('iteration')}) was pending "
+                                   f"(trainer.stall_timeout_s={self.stall_timeout_s:g}); see the Ray Train logs "
+                                   f"under {self.storage}")
             if time.monotonic() > deadline:
                 raise TimeoutError(f"the online trainer did not answer {command['op']!r} within {timeout_s}s")
 

@@ -133,10 +133,32 @@ def test_report_table_plot_and_summary(tmp_path):
 
 
 def test_copeland_scores_rank_samples_from_pairwise_verdicts():
-    # 0 beats 1 and 2; 1 ties 2; 3 is compared once, unparseably: it earns nothing
+    # 0 beats 1 and 2; 1 ties 2; 3 is compared once unparseably, and beats 1 and 2:
+    # the invalid comparison counts for neither side, so 0 and 3 both won all they could
     verdicts = {(0, 1): "a", (0, 2): "a", (1, 2): "tie", (0, 3): "invalid", (1, 3): "b", (2, 3): "b"}
-    assert copeland_scores(4, verdicts) == [2.0, 0.5, 0.5, 2.0]
-    # best vs worst on these scores: 0 (first of the 2.0s) vs 2 (last of the 0.5s)
+    assert copeland_scores(4, verdicts) == [1.0, 0.5 / 3, 0.5 / 3, 1.0]
+    # best vs worst on these scores: 0 (first of the 1.0s) vs 2 (last of the lowest)
     pairs, c = build_pairs([group([" a", " b", " c", " d"])], [copeland_scores(4, verdicts)], iteration=1,
                            first_prompt=0, judge="llm:x")
     assert [(p.chosen, p.rejected) for p in pairs] == [(" a", " c")]
+
+
+def test_unparseable_verdicts_do_not_count_as_losses():
+    # 2 wins its only valid comparison (against 4); its other three are unparseable. 0 wins
+    # 2 of 3. Counting an invalid verdict as a loss for both would rank 4 (3 wins) best and 2
+    # behind 0; over valid comparisons only, 2 is best. 3 loses everything it was judged on.
+    verdicts = {(0, 1): "a", (0, 2): "invalid", (0, 3): "a", (0, 4): "b", (1, 2): "invalid", (1, 3): "a",
+                (1, 4): "b", (2, 3): "invalid", (2, 4): "a", (3, 4): "b"}
+    scores = copeland_scores(5, verdicts)
+    assert scores == [2 / 3, 1 / 3, 1.0, 0.0, 0.75]
+    pairs, _ = build_pairs([group([" a", " b", " c", " d", " e"])], [scores], iteration=1, first_prompt=0,
+                           judge="llm:x")
+    assert [(p.chosen, p.rejected) for p in pairs] == [(" c", " d")]
+
+
+def test_a_sample_the_judge_never_ranked_is_left_out():
+    verdicts = {(0, 1): "a", (0, 2): "invalid", (1, 2): "invalid"}
+    scores = copeland_scores(3, verdicts)
+    assert scores[:2] == [1.0, 0.0] and scores[2] != scores[2]  # NaN
+    pairs, c = build_pairs([group([" a", " b", " c"])], [scores], iteration=1, first_prompt=0, judge="llm:x")
+    assert [(p.chosen, p.rejected) for p in pairs] == [(" a", " b")] and c.unranked == 1

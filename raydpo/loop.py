@@ -62,9 +62,7 @@ def run(cfg: RunConfig, resume: bool = False) -> int:
     from raydpo.runner import base_model, init_ray
 
     run_dir = Path(cfg.run_dir).resolve()
-    if (run_dir / METRICS_FILE).exists() and not resume:
-        raise ConfigError(f"run_dir {run_dir} already holds an online run; pass --resume to continue it "
-                          f"or choose another run_dir")
+    check_run_dir(cfg, resume)
     t_start = time.time()
 
     # ---------------------------------------------------------------- set-up
@@ -447,6 +445,35 @@ def evaluate(cfg: RunConfig, it: int, pool, judge, trainer, prompts: list[str],
     return out
 
 
+# Keys a resumed run may change: they alter neither what is sampled, judged and stored
+# for an iteration nor how it is trained, so the store's exactly-once guarantee and the
+# run's meaning hold. Every other key must match the run's saved config.yaml.
+RESUME_MAY_CHANGE = ("loop.iterations", "loop.serve_policy", "trainer.stall_timeout_s", "trainer.max_failures",
+                     "cluster.")
+
+
+def check_run_dir(cfg: RunConfig, resume: bool) -> None:
+    """A run_dir holding an online run is only continued with --resume, and only under the
+    config it was started with (up to RESUME_MAY_CHANGE)."""
+    from raydpo.config import changed_keys, read_saved_config
+
+    run_dir = Path(cfg.run_dir).resolve()
+    if (run_dir / METRICS_FILE).exists() and not resume:
+        raise ConfigError(f"run_dir {run_dir} already holds an online run; pass --resume to continue it "
+                          f"or choose another run_dir")
+    saved = read_saved_config(run_dir) if resume else None
+    if saved is None:
+        return
+    diff = changed_keys(saved, cfg.model_dump(mode="json"))
+    diff.pop("run_dir", None)  # the same folder, perhaps spelled differently
+    refused = {k: v for k, v in diff.items() if not k.startswith(RESUME_MAY_CHANGE)}
+    if refused:
+        shown = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in refused.items())
+        raise ConfigError(f"--resume: {run_dir / 'config.yaml'} was started with other values of keys that "
+                          f"change what is sampled, judged or trained: {shown}. Resume with the saved values, "
+                          f"or start a new run_dir. Only {', '.join(RESUME_MAY_CHANGE)}* may change.")
+
+
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
@@ -461,6 +488,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
+        check_run_dir(cfg, args.resume)  # before save_config overwrites the run's own config
         save_config(cfg, cfg.run_dir)
         return run(cfg, resume=args.resume)
     except (ConfigError, DataError) as e:  # named problem, no traceback

@@ -1,0 +1,44 @@
+"""--resume continues a run only under the config it was started with, up to harmless keys;
+a refused run keeps its own config.yaml."""
+
+import json
+
+from raydpo.config import load_config, read_saved_config, save_config
+from raydpo.loop import main
+from raydpo.report import METRICS_FILE
+
+
+def _started_run(tmp_path, *overrides):
+    run_dir = tmp_path / "run"
+    cfg = load_config(None, [f"run_dir={run_dir}", *overrides])
+    save_config(cfg, run_dir)
+    (run_dir / METRICS_FILE).write_text(json.dumps({"iteration": 0}) + "\n")
+    return run_dir
+
+
+def test_resume_refuses_a_change_to_what_is_sampled_and_names_the_key(tmp_path, capsys):
+    run_dir = _started_run(tmp_path)
+    for key, value in [("sampler.samples_per_prompt", 8), ("loop.prompts_per_iteration", 32), ("seed", 7),
+                       ("loop.chunk_prompts", 8), ("judge.rule", "my.module:score"), ("model.tiny.hidden_size", 64)]:
+        assert main([f"run_dir={run_dir}", f"{key}={value}", "--resume"]) == 2
+        err = capsys.readouterr().err
+        assert f"{key}:" in err and "Resume with the saved values" in err, err
+        assert read_saved_config(run_dir)[key.split(".")[0]] is not None  # the saved config is untouched
+    assert read_saved_config(run_dir)["seed"] == 0 and read_saved_config(run_dir)["sampler"]["samples_per_prompt"] == 4
+
+
+def test_a_rerun_without_resume_is_refused_before_the_config_is_overwritten(tmp_path, capsys):
+    run_dir = _started_run(tmp_path)
+    assert main([f"run_dir={run_dir}", "seed=5"]) == 2
+    assert "pass --resume" in capsys.readouterr().err
+    assert read_saved_config(run_dir)["seed"] == 0
+
+
+def test_resume_allows_more_iterations_and_other_resources():
+    from raydpo.config import changed_keys
+    from raydpo.loop import RESUME_MAY_CHANGE
+
+    a = load_config(None, []).model_dump(mode="json")
+    b = load_config(None, ["loop.iterations=20", "cluster.sampler.count=2"]).model_dump(mode="json")
+    assert set(changed_keys(a, b)) == {"loop.iterations", "cluster.sampler.count"}
+    assert all(k.startswith(RESUME_MAY_CHANGE) for k in changed_keys(a, b))

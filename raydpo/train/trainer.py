@@ -6,6 +6,7 @@ The per-worker loop is `raydpo.train.worker`; the math is `raydpo.train.step`.
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pyarrow as pa
@@ -17,7 +18,7 @@ from raydpo.config import RunConfig
 from raydpo.data.collate import layout
 from raydpo.data.pipeline import ArrowTokenizer, ordered
 from raydpo.train.step import LossSettings, reference_logps
-from raydpo.train.worker import STATE_FILE, TrainSpec, train_loop_per_worker
+from raydpo.train.worker import STATE_FILE, TrainSpec, checkpoint_problem, train_loop_per_worker
 
 
 def make_spec(cfg: RunConfig, mode: str, model_path: str, run_dir: str, **overrides) -> TrainSpec:
@@ -45,10 +46,15 @@ def make_spec(cfg: RunConfig, mode: str, model_path: str, run_dir: str, **overri
 
 def latest_checkpoint(storage: str | Path, name: str, pattern: str = "*-step-*",
                       key: str = "step") -> tuple[Path, dict] | None:
-    """(path, trainer_state) of run `name`'s checkpoint (folders matching `pattern`)
-    with the highest trainer_state[`key`], if any."""
+    """(path, trainer_state) of run `name`'s complete checkpoint (folders matching `pattern`)
+    with the highest trainer_state[`key`], if any. An incomplete one (a kill during the
+    copy into storage: see `checkpoint_problem`) is passed over, with a warning."""
     best = None
     for state_file in Path(storage, name).glob(f"{pattern}/{STATE_FILE}"):
+        problem = checkpoint_problem(state_file.parent)
+        if problem:
+            print(f"[raydpo] skipping incomplete checkpoint {state_file.parent}: {problem}", file=sys.stderr)
+            continue
         state = json.loads(state_file.read_text())
         if best is None or state[key] > best[1][key]:
             best = (state_file.parent, state)

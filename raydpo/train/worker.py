@@ -391,8 +391,9 @@ class PolicyTrainer:
         """HF folder + trainer state + optimizer (or DeepSpeed shards) into `out`; every rank calls it."""
         spec, rank = self.spec, self.rank
         save_hf(self.unwrapped, spec.zero_stage if self.engine else None, spec, out, write=rank == 0)
+        writers = list(range(self.world)) if self.engine is not None else [0]
         if rank == 0:
-            (out / STATE_FILE).write_text(json.dumps(state))
+            (out / STATE_FILE).write_text(json.dumps({**state, "writers": writers}))
             if spec.lora_r:
                 from peft import get_peft_model_state_dict
                 from safetensors.torch import save_file
@@ -404,10 +405,52 @@ class PolicyTrainer:
         elif rank == 0:
             torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()},
                        out / OPTIMIZER_FILE)
+        if rank in writers:
+            write_manifest(out, rank)  # last: the checkpoint is complete only with every writer's manifest
 
     @property
     def writes_checkpoint(self) -> bool:
         return self.rank == 0 or self.engine is not None
+
+
+MANIFEST = "manifest-rank{rank}.json"
+
+
+def write_manifest(out: Path, rank: int) -> None:
+    """Written last by each rank that writes part of a checkpoint: every file it wrote, with
+    its size. Ray Train copies a checkpoint into storage in no particular order, and a kill
+    can stop the copy anywhere; `checkpoint_problem` accepts the folder only if every
+    writer's manifest is there and every file it lists is, at its full size."""
+    name = MANIFEST.format(rank=rank)
+    files = {str(f.relative_to(out)): f.stat().st_size for f in sorted(out.rglob("*"))
+             if f.is_file() and not f.name.startswith("manifest-rank")}
+    tmp = out / f".{name}.tmp"
+    tmp.write_text(json.dumps(files))
+    tmp.replace(out / name)
+
+
+def checkpoint_problem(folder: str | Path) -> str | None:
+    """None if `folder` is a complete checkpoint, else what is missing (see write_manifest)."""
+    folder = Path(folder)
+    try:
+        state = json.loads((folder / STATE_FILE).read_text())
+    except (OSError, ValueError) as e:
+        return f"{STATE_FILE} unreadable ({e.__class__.__name__})"
+    writers = state.get("writers")
+    if writers is None:
+        return "no writers list in trainer_state.json (written before checkpoints had manifests)"
+    for rank in writers:
+        try:
+            files = json.loads((folder / MANIFEST.format(rank=rank)).read_text())
+        except (OSError, ValueError):
+            return f"rank {rank}'s manifest is missing"
+        for rel, size in files.items():
+            f = folder / rel
+            if not f.is_file():
+                return f"{rel} is missing"
+            if f.stat().st_size != size:
+                return f"{rel} has {f.stat().st_size} of {size} bytes"
+    return None
 
 
 def resume_directory(spec: TrainSpec) -> str | None:

@@ -24,6 +24,7 @@ restart (``--resume``) starts a new run from the same folder.
 from __future__ import annotations
 
 import asyncio
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -47,6 +48,15 @@ class Mailbox:
         self.commands: list[dict] = []
         self.replies: dict[int, dict] = {}
         self._changed = asyncio.Event()
+        self._alive = time.monotonic()  # the workers' last sign of life
+
+    async def alive(self) -> None:
+        """A worker's heartbeat: a step done (fire-and-forget from rank 0)."""
+        self._alive = time.monotonic()
+
+    async def silent_s(self) -> float:
+        """Seconds since the workers last showed life (stepped, replied or asked for a command)."""
+        return time.monotonic() - self._alive
 
     async def post(self, command: dict) -> int:
         self.commands.append(command)
@@ -55,14 +65,32 @@ class Mailbox:
 
     async def next(self, seq: int, timeout_s: float) -> dict | None:
         """Command number `seq`, waiting up to `timeout_s` for it (None if none yet)."""
+        self._alive = time.monotonic()
         return await self._wait(lambda: self.commands[seq] if seq < len(self.commands) else None, timeout_s)
 
     async def reply(self, seq: int, result: dict) -> None:
+        self._alive = time.monotonic()
         self.replies.setdefault(seq, result)  # a restarted worker's repeat reply does not overwrite
         self._wake()
 
     async def result(self, seq: int, timeout_s: float) -> dict | None:
         return await self._wait(lambda: self.replies.get(seq), timeout_s)
+
+    async def done(self, seq: int) -> None:
+        """The driver has command `seq`'s reply: drop the reply and what the command carried
+        (a train command's dataset, a reply's weights), which the mailbox would otherwise keep
+        alive in the object store for the whole run. The command stays as a tombstone, so a
+        worker restarted from a checkpoint still counts its way through the sequence; by the
+        time a train command has a reply its iteration is in a checkpoint, so it is skipped."""
+        self.replies.pop(seq, None)
+        self.replies[seq] = {"done": True}  # a late repeat reply from a restarted worker is not kept
+        cmd = self.commands[seq]
+        self.commands[seq] = {"op": cmd["op"], "iteration": cmd.get("iteration", -1), "done": True}
+
+    async def held(self) -> dict:
+        """What the mailbox still holds (for tests): commands with their payload, and replies."""
+        return {"commands": sum(not c.get("done") for c in self.commands),
+                "replies": sum(not r.get("done") for r in self.replies.values())}
 
     def _wake(self) -> None:
         self._changed.set()
@@ -92,6 +120,7 @@ def online_loop_per_worker(config: dict) -> None:
 
     spec = TrainSpec.from_dict(config["spec"])
     mailbox = config["mailbox"]
+    fault = config.get("fault") or {}  # tests only: {"die_after_report": iteration, "marker": path}
     torch.set_num_threads(max(1, int(config.get("cpus_per_worker", 1))))  # see raydpo.train.worker
     torch.manual_seed(spec.seed)
     trainer = PolicyTrainer(spec, config, total_steps=1 << 30, resume_dir=resume_directory(spec))
@@ -107,11 +136,22 @@ def online_loop_per_worker(config: dict) -> None:
         op = cmd["op"]
         if op == "stop":
             break
-        if op == "train" and cmd["iteration"] <= done_iteration:
-            seq += 1  # already in the checkpoint this worker restarted from
+        if cmd.get("done"):
+            seq += 1  # answered before this worker (re)started; its payload is gone
             continue
         t0 = time.perf_counter()
-        if op == "train":
+        if op == "train" and cmd["iteration"] == done_iteration and "reply" in trainer.state:
+            # In the checkpoint this worker restarted from, but never answered: the rank died
+            # between ray.train.report and its reply. Answer from the checkpoint, or the
+            # driver would wait for a reply nobody sends.
+            full = trainer.state_dict()  # every rank (ZeRO-3 gathers)
+            weights = ray.put({k: v.numpy() for k, v in full.items()}) if rank == 0 else None
+            reply = {**trainer.state["reply"], "weights": [weights], "seconds": time.perf_counter() - t0,
+                     "from_checkpoint": True}
+        elif op == "train" and cmd["iteration"] <= done_iteration:
+            seq += 1  # already in the checkpoint this worker restarted from, and answered
+            continue
+        elif op == "train":
             if cmd.get("refresh_reference") and trainer.reference is not None and not spec.lora_r:
                 full = trainer.state_dict()  # every rank (ZeRO-3 gathers)
                 trainer.reference.load_state_dict(with_tied_head(full, tied_weight_keys(trainer.reference)))
@@ -133,11 +173,17 @@ def online_loop_per_worker(config: dict) -> None:
                     metrics = trainer.step(gbatch)
                     step += 1
                     last_pass.append(metrics)
+                    if rank == 0:
+                        mailbox.alive.remote()  # fire and forget: the driver's stall check
                     if log:
                         log.log(step, {**metrics, "iteration": cmd["iteration"]})
             timing["passes"] = time.perf_counter() - t_pass
             done_iteration = cmd["iteration"]
-            state = {"iteration": done_iteration, "step": step, "mode": "online", "final": False}
+            keys = sorted({k for m in last_pass for k in m})
+            mean = {k: sum(m[k] for m in last_pass) / len(last_pass) for k in keys} if last_pass else {}
+            answer = {"steps": len(last_pass) * cmd["passes"], "pairs": n_pairs, "metrics": mean, "step": step}
+            # the reply rides in the checkpoint: a rank that dies after reporting is answered from it
+            state = {"iteration": done_iteration, "step": step, "mode": "online", "final": False, "reply": answer}
             t_ckpt = time.perf_counter()
             full = trainer.state_dict()
             weights = ray.put({k: v.numpy() for k, v in full.items()}) if rank == 0 else None
@@ -149,10 +195,11 @@ def online_loop_per_worker(config: dict) -> None:
                 ray.train.report({"iteration": done_iteration, "step": step}, checkpoint=ckpt,
                                  checkpoint_dir_name=f"iter-{done_iteration:06d}")
             timing["checkpoint"] = time.perf_counter() - t_ckpt
-            keys = sorted({k for m in last_pass for k in m})
-            mean = {k: sum(m[k] for m in last_pass) / len(last_pass) for k in keys} if last_pass else {}
-            reply = {"steps": len(last_pass) * cmd["passes"], "pairs": n_pairs, "metrics": mean,
-                     "seconds": time.perf_counter() - t0, "weights": [weights], "step": step, "timing": timing}
+            if fault.get("die_after_report") == done_iteration and rank == 0 and not Path(fault["marker"]).exists():
+                Path(fault["marker"]).touch()  # once
+                time.sleep(fault.get("after_s", 0))  # let Ray Train register the reported checkpoint
+                os._exit(1)  # fault injection (tests): reported, never replied
+            reply = {**answer, "seconds": time.perf_counter() - t0, "weights": [weights], "timing": timing}
         elif op == "kl":
             reply = {**_kl(trainer, cmd["rows"]), "seconds": time.perf_counter() - t0}
         else:

@@ -16,7 +16,8 @@ from pathlib import Path
 from raydpo.config import ConfigError, require
 from raydpo.data.formats import DataError
 from raydpo.runner import (base_model, init_ray, job_config, last_metrics, print_table, print_truncation,
-                           read_tokenized, read_validated, reference_cache_key)
+                           cached_dataset, read_tokenized, read_validated,
+                           reference_cache_key)
 
 
 def main(argv=None) -> int:
@@ -34,7 +35,6 @@ def main(argv=None) -> int:
     except (ConfigError, DataError) as e:  # named, no traceback
         print(f"error: {e}", file=sys.stderr)
         return 2
-    import ray.data
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from raydpo.train.trainer import fit, make_spec, precompute_reference
@@ -42,20 +42,17 @@ def main(argv=None) -> int:
     tok = AutoTokenizer.from_pretrained(model)
     if precomputed:
         key = reference_cache_key(Path(model).resolve(), Path(cfg.data.train_path).resolve(),
-                                  cfg.data.max_prompt_length, cfg.data.max_length, cfg.data.format)
+                                  cfg.data.max_prompt_length, cfg.data.max_length, cfg.data.format,
+                                  cfg.trainer.shared_prefix, cfg.trainer.bf16)
         cache = Path(cfg.run_dir) / "reference_cache" / key
-        if (cache / "_SUCCESS").exists():
-            print(f"reference log-probs: cached at {cache}")
-            ds = ray.data.read_parquet(str(cache)).materialize()
-        else:
-            ds = precompute_reference(ds, str(model), tok.pad_token_id, cpus=cfg.cluster.trainer.cpus,
-                                      shared_prefix=cfg.trainer.shared_prefix,
-                                      trust_remote_code=cfg.model.trust_remote_code,
-                                      tokenize=(cfg.data.max_prompt_length, cfg.data.max_length)).materialize()
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        ds, hit = cached_dataset(cache, lambda: precompute_reference(
+            ds, str(model), tok.pad_token_id, cpus=cfg.cluster.trainer.cpus, shared_prefix=cfg.trainer.shared_prefix,
+            trust_remote_code=cfg.model.trust_remote_code, bf16=cfg.trainer.bf16,
+            tokenize=(cfg.data.max_prompt_length, cfg.data.max_length)))
+        if not hit:
             print_truncation(ds)
-            ds.write_parquet(str(cache))
-            (cache / "_SUCCESS").touch()
-            print(f"reference log-probs: computed and cached at {cache}")
+        print(f"reference log-probs: {'cached' if hit else 'computed and cached'} at {cache}")
     ckpt = fit(make_spec(cfg, "dpo", str(model), cfg.run_dir), ds, cfg, "dpo", tok.pad_token_id,
                precomputed_reference=precomputed)
     m = last_metrics(cfg.run_dir, "dpo/")

@@ -123,16 +123,46 @@ def read_tokenized(cfg: RunConfig, source, tokenizer_path: Path):
     return ds
 
 
+# Files that decide how text becomes token ids: a changed tokenizer or chat template
+# changes every cached log-prob even when the weights and the data are the same.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+                   "chat_template.json", "vocab.json", "merges.txt", "tokenizer.model", "added_tokens.json")
+
+
 def reference_cache_key(model: Path, data: Path, *settings) -> str:
     """Key of the cached reference log-probs: model and data paths, every data file's and
-    weight file's size and modification time (a file rewritten in place is a new key), and
-    the settings that change the tokens."""
+    weight file's size and modification time (a file rewritten in place is a new key), the
+    contents of the tokenizer files and chat template, and the settings that change the
+    tokens or the precision."""
     from raydpo.data.formats import list_files
 
     files = list_files(str(data)) + sorted(str(f) for f in Path(model).glob("*.safetensors"))
     stats = [(f, os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in files]
-    parts = [str(model), str(data), stats, *map(str, settings)]
+    tokenizer = [(n, hashlib.sha256((Path(model) / n).read_bytes()).hexdigest())
+                 for n in TOKENIZER_FILES if (Path(model) / n).is_file()]
+    parts = [str(model), str(data), stats, tokenizer, *map(str, settings)]
     return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
+
+
+def cached_dataset(cache: Path, compute):
+    """The Parquet dataset at `cache`, or `compute()` written there atomically: into a
+    temporary sibling folder first, renamed into place once complete. A killed write leaves
+    only the temporary folder (removed next time), never a half-written cache that a rerun
+    would add to. Returns (dataset, whether it came from the cache)."""
+    import shutil
+
+    import ray.data
+
+    if (cache / "_SUCCESS").exists():
+        return ray.data.read_parquet(str(cache)).materialize(), True
+    for stale in [cache, *cache.parent.glob(f"{cache.name}.tmp-*")]:  # a killed or pre-atomic write
+        shutil.rmtree(stale, ignore_errors=True)
+    ds = compute().materialize()
+    tmp = cache.parent / f"{cache.name}.tmp-{os.getpid()}"
+    ds.write_parquet(str(tmp))
+    (tmp / "_SUCCESS").touch()
+    tmp.replace(cache)
+    return ds, False
 
 
 def print_table(title: str, rows: list[tuple[str, str]]) -> None:

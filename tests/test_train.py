@@ -206,3 +206,63 @@ def test_offline_dpo_raises_held_out_preference_accuracy(tmp_path, ray_local, ti
     acc = preference_accuracy(policy, base, tiny_tokenizer, eval_pairs)
     print(f"held-out preference accuracy after offline DPO: {acc:.3f}")
     assert acc >= 0.75
+
+
+def test_precomputed_reference_under_bf16_has_the_policys_precision(pairs_ds, tiny_model_dir, tiny_tokenizer):
+    """model.dtype=bfloat16: the live reference runs under the policy's bf16 autocast, so the
+    precomputed one must too; float32 log-probs would differ from it by more than bf16 noise."""
+    from transformers import AutoModelForCausalLM
+
+    from raydpo.data.collate import layout
+    from raydpo.train.step import precision, reference_logps
+    from raydpo.train.trainer import precompute_reference
+
+    pad = tiny_tokenizer.pad_token_id
+    rows = pairs_ds.limit(16).take_all()
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    part = {k: [list(r[k]) for r in rows] for k in ("prompt_ids", "chosen_ids", "rejected_ids")}
+    mb = layout(True).collate(part, pad)
+    with torch.no_grad(), precision(True, "cpu"):  # what PolicyTrainer's live reference computes under bf16
+        live = torch.cat(reference_logps(model, mb))
+    with torch.no_grad():
+        fp32 = torch.cat(reference_logps(model, mb))
+    ds = pairs_ds.limit(16)
+    got = {bf16: precompute_reference(ds, str(tiny_model_dir), pad, batch_size=16, micro_batch_size=16,
+                                      bf16=bf16).take_all() for bf16 in (True, False)}
+    pre = {k: torch.tensor([r["reference_chosen_logps"] for r in v] + [r["reference_rejected_logps"] for r in v])
+           for k, v in got.items()}
+    assert (live - fp32).abs().max() > 1e-3  # bf16 is visibly another precision here (1e-3..1e-2)
+    assert torch.allclose(pre[True], live, atol=1e-4)
+    assert torch.allclose(pre[False], fp32, atol=1e-4)
+
+
+def test_reference_cache_is_written_atomically_and_keyed_by_the_tokenizer(ray_local, tmp_path, tiny_model_dir):
+    import shutil
+
+    from raydpo.runner import cached_dataset, reference_cache_key
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    data = tmp_path / "pairs.jsonl"
+    data.write_text('{"prompt": "p", "chosen": "a", "rejected": "b"}\n')
+    key = reference_cache_key(model, data, 48, 80)
+    cfg = json.loads((model / "tokenizer_config.json").read_text())
+    cfg["chat_template"] = "{{ messages[0]['content'] }}"  # a changed template re-tokenizes chat data
+    (model / "tokenizer_config.json").write_text(json.dumps(cfg))
+    assert reference_cache_key(model, data, 48, 80) != key
+
+    cache = tmp_path / "cache" / key
+    cache.mkdir(parents=True)
+    ray_local.data.from_items([{"x": -1}] * 3).write_parquet(str(cache))  # a write killed before _SUCCESS
+    calls = []
+
+    def compute():
+        calls.append(1)
+        return ray_local.data.from_items([{"x": i} for i in range(5)])
+
+    ds, hit = cached_dataset(cache, compute)
+    assert not hit and sorted(r["x"] for r in ds.take_all()) == list(range(5))
+    again, hit = cached_dataset(cache, compute)
+    assert hit and len(calls) == 1
+    assert sorted(r["x"] for r in again.take_all()) == list(range(5))  # no duplicate or stale rows
+    assert not list(cache.parent.glob("*.tmp-*"))

@@ -81,6 +81,18 @@ def batch_tokens(batch: dict[str, Tensor]) -> int:
 
 
 @torch.no_grad()
+def precision(bf16: bool, device_type: str):
+    """The context every forward pass runs in, policy and reference alike, on any device:
+    bf16 autocast when model.dtype is bfloat16, else float32. The precomputed reference
+    (`raydpo.train.trainer.precompute_reference`) uses it too, so its log-probs have the
+    precision the live reference would have."""
+    from contextlib import nullcontext
+
+    import torch
+
+    return torch.autocast(device_type, dtype=torch.bfloat16) if bf16 else nullcontext()
+
+
 def reference_logps(reference, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
     """(chosen, rejected) reference log-probs, each (B,), without a graph."""
     return forward_logps(reference, batch).chunk(2)

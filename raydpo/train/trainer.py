@@ -17,7 +17,7 @@ import torch
 from raydpo.config import RunConfig
 from raydpo.data.collate import layout
 from raydpo.data.pipeline import ArrowTokenizer, ordered
-from raydpo.train.step import LossSettings, reference_logps
+from raydpo.train.step import LossSettings, precision, reference_logps
 from raydpo.train.worker import STATE_FILE, TrainSpec, checkpoint_problem, train_loop_per_worker
 
 
@@ -108,7 +108,8 @@ class _ReferenceScorer:
     """Ray Data callable class: the frozen reference model on a CPU worker."""
 
     def __init__(self, model_path: str, pad_id: int, trust_remote_code: bool, num_threads: int,
-                 shared_prefix: bool, micro_batch_size: int, tokenize: tuple[int, int] | None = None):
+                 shared_prefix: bool, micro_batch_size: int, tokenize: tuple[int, int] | None = None,
+                 bf16: bool = False):
         from transformers import AutoModelForCausalLM
 
         torch.set_num_threads(num_threads)  # Ray leaves torch at 1 thread even with more CPUs reserved
@@ -118,6 +119,7 @@ class _ReferenceScorer:
         self.pad_id = pad_id
         self.layout = layout(shared_prefix)
         self.micro_batch_size = micro_batch_size
+        self.bf16 = bf16
         # text rows in: tokenized here first, with the same `ArrowTokenizer` as `tokenize()`
         self.tokenizer = ArrowTokenizer(model_path, *tokenize, trust_remote_code) if tokenize else None
 
@@ -132,7 +134,8 @@ class _ReferenceScorer:
         for s in range(0, n, self.micro_batch_size):
             idx = order[s:s + self.micro_batch_size]
             part = {k: [v[i] for i in idx] for k, v in cols.items()}
-            rc, rr = reference_logps(self.model, self.layout.collate(part, self.pad_id))
+            with precision(self.bf16, "cpu"):  # the policy's precision: what the live reference would give
+                rc, rr = reference_logps(self.model, self.layout.collate(part, self.pad_id))
             for i, c, r in zip(idx, rc.tolist(), rr.tolist()):
                 chosen[i], rejected[i] = c, r
         return batch.append_column("reference_chosen_logps", pa.array(chosen, pa.float32())).append_column(
@@ -142,7 +145,7 @@ class _ReferenceScorer:
 def precompute_reference(ds: ray.data.Dataset, model_path: str, pad_id: int, concurrency: int = 1,
                          batch_size: int = 256, trust_remote_code: bool = False, cpus: float = 1,
                          shared_prefix: bool = True, micro_batch_size: int = 64,
-                         tokenize: tuple[int, int] | None = None) -> ray.data.Dataset:
+                         tokenize: tuple[int, int] | None = None, bf16: bool = False) -> ray.data.Dataset:
     """Add reference_chosen_logps / reference_rejected_logps columns, computed once
     by Ray Data batch inference, so that training (and later epochs and runs, if
     the result is written next to the pairs) skips the reference forward.
@@ -163,6 +166,6 @@ def precompute_reference(ds: ray.data.Dataset, model_path: str, pad_id: int, con
     """
     ordered()
     return ds.map_batches(_ReferenceScorer, fn_constructor_args=(model_path, pad_id, trust_remote_code, max(1, int(cpus)),
-                                                                 shared_prefix, micro_batch_size, tokenize),
+                                                                 shared_prefix, micro_batch_size, tokenize, bf16),
                           batch_size=batch_size, batch_format="pyarrow",
                           compute=ray.data.ActorPoolStrategy(size=concurrency), num_cpus=cpus)

@@ -14,7 +14,7 @@ forward/backward pass); the global batch is what is split, not the dataset.
 
 GPU notes (not run here: our machines have no GPU): ``use_gpu`` puts the
 model on the worker's CUDA device, DDP uses NCCL (Ray Train picks it), and
-``bf16`` wraps forward passes in ``torch.autocast("cuda", torch.bfloat16)``.
+``bf16`` wraps forward passes in bf16 autocast on any device (`raydpo.train.step.precision`).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from raydpo.data.collate import bucket_by_length, layout, pair_length
-from raydpo.train.step import LossSettings, batch_tokens, dpo_step_loss, reward_step_loss, sft_loss
+from raydpo.train.step import LossSettings, batch_tokens, dpo_step_loss, precision, reward_step_loss, sft_loss
 from raydpo.weights import read_safetensors, tied_weight_keys, with_tied_head
 
 STATE_FILE = "trainer_state.json"
@@ -322,8 +322,7 @@ class PolicyTrainer:
                 optimizer.load_state_dict(saved["optimizer"])
                 scheduler.load_state_dict(saved["scheduler"])
         self.optimizer, self.scheduler = optimizer, scheduler
-        self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if spec.bf16 and self.device.type == "cuda"
-                         else nullcontext())
+        self.autocast = precision(spec.bf16, self.device.type)
         self.policy.train()
 
     def step(self, gbatch: dict) -> dict[str, float]:

@@ -13,7 +13,19 @@ from raydpo.train.step import reference_logps
 def implicit_reward_margins(policy, reference, tokenizer, pairs: list[dict], max_prompt_length: int = 64,
                             max_length: int = 128, batch_size: int = 64) -> torch.Tensor:
     """(pc - rc) - (pr - rr) for each {prompt, chosen, rejected} text pair, (N,).
-    Positive where the policy prefers the chosen response more than the reference does."""
+    Positive where the policy prefers the chosen response more than the reference does.
+    Both models run in eval mode (no dropout); their modes are restored after."""
+    modes = policy.training, reference.training
+    policy.eval()
+    reference.eval()
+    try:
+        return _margins(policy, reference, tokenizer, pairs, max_prompt_length, max_length, batch_size)
+    finally:
+        policy.train(modes[0])
+        reference.train(modes[1])
+
+
+def _margins(policy, reference, tokenizer, pairs, max_prompt_length, max_length, batch_size) -> torch.Tensor:
     out = []
     for s in range(0, len(pairs), batch_size):
         chunk = pairs[s : s + batch_size]

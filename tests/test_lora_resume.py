@@ -50,3 +50,38 @@ def test_an_adapter_file_that_matches_nothing_is_an_error(tmp_path):
     save_file({"base_model.model.nowhere.lora_A.weight": torch.zeros(2, 2)}, str(tmp_path / "adapter.safetensors"))
     with pytest.raises(ValueError, match="adapter"):
         restore_weights(_lora_model(seed=1), tmp_path, lora=True)
+
+
+def test_lora_reference_runs_without_dropout_while_the_policy_trains():
+    """GPT-2 has dropout 0.1: a reference forward in the policy's train mode would be random."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, GPT2Config
+
+    from raydpo.train.worker import _LoraReference
+
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_config(GPT2Config(vocab_size=64, n_positions=32, n_embd=16, n_layer=1, n_head=2))
+    ids = torch.tensor([[1, 2, 3, 4, 5]])
+    with torch.no_grad():
+        want = base.eval()(input_ids=ids).logits
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn"], task_type="CAUSAL_LM"))
+    model.train()
+    reference = _LoraReference(model)
+    with torch.no_grad():
+        a, b = reference(input_ids=ids).logits, reference(input_ids=ids).logits
+    assert torch.equal(a, b) and torch.allclose(a, want, atol=1e-6)
+    assert model.training  # the policy stays in train mode
+
+
+def test_dpo_policies_train_without_dropout():
+    from transformers import AutoModelForCausalLM, GPT2Config
+
+    from raydpo.train.worker import disable_dropout
+
+    model = AutoModelForCausalLM.from_config(GPT2Config(vocab_size=64, n_positions=32, n_embd=16, n_layer=1, n_head=2))
+    assert any(m.p > 0 for m in model.modules() if isinstance(m, torch.nn.Dropout))
+    disable_dropout(model)
+    model.train()
+    ids = torch.tensor([[1, 2, 3, 4, 5]])
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, model(input_ids=ids).logits)

@@ -111,6 +111,13 @@ def _model_class(spec: TrainSpec):
     return AutoModelForSequenceClassification if spec.mode == "reward" else AutoModelForCausalLM
 
 
+def disable_dropout(model) -> None:
+    """Set every dropout probability to 0, so policy and reference forwards agree at step 0."""
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+
+
 def _load_model(spec: TrainSpec, device: torch.device):
     kw = {}
     if spec.mode == "reward":  # a scalar head on the policy's body; its pad id finds each sequence's last token
@@ -119,6 +126,8 @@ def _load_model(spec: TrainSpec, device: torch.device):
         kw = {"num_labels": 1, "pad_token_id": AutoTokenizer.from_pretrained(spec.model_path).pad_token_id}
     model = _model_class(spec).from_pretrained(spec.model_path, dtype=torch.float32,
                                                trust_remote_code=spec.trust_remote_code, **kw).to(device)
+    if spec.mode in ("dpo", "online"):
+        disable_dropout(model)  # as TRL's DPO does by default: log-ratios against the reference stay exact
     if spec.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if spec.lora_r:
@@ -168,8 +177,14 @@ class _LoraReference(torch.nn.Module):
         self.peft_model = peft_model
 
     def forward(self, **kw):
-        with self.peft_model.disable_adapter():
-            return self.peft_model(**kw)
+        # eval mode: the policy module is in train mode, and the reference must not drop out
+        was_training = self.peft_model.training
+        self.peft_model.eval()
+        try:
+            with self.peft_model.disable_adapter():
+                return self.peft_model(**kw)
+        finally:
+            self.peft_model.train(was_training)
 
 
 def full_state_dict(module, zero_stage: int | None) -> dict[str, torch.Tensor]:

@@ -87,6 +87,9 @@ def run(cfg: RunConfig, resume: bool = False) -> int:
     eval_prompts = PromptSource(eval_prompts_path, cfg.seed).all()[: cfg.loop.eval_prompts]
     log(f"judge '{judge.name}' on Serve; {prompts.size} training prompts ({prompts.bad} unusable skipped), "
         f"{len(eval_prompts)} eval prompts")
+    for bad in prompts.report.examples[:5]:
+        log(f"skipped prompt record: {bad}")
+    overlap = warn_overlap(eval_prompts, prompts.all())
     found = latest_iteration_checkpoint(run_dir / "ray_train", "online") if resume else None
     trained_upto = found[1]["iteration"] if found else 0
     prune_step_metrics(run_dir, trained_upto)  # steps of a killed iteration are trained (and logged) again
@@ -128,7 +131,8 @@ def run(cfg: RunConfig, resume: bool = False) -> int:
             timer = Timer()
             row: dict = {"iteration": it, "policy_version": it}
             if it == 0:
-                row.update(pairs=0)  # the starting policy against its own fixed samples: the noise floor
+                # the starting policy against its own fixed samples: the noise floor
+                row.update(pairs=0, eval_train_overlap=overlap, skipped_prompt_records=prompts.bad)
             elif it > trained_upto:
                 if cfg.loop.pairs_from == "start" and it == 1:  # offline baseline: every pair from version 0, now
                     for later in range(2, cfg.loop.iterations + 1):
@@ -225,6 +229,15 @@ def sft_stage(cfg: RunConfig, base: Path, run_dir: Path, pad_id: int) -> Path:
             tmp.replace(source)
     ds = read_tokenized(cfg, str(source), base)
     return fit(make_spec(cfg, "sft", str(base), str(run_dir)), ds, cfg, "sft", pad_id)
+
+
+def warn_overlap(eval_prompts: list[str], train_prompts: list[str]) -> int:
+    """How many eval prompts are also training prompts; warns if any are."""
+    overlap = len(set(eval_prompts) & set(train_prompts))
+    if overlap:
+        log(f"WARNING: {overlap} of the {len(eval_prompts)} eval prompts are also training prompts: the win rate "
+            f"then partly measures memorisation; use eval prompts disjoint from loop.prompts_path")
+    return overlap
 
 
 def deploy_judge(cfg: RunConfig):

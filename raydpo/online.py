@@ -100,23 +100,18 @@ class PromptSource:
     def __init__(self, path: str | Path, seed: int):
         import ray.data
 
-        from raydpo.data.formats import DataError
+        from raydpo.data.formats import DataError, read_prompts
         from raydpo.data.pipeline import ordered
 
         ordered()
-        path = str(path)
-        ds = ray.data.read_parquet(path) if path.endswith(".parquet") else ray.data.read_json(path, lines=True)
-        if "prompt" not in ds.schema().names:
-            raise DataError(f"{path}: prompt files need a 'prompt' column; found {ds.schema().names}")
-        ds = ds.select_columns(["prompt"]).materialize()
-        total = ds.count()
-        self.path = path
-        self.bad = total - ds.filter(lambda r: isinstance(r["prompt"], str) and r["prompt"].strip() != "").count()
-        good = ds.filter(lambda r: isinstance(r["prompt"], str) and r["prompt"].strip() != "")
-        self.ds = good.random_shuffle(seed=seed).materialize()
-        self.size = self.ds.count()
-        if self.size == 0:
-            raise DataError(f"{path}: no usable prompts ({self.bad} empty or not strings)")
+        self.path = str(path)
+        prompts, self.report = read_prompts(self.path)  # bad records named by file and line, and counted
+        self.bad = sum(self.report.bad.values())
+        if not prompts:
+            first = f"; first: {self.report.examples[0]}" if self.report.examples else ""
+            raise DataError(f"{path}: no usable prompts ({self.bad} bad records{first})")
+        self.ds = ray.data.from_items([{"prompt": p} for p in prompts]).random_shuffle(seed=seed).materialize()
+        self.size = len(prompts)
         self._all: list[str] | None = None
 
     def window(self, iteration: int, n: int) -> list[str]:

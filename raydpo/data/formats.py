@@ -321,3 +321,45 @@ def validate_paths(
                     good.append(rec)
                     report.good += 1
     return good, report
+
+
+def read_prompts(path: str) -> tuple[list[str], ValidationReport]:
+    """Prompts of a prompt file or folder (JSONL or Parquet, a non-empty string 'prompt'
+    column), in file order. Bad records are skipped, counted by reason and named by
+    file and line (JSONL, 1-based) or row (Parquet, 0-based), as preference data is."""
+    import pyarrow.parquet as pq
+
+    report, prompts = ValidationReport(), []
+
+    def take(rec: Any, source: str, line: int) -> None:
+        if not isinstance(rec, dict):
+            report.add_bad(BadRecord(source, line, f"a record must be a JSON object, got {type(rec).__name__}"))
+        elif "prompt" not in rec:
+            report.add_bad(BadRecord(source, line, f"missing 'prompt' (keys: {sorted(rec)[:5]})"))
+        elif not isinstance(rec["prompt"], str) or not rec["prompt"].strip():
+            report.add_bad(BadRecord(source, line, "'prompt' must be a non-empty string"))
+        else:
+            report.good += 1
+            prompts.append(rec["prompt"])
+
+    for source in list_files(path):
+        if source.endswith(".parquet"):
+            for row, rec in enumerate(pq.read_table(source).to_pylist()):
+                take(rec, source, row)
+            continue
+        with open(source, "rb") as f:
+            for lineno, raw in enumerate(f, 1):
+                try:
+                    text = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    report.add_bad(BadRecord(source, lineno, f"non-UTF-8 bytes (at byte {e.start})"))
+                    continue
+                if not text.strip():
+                    continue
+                try:
+                    rec = json.loads(text)
+                except json.JSONDecodeError as e:
+                    report.add_bad(BadRecord(source, lineno, f"invalid JSON ({e.msg} at column {e.colno})"))
+                    continue
+                take(rec, source, lineno)
+    return prompts, report

@@ -26,7 +26,7 @@ import statistics
 import sys
 import time
 from contextlib import contextmanager
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from raydpo.config import ConfigError, RunConfig, require
@@ -325,7 +325,10 @@ def collect_pairs(cfg: RunConfig, it: int, prompts, pool, judge, store, timer: T
     chunks = [(ci, window[s:s + size]) for ci, s in enumerate(range(0, len(window), size))]
     todo = [(ci, ps) for ci, ps in chunks if not store.has_chunk(it, ci)]
     counts = PairCounts()
-    counts.pairs = sum(_stored_pairs(store, it, ci) for ci, _ in chunks if store.has_chunk(it, ci))
+    for ci, _ in chunks:
+        if store.has_chunk(it, ci):  # judged before a kill (or by the offline baseline): its counts were stored with it
+            saved = store.chunk_counts(it, ci)
+            counts.add(PairCounts(**saved) if saved else PairCounts(pairs=_stored_pairs(store, it, ci)))
     if not todo:
         return counts
     flat = [p for _, ps in todo for p in ps]
@@ -353,9 +356,9 @@ def collect_pairs(cfg: RunConfig, it: int, prompts, pool, judge, store, timer: T
         pairs, c = build_pairs(groups, ranked, iteration=it,
                                first_prompt=ci * size, judge=judge.name, mode=cfg.loop.pairs,
                                tie_margin=cfg.judge.tie_margin, pair_margin=cfg.loop.pair_margin)
-        with timer("store"):
-            store.write_chunk(it, ci, pairs)  # durable before anything else happens to them
         c.invalid = judge.invalid - invalid_before
+        with timer("store"):
+            store.write_chunk(it, ci, pairs, counts=asdict(c))  # durable before anything else happens to them
         counts.add(c)
     return counts
 

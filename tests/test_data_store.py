@@ -73,3 +73,14 @@ def test_killed_writer_leaves_no_partial_file(tmp_path, ray_local):
     assert st.count() == 7  # pyarrow reader: only the committed chunk
     assert read_store(st).count() == 7  # Ray Data reader too
     assert st.clean_staging() == len(leftovers) and st.count() == 7
+
+
+def test_a_chunk_keeps_its_judging_counts(tmp_path):
+    from raydpo.data.store import PreferenceStore
+
+    store = PreferenceStore(tmp_path / "s")
+    store.write_chunk(1, 0, [], counts={"pairs": 0, "ties": 3, "identical": 1})
+    store.write_chunk(1, 1, [])
+    assert store.chunk_counts(1, 0) == {"pairs": 0, "ties": 3, "identical": 1}
+    assert store.chunk_counts(1, 1) is None
+    assert store.read_table([1]).num_rows == 0  # the metadata does not disturb reading

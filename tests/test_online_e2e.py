@@ -190,3 +190,22 @@ def test_killed_driver_resumes_with_every_pair_exactly_once(tmp_path):
     # and a run_dir that holds a run is not silently overwritten without --resume
     again = run_py(args[1:], timeout=300)
     assert again.returncode == 2 and "pass --resume" in again.stderr
+
+    # Reproducible: the same config run again, straight through 2 iterations, stores the same
+    # pairs (ids, texts, token ids, log-probs) and writes the same metrics rows as the run that
+    # was killed and resumed; every sample's seed depends on what it is, not on when it ran.
+    straight = tmp_path / "straight"
+    r = run_py(["jobs/online_dpo.py", *small_config(straight, free_port(), **{"loop.iterations": 2, "trainer.sft_steps": 0,
+                                                        "cluster.num_cpus": 6, "loop.serve_policy": "false"})],
+               timeout=900)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+    a, b = _pairs(run_dir, upto=2), _pairs(straight, upto=2)
+    assert len(a) == len(b) > 0 and a == b
+    untimed = [{k: v for k, v in row.items() if not k.startswith("time_")} for row in raw[:3]]
+    again_rows = [json.loads(line) for line in (straight / "online_metrics.jsonl").read_text().splitlines()]
+    assert untimed == [{k: v for k, v in row.items() if not k.startswith("time_")} for row in again_rows]
+
+
+def _pairs(run_dir: Path, upto: int) -> list[dict]:
+    rows = PreferenceStore(run_dir / "preferences").read_table().to_pylist()
+    return sorted((r for r in rows if r["iteration"] <= upto), key=lambda r: r["pair_id"])

@@ -17,6 +17,7 @@ Pure pyarrow: no Ray (see `raydpo.data.pipeline.read_store` for Ray Data).
 
 from __future__ import annotations
 
+import json
 import os
 import uuid
 from collections.abc import Sequence
@@ -73,6 +74,7 @@ SCHEMA = pa.schema(
         ("rejected_logprobs", pa.list_(pa.float32())),
     ]
 )  # `iteration` lives in the partition path, not in the file
+COUNTS_KEY = "raydpo.pair_counts"
 PARTITIONING = pads.partitioning(pa.schema([("iteration", pa.int32())]), flavor="hive")
 FULL_SCHEMA = SCHEMA.append(pa.field("iteration", pa.int32()))
 
@@ -88,13 +90,16 @@ class PreferenceStore:
     def has_chunk(self, iteration: int, chunk: int) -> bool:
         return self.chunk_path(iteration, chunk).exists()
 
-    def write_chunk(self, iteration: int, chunk: int, pairs: Sequence[StoredPair]) -> Path:
-        """Atomically store `pairs` as chunk `chunk` of `iteration` (replacing it if present)."""
+    def write_chunk(self, iteration: int, chunk: int, pairs: Sequence[StoredPair], counts: dict | None = None) -> Path:
+        """Atomically store `pairs` as chunk `chunk` of `iteration` (replacing it if present).
+        `counts` (what the chunk's judging dropped, and why) ride in the file's metadata, so a
+        resumed iteration reports the same counts as an uninterrupted one (`chunk_counts`)."""
         for p in pairs:
             if p.iteration != iteration:
                 raise ValueError(f"pair {p.pair_id} has iteration {p.iteration}, chunk is for {iteration}")
         cols = {f.name: [getattr(p, f.name) for p in pairs] for f in fields(StoredPair) if f.name != "iteration"}
-        table = pa.table(cols, schema=SCHEMA)
+        schema = SCHEMA if counts is None else SCHEMA.with_metadata({COUNTS_KEY: json.dumps(counts)})
+        table = pa.table(cols, schema=schema)
         final = self.chunk_path(iteration, chunk)
         final.parent.mkdir(parents=True, exist_ok=True)
         self.staging.mkdir(parents=True, exist_ok=True)
@@ -106,6 +111,12 @@ class PreferenceStore:
         os.replace(tmp, final)
         _fsync_dir(final.parent)
         return final
+
+    def chunk_counts(self, iteration: int, chunk: int) -> dict | None:
+        """The counts stored with a chunk by write_chunk (None if it has none)."""
+        meta = pq.read_schema(self.chunk_path(iteration, chunk)).metadata or {}
+        raw = meta.get(COUNTS_KEY.encode())
+        return json.loads(raw) if raw else None
 
     def chunk_files(self, iterations: Sequence[int] | None = None) -> list[Path]:
         """Committed chunk files (of `iterations`, default all), in (iteration, chunk) order."""

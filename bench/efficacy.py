@@ -1,6 +1,6 @@
 """Does online DPO improve the policy on every seed, and beat offline DPO? The demo on seeds 0, 1, 2.
 
-    python bench/efficacy.py [--seeds 0 1 2] [--iterations 12] [--out DIR]
+    python bench/efficacy.py [--seeds 0 1 2] [--iterations 12] [--out DIR] [--online-only] [--set key=value ...]
 
 For each seed:
 1. the main job on its defaults (`jobs/online_dpo.py seed=S`): its own SFT stage
@@ -39,12 +39,14 @@ def main() -> None:
     ap.add_argument("--iterations", type=int, default=12)
     ap.add_argument("--out", default=None, help="keep the runs here (default: a temporary folder)")
     ap.add_argument("--online-only", action="store_true", help="skip the offline baselines (no gap figures)")
+    ap.add_argument("--set", nargs="*", default=[], metavar="key=value",
+                    help="config overrides for every run, to measure a change of defaults on all seeds")
     args = ap.parse_args()
     out = Path(args.out or tempfile.mkdtemp(prefix="raydpo-efficacy-"))
     t0 = time.time()
     curves: dict[int, tuple[list[dict], list[dict]]] = {}
     for seed in args.seeds:
-        common = [f"seed={seed}", f"loop.iterations={args.iterations}"]
+        common = [f"seed={seed}", f"loop.iterations={args.iterations}", *args.set]
         print(f"[efficacy] seed {seed}: online ({time.time() - t0:.0f}s)", flush=True)
         online, _ = run(out / f"seed{seed}" / "online", *common)
         offline: list[dict] = []

@@ -143,7 +143,7 @@ class LoopConfig(_Section):
     eval_temperature: float = Field(0.8, ge=0.0, description="policy temperature for the win-rate evaluation")
     eval_baseline_samples: int = Field(4, ge=1, description="fixed starting-policy samples each eval response is compared with")
     pairs_from: Literal["current", "start"] = Field("current", description="sample pairs from the current policy (online DPO) or, all at once before iteration 1, from the starting policy (the offline baseline, same schedule)")
-    truncated: Literal["keep", "drop"] = Field("keep", description="online pairs with a response cut at sampler.max_new_tokens: train on the cut ids as sampled (no EOS), or leave the pair out; counted either way")
+    truncated: Literal["keep", "drop"] = Field("keep", description="online pairs with a response cut at sampler.max_new_tokens: train on the cut ids as sampled (no EOS), or leave the pair out; counted either way. keep: a policy drifting into run-on replies is pulled back by exactly these pairs (measured: drop leaves it run-on)")
     max_pairs_per_iteration: int = Field(0, ge=0, description="train on at most this many of an iteration's pairs (0: all); every judged pair is still stored")
     serve_policy: bool = Field(True, description="serve the current policy on Ray Serve (OpenAI-compatible, /policy/v1) and publish each iteration's weights to it")
     eval_kl: bool = Field(True, description="estimate KL(policy || reference) each iteration from temperature-1 samples on the eval prompts")

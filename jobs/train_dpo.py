@@ -25,6 +25,7 @@ def main(argv=None) -> int:
     from raydpo.train.step import LossSettings
 
     precomputed = cfg.trainer.reference == "precomputed" and LossSettings(cfg.trainer.loss).needs_reference
+    bf16 = cfg.model.dtype == "bfloat16"  # as make_spec: the policy's forward precision
     try:
         require(cfg, "data.train_path", by="jobs/train_dpo.py")
         model = base_model(cfg)
@@ -43,12 +44,12 @@ def main(argv=None) -> int:
     if precomputed:
         key = reference_cache_key(Path(model).resolve(), Path(cfg.data.train_path).resolve(),
                                   cfg.data.max_prompt_length, cfg.data.max_length, cfg.data.format,
-                                  cfg.trainer.shared_prefix, cfg.trainer.bf16)
+                                  cfg.trainer.shared_prefix, bf16)
         cache = Path(cfg.run_dir) / "reference_cache" / key
         cache.parent.mkdir(parents=True, exist_ok=True)
         ds, hit = cached_dataset(cache, lambda: precompute_reference(
             ds, str(model), tok.pad_token_id, cpus=cfg.cluster.trainer.cpus, shared_prefix=cfg.trainer.shared_prefix,
-            trust_remote_code=cfg.model.trust_remote_code, bf16=cfg.trainer.bf16,
+            trust_remote_code=cfg.model.trust_remote_code, bf16=bf16,
             tokenize=(cfg.data.max_prompt_length, cfg.data.max_length)))
         if not hit:
             print_truncation(ds)

@@ -122,7 +122,7 @@ class TrainerConfig(_Section):
     lora_alpha: int = Field(16, ge=1, description="LoRA alpha")
     checkpoint_every: int = Field(0, ge=0, description="save a checkpoint every N optimizer steps (0: only at the end)")
     max_failures: int = Field(1, ge=0, description="worker failures Ray Train recovers from (restarting from the last checkpoint)")
-    stall_timeout_s: float = Field(600.0, gt=0.0, description="online trainer: stop the loop with an error when its workers show no sign of life (a step, a reply, asking for the next command) for this long; a Ray Train restart takes well under it")
+    stall_timeout_s: float = Field(600.0, gt=0.0, description="online trainer: stop the loop with an error when no worker process has shown life (a heartbeat while running a command, a reply, asking for the next command) for this long; a Ray Train restart takes well under it")
     sft_steps: int = Field(1000, ge=0, description="SFT steps before DPO (0 skips the stage)")
     sft_lr: float = Field(2e-3, gt=0.0, description="SFT learning rate")
     sft_batch_size: int = Field(64, ge=1, description="SFT sequences per optimizer step (global)")
@@ -354,9 +354,10 @@ def changed_keys(saved: dict[str, Any], new: dict[str, Any], prefix: str = "") -
 
 
 def read_saved_config(run_dir: str | os.PathLike) -> dict[str, Any] | None:
-    """A run's saved ``config.yaml`` as a plain dict (None if the run has none)."""
+    """A run's saved ``config.yaml``, validated, with today's defaults for keys it predates,
+    as a plain dict (None if the run has none)."""
     path = Path(run_dir) / "config.yaml"
-    return _read_yaml(path) if path.exists() else None
+    return load_config(path).model_dump(mode="json") if path.exists() else None
 
 
 def describe(cfg: BaseModel | None = None, prefix: str = "") -> list[str]:

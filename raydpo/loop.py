@@ -463,18 +463,20 @@ def evaluate(cfg: RunConfig, it: int, pool, judge, trainer, prompts: list[str],
 
 # Keys a resumed run may change: they alter neither what is sampled, judged and stored
 # for an iteration nor how it is trained, so the store's exactly-once guarantee and the
-# run's meaning hold. Every other key must match the run's saved config.yaml.
+# run's meaning hold. Every other key must match the run's saved config.yaml. The trainer's
+# worker count is not among them: DeepSpeed shards and DDP's split of a batch depend on it.
 RESUME_MAY_CHANGE = ("loop.iterations", "loop.serve_policy", "trainer.stall_timeout_s", "trainer.max_failures",
-                     "cluster.")
+                     "sampler.sync_timeout_s", "sampler.request_timeout_s", "sampler.kv_cache_gib", "cluster.")
+RESUME_MUST_KEEP = ("cluster.trainer.count", "cluster.trainer.gpus")
 
 
 def check_run_dir(cfg: RunConfig, resume: bool) -> None:
-    """A run_dir holding an online run is only continued with --resume, and only under the
-    config it was started with (up to RESUME_MAY_CHANGE)."""
+    """A run_dir that holds an online run (metrics or checkpoints) is only continued with
+    --resume, and only under the config it was started with (up to RESUME_MAY_CHANGE)."""
     from raydpo.config import changed_keys, read_saved_config
 
     run_dir = Path(cfg.run_dir).resolve()
-    if (run_dir / METRICS_FILE).exists() and not resume:
+    if not resume and ((run_dir / METRICS_FILE).exists() or (run_dir / "ray_train").exists()):
         raise ConfigError(f"run_dir {run_dir} already holds an online run; pass --resume to continue it "
                           f"or choose another run_dir")
     saved = read_saved_config(run_dir) if resume else None
@@ -482,12 +484,13 @@ def check_run_dir(cfg: RunConfig, resume: bool) -> None:
         return
     diff = changed_keys(saved, cfg.model_dump(mode="json"))
     diff.pop("run_dir", None)  # the same folder, perhaps spelled differently
-    refused = {k: v for k, v in diff.items() if not k.startswith(RESUME_MAY_CHANGE)}
+    refused = {k: v for k, v in diff.items() if not k.startswith(RESUME_MAY_CHANGE) or k in RESUME_MUST_KEEP}
     if refused:
         shown = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in refused.items())
         raise ConfigError(f"--resume: {run_dir / 'config.yaml'} was started with other values of keys that "
                           f"change what is sampled, judged or trained: {shown}. Resume with the saved values, "
-                          f"or start a new run_dir. Only {', '.join(RESUME_MAY_CHANGE)}* may change.")
+                          f"or start a new run_dir. Only {', '.join(RESUME_MAY_CHANGE)}* (but not "
+                          f"{', '.join(RESUME_MUST_KEEP)}) may change.")
 
 
 def main(argv: list[str] | None = None) -> int:

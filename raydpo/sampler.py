@@ -308,7 +308,13 @@ class SamplerPool:
         """After a failed publish: every actor serves the pool's current version again, so no
         chunk mixes versions. Actors that loaded the new one load the previous weights back;
         an actor whose load broke part-way (version None) is replaced by a fresh engine."""
-        versions = ray.get([a.get_version.remote() for a in self.actors], timeout=self.sync_timeout_s)
+        refs = [a.get_version.remote() for a in self.actors]
+        versions = []
+        for ref in refs:  # one by one: a dead actor, or one still busy with a timed-out load, is replaced
+            try:
+                versions.append(ray.get(ref, timeout=self.sync_timeout_s))
+            except (ray.exceptions.RayError, TimeoutError):
+                versions.append(None)
         for i, v in enumerate(versions):
             if v is None:
                 ray.kill(self.actors[i])

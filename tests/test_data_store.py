@@ -84,3 +84,15 @@ def test_a_chunk_keeps_its_judging_counts(tmp_path):
     assert store.chunk_counts(1, 0) == {"pairs": 0, "ties": 3, "identical": 1}
     assert store.chunk_counts(1, 1) is None
     assert store.read_table([1]).num_rows == 0  # the metadata does not disturb reading
+
+
+def test_pairs_without_sampler_ids_are_refused_by_name(tmp_path):
+    import pytest
+
+    from raydpo.data.store import PreferenceStore, StoredPair, training_rows
+
+    store = PreferenceStore(tmp_path / "s")
+    store.write_chunk(1, 0, [StoredPair(pair_id="a", iteration=1, policy_version=0, source="online", prompt="p",
+                                        chosen="c", rejected="r", chosen_score=1.0, rejected_score=0.0, judge="j")])
+    with pytest.raises(ValueError, match="without sampler token ids .*prompt_token_ids.*start a new run_dir"):
+        training_rows(store.read_table([1]))

@@ -95,7 +95,8 @@ def test_a_rank_that_dies_between_report_and_reply_is_answered_from_the_checkpoi
 
 def test_the_mailbox_lets_go_of_datasets_and_weights(trained):
     _, _, plasma, held = trained
-    assert all(h == {"commands": 0, "replies": 0} for h in held)
+    # no reply is held; of the commands only the newest train keeps its dataset (a restart may need it)
+    assert all(h == {"commands": 1, "replies": 0} for h in held)
     # each iteration makes a full weights copy (~1.7 MB, 2 MiB in Ray's rounding); the workers
     # hold the newest until the next one: nothing may pile up over the iterations
     copy = 2 * 2**20

@@ -18,13 +18,15 @@ def _started_run(tmp_path, *overrides):
 
 def test_resume_refuses_a_change_to_what_is_sampled_and_names_the_key(tmp_path, capsys):
     run_dir = _started_run(tmp_path)
+    before = (run_dir / "config.yaml").read_text()
     for key, value in [("sampler.samples_per_prompt", 8), ("loop.prompts_per_iteration", 32), ("seed", 7),
-                       ("loop.chunk_prompts", 8), ("judge.rule", "my.module:score"), ("model.tiny.hidden_size", 64)]:
-        assert main([f"run_dir={run_dir}", f"{key}={value}", "--resume"]) == 2
+                       ("loop.chunk_prompts", 8), ("judge.rule", "my.module:score"), ("model.tiny.hidden_size", 64),
+                       ("cluster.trainer.count", 2)]:
+        extra = ["trainer.micro_batch_size=8"] if key == "cluster.trainer.count" else []  # a valid config
+        assert main([f"run_dir={run_dir}", f"{key}={value}", *extra, "--resume"]) == 2
         err = capsys.readouterr().err
         assert f"{key}:" in err and "Resume with the saved values" in err, err
-        assert read_saved_config(run_dir)[key.split(".")[0]] is not None  # the saved config is untouched
-    assert read_saved_config(run_dir)["seed"] == 0 and read_saved_config(run_dir)["sampler"]["samples_per_prompt"] == 4
+        assert (run_dir / "config.yaml").read_text() == before  # the run's own config is untouched
 
 
 def test_a_rerun_without_resume_is_refused_before_the_config_is_overwritten(tmp_path, capsys):
@@ -32,6 +34,23 @@ def test_a_rerun_without_resume_is_refused_before_the_config_is_overwritten(tmp_
     assert main([f"run_dir={run_dir}", "seed=5"]) == 2
     assert "pass --resume" in capsys.readouterr().err
     assert read_saved_config(run_dir)["seed"] == 0
+    # killed during SFT: no metrics yet, but checkpoints a rerun would silently continue
+    (run_dir / METRICS_FILE).unlink()
+    (run_dir / "ray_train" / "sft").mkdir(parents=True)
+    assert main([f"run_dir={run_dir}", "seed=5"]) == 2
+    assert "pass --resume" in capsys.readouterr().err and read_saved_config(run_dir)["seed"] == 0
+
+
+def test_keys_a_saved_config_predates_count_as_their_default(tmp_path):
+    import yaml
+
+    from raydpo.loop import check_run_dir
+
+    run_dir = _started_run(tmp_path)
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    del saved["trainer"]["stall_timeout_s"], saved["loop"]["truncated"]  # written by an older raydpo
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(saved))
+    check_run_dir(load_config(None, [f"run_dir={run_dir}"]), resume=True)  # no error
 
 
 def test_resume_allows_more_iterations_and_other_resources():
@@ -39,6 +58,7 @@ def test_resume_allows_more_iterations_and_other_resources():
     from raydpo.loop import RESUME_MAY_CHANGE
 
     a = load_config(None, []).model_dump(mode="json")
-    b = load_config(None, ["loop.iterations=20", "cluster.sampler.count=2"]).model_dump(mode="json")
-    assert set(changed_keys(a, b)) == {"loop.iterations", "cluster.sampler.count"}
+    b = load_config(None, ["loop.iterations=20", "cluster.sampler.count=2", "sampler.request_timeout_s=900"]
+                    ).model_dump(mode="json")
+    assert set(changed_keys(a, b)) == {"loop.iterations", "cluster.sampler.count", "sampler.request_timeout_s"}
     assert all(k.startswith(RESUME_MAY_CHANGE) for k in changed_keys(a, b))

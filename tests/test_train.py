@@ -222,10 +222,14 @@ def test_precomputed_reference_under_bf16_has_the_policys_precision(pairs_ds, ti
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
     part = {k: [list(r[k]) for r in rows] for k in ("prompt_ids", "chosen_ids", "rejected_ids")}
     mb = layout(True).collate(part, pad)
-    with torch.no_grad(), precision(True, "cpu"):  # what PolicyTrainer's live reference computes under bf16
-        live = torch.cat(reference_logps(model, mb))
-    with torch.no_grad():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the scorer actor (1 CPU): the same kernels, the same rounding
+    try:
+        with precision(True, "cpu"):  # what PolicyTrainer's live reference computes under bf16
+            live = torch.cat(reference_logps(model, mb))
         fp32 = torch.cat(reference_logps(model, mb))
+    finally:
+        torch.set_num_threads(threads)
     ds = pairs_ds.limit(16)
     got = {bf16: precompute_reference(ds, str(tiny_model_dir), pad, batch_size=16, micro_batch_size=16,
                                       bf16=bf16).take_all() for bf16 in (True, False)}

@@ -191,11 +191,11 @@ def training_rows(table: pa.Table, truncated: str = "keep", max_length: int | No
 
     if truncated not in TRUNCATED:
         raise ValueError(f"truncated must be one of {TRUNCATED}, got {truncated!r}")
-    missing = [c for c in ("prompt_token_ids", "chosen_token_ids", "rejected_token_ids") if c not in table.column_names]
-    if missing:
-        raise ValueError(f"stored pairs have no {missing} columns: the store predates token-exact training")
-    if table.num_rows and table.column("chosen_token_ids").null_count:
-        raise ValueError("stored pairs without sampler token ids cannot be trained token-exactly")
+    ids = ("prompt_token_ids", "chosen_token_ids", "rejected_token_ids")
+    missing = [c for c in ids if c not in table.column_names or table.column(c).null_count]
+    if missing:  # read_table fills the columns of files written before they existed with nulls
+        raise ValueError(f"stored pairs without sampler token ids ({', '.join(missing)}): the store predates "
+                         f"token-exact training, or the pairs did not come from the sampler; start a new run_dir")
     counts = RowCounts(pairs=table.num_rows)
     cut = pc.or_(pc.equal(table.column("chosen_finish_reason"), "length"),
                  pc.equal(table.column("rejected_finish_reason"), "length"))

@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import os
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -51,7 +52,7 @@ class Mailbox:
         self._alive = time.monotonic()  # the workers' last sign of life
 
     async def alive(self) -> None:
-        """A worker's heartbeat: a step done (fire-and-forget from rank 0)."""
+        """A worker's heartbeat while it runs a command (fire-and-forget, every few seconds)."""
         self._alive = time.monotonic()
 
     async def silent_s(self) -> float:
@@ -77,15 +78,20 @@ class Mailbox:
         return await self._wait(lambda: self.replies.get(seq), timeout_s)
 
     async def done(self, seq: int) -> None:
-        """The driver has command `seq`'s reply: drop the reply and what the command carried
-        (a train command's dataset, a reply's weights), which the mailbox would otherwise keep
-        alive in the object store for the whole run. The command stays as a tombstone, so a
-        worker restarted from a checkpoint still counts its way through the sequence; by the
-        time a train command has a reply its iteration is in a checkpoint, so it is skipped."""
+        """The driver has command `seq`'s reply: drop the reply (a full weights copy) and what
+        answered commands carried (datasets), which the mailbox would otherwise keep alive in
+        the object store for the whole run. A command stays as a tombstone, so a worker
+        restarted from a checkpoint still counts its way through the sequence."""
         self.replies.pop(seq, None)
         self.replies[seq] = {"done": True}  # a late repeat reply from a restarted worker is not kept
-        cmd = self.commands[seq]
-        self.commands[seq] = {"op": cmd["op"], "iteration": cmd.get("iteration", -1), "done": True}
+        # The newest answered train command keeps its dataset until the next one is answered:
+        # Ray Train registers a reported checkpoint a moment after report() returns, so workers
+        # restarted in that moment resume from the previous checkpoint and must retrain it.
+        newest_train = max((i for i in range(seq + 1) if self.commands[i]["op"] == "train"), default=None)
+        for i in range(seq + 1):
+            cmd = self.commands[i]
+            if i != newest_train and not cmd.get("done"):
+                self.commands[i] = {"op": cmd["op"], "iteration": cmd.get("iteration", -1), "done": True}
 
     async def held(self) -> dict:
         """What the mailbox still holds (for tests): commands with their payload, and replies."""
@@ -109,6 +115,23 @@ class Mailbox:
         return got
 
 
+def _start_heartbeat(mailbox, every_s: float = 5.0) -> threading.Event:
+    """While the returned event is set (a command is running), tell the mailbox every few
+    seconds that this worker process is alive, for the driver's stall check: also through
+    phases with no optimizer step (loading the dataset, gathering weights, saving and
+    uploading a checkpoint). A process that died or hangs outside Python stops beating."""
+    busy = threading.Event()
+
+    def beat():
+        while True:
+            time.sleep(every_s)
+            if busy.is_set():
+                mailbox.alive.remote()
+
+    threading.Thread(target=beat, name="raydpo-heartbeat", daemon=True).start()
+    return busy
+
+
 def _rows(ds) -> int:
     return ds.count()
 
@@ -129,6 +152,7 @@ def online_loop_per_worker(config: dict) -> None:
     rank = trainer.rank
     log = MetricsLog(spec.run_dir, total=None, initial=step, prefix=spec.metrics_prefix) if rank == 0 else None
     seq = 0
+    busy = _start_heartbeat(mailbox)
     while True:
         cmd = ray.get(mailbox.next.remote(seq, 30.0))
         if cmd is None:
@@ -137,9 +161,14 @@ def online_loop_per_worker(config: dict) -> None:
         if op == "stop":
             break
         if cmd.get("done"):
+            if op == "train" and cmd["iteration"] > done_iteration:
+                raise RuntimeError(f"restarted from the checkpoint of iteration {done_iteration}, but iteration "
+                                   f"{cmd['iteration']} was already answered and its data released: the "
+                                   f"checkpoint it reported is missing; resume the run with --resume")
             seq += 1  # answered before this worker (re)started; its payload is gone
             continue
         t0 = time.perf_counter()
+        busy.set()
         if op == "train" and cmd["iteration"] == done_iteration and "reply" in trainer.state:
             # In the checkpoint this worker restarted from, but never answered: the rank died
             # between ray.train.report and its reply. Answer from the checkpoint, or the
@@ -147,9 +176,10 @@ def online_loop_per_worker(config: dict) -> None:
             full = trainer.state_dict()  # every rank (ZeRO-3 gathers)
             weights = ray.put({k: v.numpy() for k, v in full.items()}) if rank == 0 else None
             reply = {**trainer.state["reply"], "weights": [weights], "seconds": time.perf_counter() - t0,
-                     "from_checkpoint": True}
+                     "timing": {}, "from_checkpoint": True}
         elif op == "train" and cmd["iteration"] <= done_iteration:
             seq += 1  # already in the checkpoint this worker restarted from, and answered
+            busy.clear()
             continue
         elif op == "train":
             if cmd.get("refresh_reference") and trainer.reference is not None and not spec.lora_r:
@@ -173,8 +203,6 @@ def online_loop_per_worker(config: dict) -> None:
                     metrics = trainer.step(gbatch)
                     step += 1
                     last_pass.append(metrics)
-                    if rank == 0:
-                        mailbox.alive.remote()  # fire and forget: the driver's stall check
                     if log:
                         log.log(step, {**metrics, "iteration": cmd["iteration"]})
             timing["passes"] = time.perf_counter() - t_pass
@@ -206,6 +234,7 @@ def online_loop_per_worker(config: dict) -> None:
             raise ValueError(f"online trainer: unknown command {op!r}")
         if rank == 0:
             ray.get(mailbox.reply.remote(seq, reply))
+        busy.clear()
         seq += 1
     if log:
         log.close()

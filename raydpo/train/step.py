@@ -80,7 +80,6 @@ def batch_tokens(batch: dict[str, Tensor]) -> int:
     return int(batch["attention_mask"].sum())
 
 
-@torch.no_grad()
 def precision(bf16: bool, device_type: str):
     """The context every forward pass runs in, policy and reference alike, on any device:
     bf16 autocast when model.dtype is bfloat16, else float32. The precomputed reference
@@ -93,6 +92,7 @@ def precision(bf16: bool, device_type: str):
     return torch.autocast(device_type, dtype=torch.bfloat16) if bf16 else nullcontext()
 
 
+@torch.no_grad()
 def reference_logps(reference, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
     """(chosen, rejected) reference log-probs, each (B,), without a graph."""
     return forward_logps(reference, batch).chunk(2)

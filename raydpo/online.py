@@ -10,6 +10,7 @@ itself, top-down; this module holds what it calls:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import threading
@@ -266,6 +267,8 @@ class OnlineTrainer:
         self.stall_timeout_s = cfg.trainer.stall_timeout_s
         spec = make_spec(cfg, "dpo", self.start_path, self.run_dir, metrics_prefix="online/", max_steps=0, epochs=1,
                          resume_from=self.resume_from)
+        if cfg.loop.rpo_alpha is not None:  # the loop's own default (see LoopConfig.rpo_alpha)
+            spec = dataclasses.replace(spec, loss=dataclasses.replace(spec.loss, rpo_alpha=cfg.loop.rpo_alpha))
         self.storage = Path(self.run_dir, "ray_train").resolve()
         self.mailbox = ray.remote(num_cpus=0)(Mailbox).remote()
         res = cfg.cluster.trainer

@@ -229,9 +229,10 @@ def normalize(rec: Any, fmt: str, source: str, line: int) -> NormalizedPair:
 # ---------------------------------------------------------------- files
 
 
-def iter_jsonl(data: bytes, source: str, fmt: str) -> Iterator[NormalizedPair | BadRecord]:
-    """Records of a JSONL byte string; line numbers are 1-based; blank lines skipped."""
-    for lineno, raw in enumerate(io.BytesIO(data), 1):
+def jsonl_records(lines, source: str) -> Iterator[tuple[int, Any] | BadRecord]:
+    """(line number, parsed JSON) for each line of `lines` (bytes), 1-based; blank lines
+    skipped; a line that is not UTF-8 or not JSON is a BadRecord naming it."""
+    for lineno, raw in enumerate(lines, 1):
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError as e:
@@ -240,10 +241,18 @@ def iter_jsonl(data: bytes, source: str, fmt: str) -> Iterator[NormalizedPair | 
         if not text.strip():
             continue
         try:
-            rec = json.loads(text)
+            yield lineno, json.loads(text)
         except json.JSONDecodeError as e:
             yield BadRecord(source, lineno, f"invalid JSON ({e.msg} at column {e.colno})")
+
+
+def iter_jsonl(data: bytes, source: str, fmt: str) -> Iterator[NormalizedPair | BadRecord]:
+    """Records of a JSONL byte string; line numbers are 1-based; blank lines skipped."""
+    for got in jsonl_records(io.BytesIO(data), source):
+        if isinstance(got, BadRecord):
+            yield got
             continue
+        lineno, rec = got
         try:
             yield normalize(rec, fmt, source, lineno)
         except _Bad as e:
@@ -348,18 +357,9 @@ def read_prompts(path: str) -> tuple[list[str], ValidationReport]:
                 take(rec, source, row)
             continue
         with open(source, "rb") as f:
-            for lineno, raw in enumerate(f, 1):
-                try:
-                    text = raw.decode("utf-8")
-                except UnicodeDecodeError as e:
-                    report.add_bad(BadRecord(source, lineno, f"non-UTF-8 bytes (at byte {e.start})"))
-                    continue
-                if not text.strip():
-                    continue
-                try:
-                    rec = json.loads(text)
-                except json.JSONDecodeError as e:
-                    report.add_bad(BadRecord(source, lineno, f"invalid JSON ({e.msg} at column {e.colno})"))
-                    continue
-                take(rec, source, lineno)
+            for got in jsonl_records(f, source):
+                if isinstance(got, BadRecord):
+                    report.add_bad(got)
+                else:
+                    take(got[1], source, got[0])
     return prompts, report

@@ -27,7 +27,7 @@ def test_bad_prompt_records_are_named_by_file_and_line(tmp_path):
     assert named[4].startswith(f"{f}:7: a record must be a JSON object")
 
 
-def test_prompt_source_keeps_the_good_and_fails_clearly_on_none(ray_local, tmp_path):
+def test_prompt_source_keeps_the_good_and_fails_clearly_on_none(tmp_path):
     from raydpo.online import PromptSource
 
     f = _write(tmp_path / "p.jsonl", [json.dumps({"prompt": f"p{i}"}).encode() for i in range(5)] + [b"{bad"])
@@ -44,3 +44,22 @@ def test_eval_prompts_that_are_training_prompts_are_counted_and_warned(capsys):
     assert warn_overlap(["a", "b", "c"], ["x", "y"]) == 0 and "WARNING" not in capsys.readouterr().out
     assert warn_overlap(["a", "b", "c"], ["b", "c", "z"]) == 2
     assert "2 of the 3 eval prompts are also training prompts" in capsys.readouterr().out
+
+
+def test_prompt_windows_follow_one_seeded_order_without_ray(tmp_path):
+    """The order is numpy's seeded permutation, fixed by (file, seed) alone: not by Ray Data's
+    block layout, which follows the cluster's CPUs (Ray is not even started for it)."""
+    import numpy as np
+    import ray
+
+    from raydpo.online import PromptSource
+
+    names = [f"p{i}" for i in range(10)]
+    f = _write(tmp_path / "p.jsonl", [json.dumps({"prompt": n}).encode() for n in names])
+    src = PromptSource(f, seed=7)
+    assert not ray.is_initialized()
+    order = [names[i] for i in np.random.default_rng(7).permutation(10)]
+    assert src.all() == order != names
+    assert src.window(1, 4) == order[:4] and src.window(2, 4) == order[4:8]
+    assert src.window(3, 4) == order[8:] + order[:2]  # the epoch wraps: its end, then its start
+    assert PromptSource(f, seed=8).all() != order and PromptSource(f, seed=7).all() == order

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from raydpo.config import ConfigError, require
-from raydpo.data.formats import DataError
+from raydpo.data.formats import DataError, list_files
 from raydpo.runner import (base_model, init_ray, job_config, last_metrics, print_table, print_truncation,
                            cached_dataset, read_tokenized, read_validated,
                            reference_cache_key)
@@ -28,6 +28,9 @@ def main(argv=None) -> int:
     bf16 = cfg.model.dtype == "bfloat16"  # as make_spec: the policy's forward precision
     try:
         require(cfg, "data.train_path", by="jobs/train_dpo.py")
+        for path in (cfg.data.train_path, cfg.data.eval_path):  # a missing file fails in seconds, before Ray starts
+            if path:
+                list_files(path)
         model = base_model(cfg)
         init_ray(cfg)
         # precomputed reference: validated text rows go straight to the reference pass,

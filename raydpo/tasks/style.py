@@ -1,7 +1,6 @@
 """The synthetic style task on which online DPO was measured to work on 2 cores.
 
-See ../shared/DEMO_TASK.md for how this task was found and why it is shaped
-this way. In short:
+How it is shaped, in short (each choice was measured on the reference machine):
 
 * prompt ``"about: {kw} | max {N}\\n"`` with kw one of ~110 nouns, N in 3..9;
 * judge ``0.25 * ([kw in words] + len_credit + [ends with "."] + [please/thanks])``

@@ -1,6 +1,6 @@
 """The online loop's trainer: one long-lived Ray Train run for every iteration.
 
-Ray Train costs ~15 s to start a run on this machine (PLATFORM.md); paying it
+Ray Train costs seconds to start a run (measured: ~15 s on 2 cores); paying it
 per iteration would dwarf the training itself. So the loop starts one
 `TorchTrainer` whose workers stay up and take commands from a `Mailbox` actor:
 

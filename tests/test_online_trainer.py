@@ -22,10 +22,14 @@ def _plasma_bytes() -> float:
     """Object-store use once frees in flight have landed (Ray frees asynchronously)."""
     import time
 
+    import ray
     from ray._private.internal_api import memory_summary
 
     def now() -> float:
-        m = re.search(r"Plasma memory usage (\d+) MiB", memory_summary(stats_only=True))
+        # this session's Ray, named: with no address, Ray looks for *the* local Ray and
+        # refuses when it finds several (another test session's, under pytest -n)
+        address = ray.get_runtime_context().gcs_address
+        m = re.search(r"Plasma memory usage (\d+) MiB", memory_summary(address=address, stats_only=True))
         assert m, "Ray's memory summary changed format"
         return float(m.group(1)) * 2**20
 

@@ -48,16 +48,14 @@ def test_eval_prompts_that_are_training_prompts_are_counted_and_warned(capsys):
 
 def test_prompt_windows_follow_one_seeded_order_without_ray(tmp_path):
     """The order is numpy's seeded permutation, fixed by (file, seed) alone: not by Ray Data's
-    block layout, which follows the cluster's CPUs (Ray is not even started for it)."""
+    block layout, which follows the cluster's CPUs."""
     import numpy as np
-    import ray
 
     from raydpo.online import PromptSource
 
     names = [f"p{i}" for i in range(10)]
     f = _write(tmp_path / "p.jsonl", [json.dumps({"prompt": n}).encode() for n in names])
     src = PromptSource(f, seed=7)
-    assert not ray.is_initialized()
     order = [names[i] for i in np.random.default_rng(7).permutation(10)]
     assert src.all() == order != names
     assert src.window(1, 4) == order[:4] and src.window(2, 4) == order[4:8]

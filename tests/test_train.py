@@ -126,6 +126,15 @@ def test_deepspeed_zero_matches_ddp(tmp_path, shared_run, pairs_ds, tiny_model_d
     AutoModelForCausalLM.from_pretrained(ckpt)  # the DeepSpeed checkpoint is a plain HF folder
 
 
+def _cmdline(p) -> list[str]:
+    import psutil
+
+    try:
+        return p.cmdline()
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return []
+
+
 def _kill_a_worker_after(metrics_file, step, stop, killed_at):
     """SIGKILL the Train worker once `step` steps are logged. The pid is found
     (by Ray's process title) before training gets there: a tiny model's steps are fast."""
@@ -134,8 +143,10 @@ def _kill_a_worker_after(metrics_file, step, stop, killed_at):
     pids = []
     while not stop.is_set():
         if not pids:
-            pids = [p.pid for p in psutil.process_iter(["cmdline"])
-                    if any("ray::RayTrainWorker" in c for c in (p.info["cmdline"] or []))]
+            # only this process's own Ray (its raylet is our child): another test session's
+            # Ray on the machine (pytest -n) has Train workers too
+            pids = [p.pid for p in psutil.Process().children(recursive=True)
+                    if any("ray::RayTrainWorker" in c for c in _cmdline(p))]
         elif metrics_file.exists():
             n = sum(1 for _ in open(metrics_file))
             if n >= step:

@@ -15,8 +15,12 @@ setup: $(STAMP)
 demo: $(STAMP)
 	$(PY) jobs/online_dpo.py $(ARGS)
 
+# Two pytest workers, each with its own local Ray: the suite spends much of its time
+# starting processes and waiting on them, and two streams keep both cores busy
+# (measured: 2046 s serial, 1208 s with -n 2, 92% of both cores busy). A module stays on
+# one worker (loadscope), so module fixtures (a trained model, a Serve port) are built once.
 test: $(STAMP)
-	$(PY) -m pytest -q --durations=15 $(ARGS)
+	$(PY) -m pytest -q -n 2 --dist loadscope --durations=15 $(ARGS)
 
 clean:
 	rm -rf runs .pytest_cache

@@ -53,16 +53,3 @@ def serve_port(ray_local):
     yield port
     serve.shutdown()
 
-
-# The longest modules first (measured wall times under `make test`, slowest first), so that
-# the two pytest workers (-n 2 --dist loadscope: a module stays on one worker) do not end
-# with one of them alone on a long module that happened to sort late. Others keep their order.
-# Needs `--no-loadscope-reorder` (see the Makefile): by default xdist sorts modules by test count.
-LONGEST_FIRST = ["test_train", "test_online_e2e", "test_jobs", "test_online_job_submit", "test_data_ray",
-                 "test_sampler", "test_reward_model", "test_online_trainer", "test_policy_app", "test_llm_judge",
-                 "test_bos_tokenizer", "test_cross_engine"]
-
-
-def pytest_collection_modifyitems(session, config, items):
-    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.module.__name__.rsplit(".", 1)[-1], len(rank)))

@@ -44,7 +44,7 @@ def main(argv=None) -> int:
     ckpt = fit(make_spec(cfg, "sft", str(model), cfg.run_dir), ds, cfg, "sft", pad)
     m = last_metrics(cfg.run_dir, "sft/")
     print_table("SFT done", [("steps", str(m.get("step"))), ("final loss", f"{m.get('loss', float('nan')):.4f}"),
-                             ("checkpoint", str(ckpt))])
+                             ("checkpoint", str(ckpt))], cfg.run_dir)
     return 0
 
 

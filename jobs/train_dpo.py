@@ -82,7 +82,7 @@ def main(argv=None) -> int:
         else:
             rows.append((label, "n/a"))
     rows.append(("checkpoint", str(ckpt)))
-    print_table("DPO done", rows)
+    print_table("DPO done", rows, cfg.run_dir)
     return 0
 
 

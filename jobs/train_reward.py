@@ -71,7 +71,7 @@ def main(argv=None) -> int:
             (run_dir / "reward_eval.json").write_text(json.dumps({"accuracy": after, "pairs": len(text),
                                                                    "skipped": skipped}))
     rows.append(("checkpoint (serve with judge.kind=reward_model)", str(ckpt)))
-    print_table("reward model done", rows)
+    print_table("reward model done", rows, cfg.run_dir)
     return 0
 
 

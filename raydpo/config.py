@@ -166,7 +166,8 @@ class Resources(_Section):
 
 class ClusterConfig(_Section):
     address: str | None = Field(None, description="Ray address to join; None joins RAY_ADDRESS or starts a local Ray")
-    num_cpus: int | None = Field(None, ge=1, description="CPUs for a locally started Ray; None lets Ray decide")
+    num_cpus: int | None = Field(None, ge=1, description="CPUs for a locally started Ray; None: enough for the roles below, at least one per core")
+    check_resources: bool = Field(True, description="at start, fail unless the cluster can hold every role that runs at once (false for an autoscaling cluster that will grow)")
     trainer: Resources = Field(default_factory=lambda: Resources(count=1, cpus=2), description="Ray Train workers (cpus = torch threads each)")
     sampler: Resources = Field(default_factory=lambda: Resources(count=1, cpus=1), description="vLLM sampler actors")
     judge: Resources = Field(default_factory=lambda: Resources(count=1, cpus=0.5), description="judge Serve replicas")

@@ -69,8 +69,8 @@ def run(cfg: RunConfig, resume: bool = False) -> int:
     base = base_model(cfg)
     train_prompts, eval_prompts_path = task_prompts(cfg, run_dir)
     c = cfg.cluster
-    init_ray(cfg, min_cpus=c.trainer.count * c.trainer.cpus + c.sampler.count * c.sampler.cpus
-             + c.judge.count * c.judge.cpus + (c.policy.count * c.policy.cpus if cfg.loop.serve_policy else 0) + 1)
+    # the long-lived roles, and a CPU for the Ray Data tasks that read the store while they are up
+    init_ray(cfg, roles=("trainer", "sampler", "judge") + (("policy",) if cfg.loop.serve_policy else ()), data_cpus=1)
     from transformers import AutoTokenizer
 
     from raydpo.data.store import PreferenceStore
@@ -139,11 +139,7 @@ def run(cfg: RunConfig, resume: bool = False) -> int:
                         collect_pairs(cfg, later, prompts, pool, judge, store, Timer(), version=0)
                 # 1-5: prompts -> samples -> judge -> pairs -> store (chunk by chunk)
                 version = it - 1 if cfg.loop.pairs_from == "current" else 0
-                counts = collect_pairs(cfg, it, prompts, pool, judge, store, timer, version=version)
-                row.update(pairs=counts.pairs, ties_dropped=counts.ties, identical_dropped=counts.identical,
-                           below_margin_dropped=counts.below_margin, invalid_comparisons=counts.invalid,
-                           unranked_samples=counts.unranked,
-                           prompts=counts.prompts, samples=counts.samples)
+                row.update(counts_row(collect_pairs(cfg, it, prompts, pool, judge, store, timer, version=version)))
                 # 6: train on the fresh pairs (+ replay), streamed by Ray Data
                 with timer("train"):
                     t = time.perf_counter()
@@ -157,10 +153,10 @@ def run(cfg: RunConfig, resume: bool = False) -> int:
                 with timer("sync"):
                     pool.publish(it, state_dict=reply["weights"][0])
                     if policy:
-                        policy.publish(it, state_ref=reply["weights"][0])
+                        policy.publish(it, state_ref=reply["weights"][0],
+                                       path=str(run_dir / "ray_train" / "online" / f"iter-{it:06d}"))
             else:  # trained before the driver died, not evaluated: pairs and weights are published above
-                row.update(pairs=_stored_pairs(store, it),
-                           **dpo_metrics(_logged_last_pass(run_dir, it, cfg.loop.dpo_passes)))
+                row.update(trained_row(cfg, store, run_dir, it))
             # 8: evaluate against the starting policy
             with timer("eval"):
                 row.update(evaluate(cfg, it, pool, judge, trainer, eval_prompts, baseline))
@@ -189,6 +185,7 @@ def run(cfg: RunConfig, resume: bool = False) -> int:
     print(f"\nfinal win rate vs the starting policy: {rows[-1]['win_rate']:.3f} "
           f"(iteration 0, the noise floor: {rows[0]['win_rate']:.3f})")
     print(f"store: {store.root} ({store.count()} pairs) | metrics: {run_dir / METRICS_FILE} | report: {md}")
+    print(f"run_dir: {run_dir}")
     return 0
 
 
@@ -246,7 +243,11 @@ def deploy_judge(cfg: RunConfig):
 
     from raydpo.serve_judge import build_app
 
+    from raydpo.runner import outliving_path
+
     j, res = cfg.judge, cfg.cluster.judge
+    if j.model_path:  # the judge app outlives this job, and its replicas run elsewhere: an absolute path
+        j = j.model_copy(update={"model_path": str(outliving_path(j.model_path, "judge.model_path"))})
     serve.start(http_options={"host": cfg.cluster.host, "port": cfg.cluster.port})
     if j.kind == "llm":
         from raydpo.serve_llm_judge import build_app as build_llm_app
@@ -317,18 +318,14 @@ def collect_pairs(cfg: RunConfig, it: int, prompts, pool, judge, store, timer: T
     """Steps 1-5 for iteration `it`, sampling from policy `version`: returns the
     PairCounts of the chunks done now plus those found already stored (a resumed
     iteration, or one pre-sampled by the offline baseline)."""
-    from raydpo.online import PairCounts, build_pairs
+    from raydpo.online import build_pairs
 
     n, k, size = cfg.loop.prompts_per_iteration, cfg.sampler.samples_per_prompt, cfg.loop.chunk_prompts
     with timer("sample"):
         window = prompts.window(it, n)
     chunks = [(ci, window[s:s + size]) for ci, s in enumerate(range(0, len(window), size))]
     todo = [(ci, ps) for ci, ps in chunks if not store.has_chunk(it, ci)]
-    counts = PairCounts()
-    for ci, _ in chunks:
-        if store.has_chunk(it, ci):  # judged before a kill (or by the offline baseline): its counts were stored with it
-            saved = store.chunk_counts(it, ci)
-            counts.add(PairCounts(**saved) if saved else PairCounts(pairs=_stored_pairs(store, it, ci)))
+    counts = stored_counts(store, it, [ci for ci, _ in chunks])
     if not todo:
         return counts
     flat = [p for _, ps in todo for p in ps]
@@ -391,11 +388,58 @@ def _stored_pairs(store, it: int, chunk: int | None = None) -> int:
     return sum(pq.read_metadata(f).num_rows for f in files)
 
 
+def counts_row(counts) -> dict:
+    """A metrics row's judging columns from PairCounts."""
+    return {"pairs": counts.pairs, "ties_dropped": counts.ties, "identical_dropped": counts.identical,
+            "below_margin_dropped": counts.below_margin, "invalid_comparisons": counts.invalid,
+            "unranked_samples": counts.unranked, "prompts": counts.prompts, "samples": counts.samples}
+
+
+def stored_counts(store, it: int, chunks: list[int] | None = None):
+    """PairCounts of iteration `it`'s chunks already in the store (all of them, or those of
+    `chunks` that are there): each chunk's judging counts were saved in its metadata."""
+    from raydpo.online import PairCounts
+
+    counts = PairCounts()
+    found = [int(f.stem.removeprefix("chunk-")) for f in store.chunk_files([it])] if chunks is None else chunks
+    for ci in found:
+        if store.has_chunk(it, ci):
+            saved = store.chunk_counts(it, ci)
+            counts.add(PairCounts(**saved) if saved else PairCounts(pairs=_stored_pairs(store, it, ci)))
+    return counts
+
+
+def trained_row(cfg: RunConfig, store, run_dir: Path, it: int) -> dict:
+    """The metrics of iteration `it`, trained before a driver died but not evaluated, as an
+    uninterrupted run wrote them: judging counts from the chunks' metadata, what training
+    kept from the store, and the trainer's reply from the checkpoint (timings are not kept)."""
+    row = {**counts_row(stored_counts(store, it)), **training_table(cfg, store, it)[1]}
+    reply = saved_reply(run_dir, it)
+    if reply:
+        row.update(train_steps=reply["steps"], trained_pairs=reply["pairs"], **dpo_metrics(reply["metrics"]))
+    else:  # a checkpoint written before replies were saved with it
+        row.update(dpo_metrics(_logged_last_pass(run_dir, it, cfg.loop.dpo_passes)))
+    return row
+
+
+def saved_reply(run_dir: Path, it: int) -> dict | None:
+    """The trainer's reply for iteration `it`, saved in its checkpoint's trainer_state.json."""
+    path = run_dir / "ray_train" / "online" / f"iter-{it:06d}" / "trainer_state.json"
+    return json.loads(path.read_text()).get("reply") if path.exists() else None
+
+
 def training_data(cfg: RunConfig, store, it: int) -> tuple[object, dict]:
+    """`training_table` as a materialized Ray Dataset, and what was kept."""
+    import ray.data
+
+    rows, stats = training_table(cfg, store, it)
+    return ray.data.from_arrow(rows).materialize(), stats
+
+
+def training_table(cfg: RunConfig, store, it: int) -> tuple[object, dict]:
     """The iteration's pairs from the store (+ a replay sample of earlier ones) as training rows
     on the sampler's own token ids (`raydpo.data.store.training_rows`), and what was kept."""
     import pyarrow as pa
-    import ray.data
 
     from raydpo.data.store import training_rows
 
@@ -417,7 +461,7 @@ def training_data(cfg: RunConfig, store, it: int) -> tuple[object, dict]:
     rows = pa.concat_tables(parts)
     stats = {"truncated_pairs": counts.truncated, "truncated_dropped": counts.truncated_dropped,
              "over_length_dropped": counts.over_length_dropped, "replayed_pairs": rows.num_rows - fresh.num_rows}
-    return ray.data.from_arrow(rows).materialize(), stats
+    return rows, stats
 
 
 def dpo_metrics(m: dict) -> dict:
@@ -507,6 +551,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
+        from raydpo.runner import outliving_path
+
+        log(f"run_dir: {outliving_path(cfg.run_dir)}")
         check_run_dir(cfg, args.resume)  # before save_config overwrites the run's own config
         save_config(cfg, cfg.run_dir)
         return run(cfg, resume=args.resume)

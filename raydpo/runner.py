@@ -21,11 +21,70 @@ def job_config(description: str, argv: list[str] | None = None) -> RunConfig:
     args = parser.parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
+        run_dir = outliving_path(cfg.run_dir)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    save_config(cfg, cfg.run_dir)
+    save_config(cfg, run_dir)
+    print(f"run_dir: {run_dir}", flush=True)
     return cfg
+
+
+# `ray job submit --working-dir DIR` runs the entrypoint in Ray's copy of DIR:
+# <Ray temp dir>/session_*/runtime_resources/working_dir_files/_ray_pkg_<hash>/
+RAY_WORKING_DIR_COPY = os.path.join("runtime_resources", "working_dir_files")
+
+
+def outliving_path(value: str, key: str = "run_dir", cwd: str | None = None) -> Path:
+    """`value` made absolute. A path that resolves into Ray's copy of a job's working
+    directory (a relative path under `ray job submit --working-dir`) is refused: that
+    copy is deleted with the Ray session, and the store, checkpoints and report (or a
+    model a Serve app outliving the job still needs) with it."""
+    cwd = cwd or os.getcwd()
+    path = Path(value).resolve() if os.path.isabs(value) else Path(cwd, value).resolve()
+    if RAY_WORKING_DIR_COPY in str(path):
+        raise ConfigError(
+            f"{key}={value} resolves to {path}, inside Ray's copy of the job's working directory, "
+            f"which is deleted with the Ray session. Pass an absolute {key} on storage that outlives the "
+            f"job (on a multi-node cluster, storage every node sees), e.g. {key}=$PWD/{value} on the "
+            f"`ray job submit` command line (your shell expands $PWD before Ray copies anything)")
+    return path
+
+
+def role_needs(cfg: RunConfig, roles: tuple[str, ...]) -> list[tuple[str, int, float, float]]:
+    """(role, count, CPUs each, GPUs each) for the cluster.* roles that run together."""
+    return [(r, getattr(cfg.cluster, r).count, getattr(cfg.cluster, r).cpus, getattr(cfg.cluster, r).gpus)
+            for r in roles if getattr(cfg.cluster, r).count > 0]
+
+
+def check_cluster_fits(needs: list[tuple[str, int, float, float]], nodes: list[dict], data_cpus: float = 0.0) -> None:
+    """Fail in seconds, with the numbers and the knobs, when the roles that must be up
+    together can never be placed: a Ray Train worker group or an actor that does not
+    fit waits forever (Ray keeps the request pending for an autoscaler), and the job
+    would hang. `nodes` is ray.nodes(); only alive nodes count. `data_cpus`: what Ray
+    Data tasks need beside the actors while they run (the online loop reads its store)."""
+    alive = [n.get("Resources", {}) for n in nodes if n.get("Alive")]
+    have_cpu = sum(r.get("CPU", 0.0) for r in alive)
+    have_gpu = sum(r.get("GPU", 0.0) for r in alive)
+    need_cpu = sum(c * cpu for _, c, cpu, _ in needs) + data_cpus
+    need_gpu = sum(c * gpu for _, c, _, gpu in needs)
+    shown = ", ".join(f"{r} {c} x {cpu:g} CPU" + (f" + {gpu:g} GPU" if gpu else "") for r, c, cpu, gpu in needs)
+    where = (f"the Ray cluster has {have_cpu:g} CPUs and {have_gpu:g} GPUs on {len(alive)} node(s) "
+             f"(largest node: {max((r.get('CPU', 0.0) for r in alive), default=0):g} CPUs)")
+    knobs = ("Lower cluster.<role>.count or .cpus/.gpus, give the cluster more logical CPUs "
+             "(`ray start --head --num-cpus=N`, as cluster/local.sh does; cluster.num_cpus for a local Ray), "
+             "or add nodes. On an autoscaling cluster that will grow, set cluster.check_resources=false.")
+    problems = []
+    if need_cpu > have_cpu + 1e-9:
+        data = f", + {data_cpus:g} for Ray Data tasks" if data_cpus else ""
+        problems.append(f"the roles that run together need {need_cpu:g} CPUs ({shown}{data})")
+    if need_gpu > have_gpu + 1e-9:
+        problems.append(f"they need {need_gpu:g} GPUs ({shown})")
+    for role, _, cpu, gpu in needs:  # one worker, engine or replica must fit on one node
+        if not any(r.get("CPU", 0.0) + 1e-9 >= cpu and r.get("GPU", 0.0) + 1e-9 >= gpu for r in alive):
+            problems.append(f"no node can hold one {role} ({cpu:g} CPU" + (f" + {gpu:g} GPU" if gpu else "") + ")")
+    if problems:
+        raise ConfigError(f"{where}, but " + "; ".join(problems) + ". " + knobs)
 
 
 # For a local Ray that this process starts (no dashboard):
@@ -48,14 +107,14 @@ LOCAL_RAY_RUNTIME_ENV = {"env_vars": {"RAY_API_SERVER_ADDRESS": "http://127.0.0.
                                       "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}}
 
 
-def init_ray(cfg: RunConfig, min_cpus: float = 0) -> None:
+def init_ray(cfg: RunConfig, roles: tuple[str, ...] = ("trainer",), data_cpus: float = 0.0) -> None:
     """Join cluster.address or RAY_ADDRESS if given (``auto``: the cluster `ray start`
-    started on this machine), else start a new local Ray.
+    started on this machine), else start a new local Ray; then check that the
+    cluster.* `roles` that run together fit (`check_cluster_fits`).
 
-    A local Ray gets cluster.num_cpus logical CPUs, or, if unset, enough for
-    `min_cpus` (the roles that stay up together), at least one per core. The
-    online loop's phases run one after another, so its long-lived roles can
-    share the cores they reserve between them.
+    A local Ray gets cluster.num_cpus logical CPUs, or, if unset, one per core, or
+    more if those roles need more. The online loop's phases run one after another,
+    so its long-lived roles can share the cores they reserve between them.
     """
     import math
 
@@ -63,31 +122,36 @@ def init_ray(cfg: RunConfig, min_cpus: float = 0) -> None:
 
     if ray.is_initialized():
         return
+    needs = role_needs(cfg, roles)
     address = cfg.cluster.address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address)
     else:
         num_cpus = cfg.cluster.num_cpus
-        if num_cpus is None and min_cpus:
-            num_cpus = max(os.cpu_count() or 1, math.ceil(min_cpus))
+        need = math.ceil(sum(c * cpu for _, c, cpu, _ in needs) + data_cpus)
+        if num_cpus is None and need > len(os.sched_getaffinity(0)):  # else Ray counts the cores (cgroup-aware)
+            num_cpus = need
         # address="local": always a new local Ray. A bare ray.init() would instead join
         # whatever /tmp/ray/ray_current_cluster names, and hang on a stale entry left by
         # a cluster that was killed. To join a `ray start` cluster, set RAY_ADDRESS=auto.
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, runtime_env=LOCAL_RAY_RUNTIME_ENV)
     ray.data.DataContext.get_current().enable_progress_bars = sys.stderr.isatty()
+    if cfg.cluster.check_resources:
+        check_cluster_fits(needs, ray.nodes(), data_cpus)
 
 
 def base_model(cfg: RunConfig) -> Path:
     """model.path, or the tiny model built (once) into <run_dir>/base_model."""
     if cfg.model.path:
-        p = Path(cfg.model.path)
+        # absolute: the policy app, which outlives a submitted job, serves it from its own directory
+        p = outliving_path(cfg.model.path, "model.path")
         if not (p / "config.json").exists():
             raise ConfigError(f"model.path: {p} is not a Hugging Face model folder (no config.json)")
         return p
     from raydpo.tasks import style
     from raydpo.tiny_model import build_tiny_model
 
-    out = Path(cfg.run_dir) / "base_model"
+    out = outliving_path(cfg.run_dir) / "base_model"
     if not (out / "model.safetensors").exists():
         build_tiny_model(style.corpus(cfg.seed), out, cfg.model.tiny, seed=cfg.seed)
     return out
@@ -165,7 +229,10 @@ def cached_dataset(cache: Path, compute):
     return ds, False
 
 
-def print_table(title: str, rows: list[tuple[str, str]]) -> None:
+def print_table(title: str, rows: list[tuple[str, str]], run_dir: str | None = None) -> None:
+    """The short table a job ends with; the absolute run_dir last, when given."""
+    if run_dir is not None:
+        rows = [*rows, ("run_dir", str(Path(run_dir).resolve()))]
     width = max(len(k) for k, _ in rows)
     print(f"\n{title}\n" + "\n".join(f"  {k:<{width}}  {v}" for k, v in rows))
 

@@ -162,3 +162,39 @@ def test_a_sample_the_judge_never_ranked_is_left_out():
     assert scores[:2] == [1.0, 0.0] and scores[2] != scores[2]  # NaN
     pairs, c = build_pairs([group([" a", " b", " c"])], [scores], iteration=1, first_prompt=0, judge="llm:x")
     assert [(p.chosen, p.rejected) for p in pairs] == [(" a", " b")] and c.unranked == 1
+
+
+def test_an_iteration_trained_before_a_kill_gets_the_row_an_uninterrupted_run_writes(tmp_path):
+    """A driver stopped after the trainer replied but before the iteration's metrics row was
+    written: the resumed run rebuilds that row from what was saved with the pairs and the
+    weights (judging counts in the chunks' metadata, the reply in the checkpoint), with the
+    same values an uninterrupted run wrote. Before the fix it held only `pairs`."""
+    from raydpo.config import load_config
+    from raydpo.data.store import PreferenceStore, StoredPair
+    from raydpo.loop import counts_row, dpo_metrics, trained_row, training_table
+
+    def pair(i, reason):
+        return StoredPair(f"3-{i}", 3, 2, "online", "p", "c", "r", 1.0, 0.0, "rule", (5, 6), (7, 8, 2), (9, 10),
+                          "stop", reason, (-0.1, -0.2, -0.3), (-0.4, -0.5))
+
+    cfg = load_config(None, [f"run_dir={tmp_path}", "loop.truncated=keep"])
+    store = PreferenceStore(tmp_path / "preferences")
+    judged = [PairCounts(prompts=4, samples=16, pairs=2, ties=1, identical=1),
+              PairCounts(prompts=4, samples=16, pairs=1, ties=2, invalid=3, unranked=1)]
+    store.write_chunk(3, 0, [pair(0, "stop"), pair(1, "length")], counts=judged[0].__dict__)
+    store.write_chunk(3, 1, [pair(2, "length")], counts=judged[1].__dict__)
+    reply = {"steps": 6, "pairs": 3, "step": 40, "metrics": {"loss": 0.61, "rewards/accuracies": 0.75,
+                                                               "rewards/margins": 0.2, "kl_estimate": 0.05}}
+    ckpt = tmp_path / "ray_train" / "online" / "iter-000003"
+    ckpt.mkdir(parents=True)
+    (ckpt / "trainer_state.json").write_text(json.dumps({"iteration": 3, "reply": reply}))
+
+    total = PairCounts()
+    for c in judged:
+        total.add(c)
+    uninterrupted = {**counts_row(total), **training_table(cfg, store, 3)[1], "train_steps": 6, "trained_pairs": 3,
+                     **dpo_metrics(reply["metrics"])}
+    row = trained_row(cfg, store, tmp_path, 3)
+    assert row == uninterrupted
+    assert row["pairs"] == 3 and row["ties_dropped"] == 3 and row["samples"] == 32 and row["truncated_pairs"] == 2
+    assert row["train_steps"] == 6 and row["dpo_loss"] == 0.61 and row["reward_accuracy"] == 0.75

@@ -84,13 +84,27 @@ def _error(status: int, message: str, param: str | None = None, code: str | None
                                                                "code": code}})
 
 
+# The registry is a detached actor in this namespace: the policy app outlives the job
+# that deployed it (Serve apps are detached), so what its replicas look up must too.
+# A job-owned registry died with its job, and the surviving replicas, restarted by
+# Serve, failed in their constructor ("Failed to look up actor") until the app was
+# marked failed: a resumed run could not deploy the app, and it answered 503.
+REGISTRY_NAMESPACE = "raydpo"
+
+
 class PolicyRegistry:
-    """Which weights the policy app should serve. One per app, a named Ray actor:
-    the loop publishes here; replicas poll, load and acknowledge."""
+    """Which weights the policy app should serve. One per app, a named detached Ray
+    actor: the loop publishes here; replicas poll, load and acknowledge."""
 
     def __init__(self):
+        self.reset()
+
+    def reset(self) -> None:
+        """A new run takes the app over: a new epoch, and versions count from its own
+        publishes again. Acks from replicas of an earlier epoch never count."""
+        self.epoch = uuid.uuid4().hex
         self.version = 0
-        self.payload: list | None = None  # [ObjectRef of a numpy state dict] or [path]
+        self.payload: list | None = None  # [ObjectRef of a numpy state dict or None, path or None]
         self.acks: dict[str, int] = {}
         self.errors: dict[str, str] = {}  # replica -> why it could not load the published version
 
@@ -99,10 +113,12 @@ class PolicyRegistry:
             raise ValueError(f"policy versions must increase: {version} after {self.version}")
         self.version, self.payload = version, payload
 
-    def current(self) -> tuple[int, list | None]:
-        return self.version, self.payload
+    def current(self) -> tuple[str, int, list | None]:
+        return self.epoch, self.version, self.payload
 
-    def ack(self, replica: str, version: int, error: str | None = None) -> None:
+    def ack(self, replica: str, epoch: str, version: int, error: str | None = None) -> None:
+        if epoch != self.epoch:  # a replica still serving an earlier run's weights
+            return
         self.acks[replica] = version
         if error:
             self.errors[replica] = error
@@ -141,36 +157,52 @@ class PolicyServer:
         self._generate_batch.set_max_batch_size(max_batch_size)
         self.update_error: str | None = None
         self.broken: str | None = None  # set when a weight load failed part-way: never serve mixed weights
+        self.registry_name, self.registry = registry, None  # looked up by the follower, again after a failure
+        self.epoch: str | None = None  # the registry epoch whose versions self.version counts in
         if registry:
-            self.registry = ray.get_actor(registry)
             threading.Thread(target=self._follow, args=(poll_s,), daemon=True, name="policy-follow").start()
 
     # ------------------------------------------------------------ weights
+
+    def _current(self) -> tuple[str, int, list | None]:
+        if self.registry is None:  # not there yet, or replaced by a new run's: look it up by name
+            self.registry = ray.get_actor(self.registry_name, namespace=REGISTRY_NAMESPACE)
+        return ray.get(self.registry.current.remote())
 
     def _follow(self, poll_s: float) -> None:
         from raydpo.sampler import checked_update
 
         while True:
             try:
-                version, payload = ray.get(self.registry.current.remote())
-                if version > self.version and payload and not self.broken:
-                    state = ray.get(payload[0]) if isinstance(payload[0], ray.ObjectRef) else None
-                    path = payload[0] if isinstance(payload[0], str) else None
-                    items = checked_update(self.expected, self.tied, state, path)  # a bad update changes nothing
+                epoch, version, payload = self._current()
+                if self.epoch is None and not payload:  # a new replica on the base weights of the app its
+                    self.epoch = epoch  # owner deployed: that owner's version 0
+                if (epoch != self.epoch or version > self.version) and payload and not self.broken:
+                    ref, path = payload
+                    state = None
+                    if ref is not None:
+                        try:
+                            state = ray.get(ref)
+                        except ray.exceptions.RayError:  # its owner (the job's trainer) is gone
+                            if path is None:
+                                raise
+                    items = checked_update(self.expected, self.tied, state, None if state is not None else path)
                     with self.engine_lock:
                         try:
                             self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": items})
                         except Exception as e:  # part-loaded: mixed weights. Serve replaces the replica
                             self.broken = f"loading version {version} failed part-way: {e}"  # (check_health)
                             raise
-                        self.version = version
+                        self.epoch, self.version = epoch, version
                     self.update_error = None
-            except Exception as e:  # keep serving the old version; the publisher sees the error
+            except Exception as e:  # keep serving the old version (also while no registry of that
+                # name exists yet); the publisher sees the error
                 self.update_error = f"{type(e).__name__}: {e}"
             try:
-                ray.get(self.registry.ack.remote(self.replica, self.version, self.update_error))
-            except Exception:  # the registry is gone (its job ended): keep serving what we have
-                pass
+                if self.registry is not None:
+                    ray.get(self.registry.ack.remote(self.replica, self.epoch, self.version, self.update_error))
+            except Exception:  # the registry is gone or replaced: look it up again next time
+                self.registry = None
             time.sleep(poll_s)
 
     def check_health(self) -> None:
@@ -321,6 +353,9 @@ def build_app(args: dict):
         raise ValueError(f"policy app: unknown args {sorted(unknown)}; known: {sorted(KNOWN_ARGS)}")
     if "model_path" not in args:
         raise ValueError("policy app: args.model_path (an HF safetensors folder) is required")
+    from raydpo.serve_judge import absolute_path_arg
+
+    absolute_path_arg(args, "model_path", "policy")
     scale = ({"autoscaling_config": dict(args["autoscaling"])} if args.get("autoscaling")
              else {"num_replicas": int(args.get("num_replicas", 1))})
     return PolicyServer.options(
@@ -337,11 +372,11 @@ class PolicyEndpoint:
 
     def __init__(self, cfg, model_path: str, name: str = "policy", route_prefix: str = "/policy"):
         self.registry_name = f"raydpo-policy-registry-{name}"
-        try:  # a resumed run on a long-lived cluster: the old registry belongs to a dead job
-            ray.kill(ray.get_actor(self.registry_name))
-        except ValueError:
-            pass
-        self.registry = ray.remote(num_cpus=0)(PolicyRegistry).options(name=self.registry_name).remote()
+        # detached, like the app: on a long-lived cluster a later (resumed) run finds the
+        # app and its registry from an earlier job, takes both over and resets the versions
+        self.registry = ray.remote(num_cpus=0)(PolicyRegistry).options(
+            name=self.registry_name, namespace=REGISTRY_NAMESPACE, lifetime="detached", get_if_exists=True).remote()
+        ray.get(self.registry.reset.remote())
         r = cfg.cluster.policy
         self.replicas = r.count
         args = {"model_path": model_path, "registry": self.registry_name, **r.serve_scaling(), "num_cpus": r.cpus,
@@ -351,9 +386,13 @@ class PolicyEndpoint:
         self.url = f"http://{cfg.cluster.host}:{cfg.cluster.port}{route_prefix}/v1"
 
     def publish(self, version: int, *, state_ref=None, path: str | None = None, timeout_s: float = 120) -> float:
-        """Make every replica serve `version`; return the seconds it took."""
+        """Make every replica serve `version`; return the seconds it took. Replicas take
+        `state_ref` (the object store) when they can and `path` otherwise: give both, so
+        that a replica started after this job ended (the ref's owner) can still load it."""
+        if state_ref is None and path is None:
+            raise ValueError("publish needs state_ref or path")
         t = time.perf_counter()
-        ray.get(self.registry.publish.remote(version, [state_ref if state_ref is not None else path]))
+        ray.get(self.registry.publish.remote(version, [state_ref, path]))
         while True:
             serving = ray.get(self.registry.serving.remote())
             # replicas that autoscaling or a crash removed stay in `serving` at their old

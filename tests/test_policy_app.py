@@ -16,10 +16,11 @@ PROMPT = "about: apple | max 5\n"
 def policy_app(serve_port, tiny_model_dir):
     from ray import serve
 
-    from raydpo.serve_policy import PolicyRegistry, build_app
+    from raydpo.serve_policy import REGISTRY_NAMESPACE, PolicyRegistry, build_app
 
     port = serve_port
-    registry = ray.remote(num_cpus=0)(PolicyRegistry).options(name="test-policy-registry").remote()
+    registry = ray.remote(num_cpus=0)(PolicyRegistry).options(name="test-policy-registry",
+                                                              namespace=REGISTRY_NAMESPACE).remote()
     serve.run(build_app({"model_path": str(tiny_model_dir), "registry": "test-policy-registry", "num_cpus": 0.5,
                          "max_batch_size": 8}), name="policy", route_prefix="/policy")
     yield f"http://127.0.0.1:{port}/policy/v1", registry
@@ -107,3 +108,22 @@ def test_bad_chat_and_oversized_bodies(policy_app):
     r = httpx.post(f"{url}/completions", content=b"{not json", headers={"content-type": "application/json"}, timeout=60)
     assert r.status_code == 400
     assert httpx.get(f"{url}/models", timeout=60).status_code == 200
+
+
+def test_a_new_owner_of_the_registry_never_counts_an_earlier_runs_acks():
+    """On a long-lived cluster a resumed (or new) run takes over the detached registry: replicas
+    of the earlier run that still serve its version 12 must not make version 3 look served."""
+    from raydpo.serve_policy import PolicyRegistry
+
+    reg = PolicyRegistry()
+    old = reg.current()[0]
+    reg.publish(12, [None, "/ckpt/12"])
+    reg.ack("old-replica", old, 12)
+    reg.reset()
+    epoch, version, payload = reg.current()
+    assert epoch != old and version == 0 and payload is None and reg.serving() == {}
+    reg.publish(3, [None, "/ckpt/3"])
+    reg.ack("old-replica", old, 12)  # still up, still acking the earlier run's version
+    assert reg.serving() == {}
+    reg.ack("new-replica", epoch, 3)
+    assert reg.serving() == {"new-replica": 3}

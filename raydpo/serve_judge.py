@@ -228,6 +228,15 @@ class ScoringJudge:
         return {"results": [r.__dict__ for r in results], "judge": self.name}
 
 
+def absolute_path_arg(args: dict, key: str, app: str) -> None:
+    """Model folders in Serve app args must be absolute: each replica runs in a working
+    directory of its own (on its own node), where a relative path means something else."""
+    value = args.get(key)
+    if value is not None and not os.path.isabs(str(value)):
+        raise ValueError(f"{app} app: args.{key}={value!r} is relative; give an absolute path (on storage "
+                         f"every replica's node sees), e.g. {os.path.abspath(str(value))}")
+
+
 def build_app(args: dict):
     """Application builder for `serve run serve/judge_rule.yaml` (and `serve.run` from Python)."""
     known = {"rule", "tie_margin", "num_replicas", "num_cpus", "max_batch_size", "autoscaling", "reward_model",
@@ -235,6 +244,7 @@ def build_app(args: dict):
     unknown = set(args) - known
     if unknown:
         raise ValueError(f"judge app: unknown args {sorted(unknown)}; known: {sorted(known)}")
+    absolute_path_arg(args, "reward_model", "judge")
     # autoscaling: {min_replicas, max_replicas, target_ongoing_requests} replaces num_replicas
     scale = ({"autoscaling_config": dict(args["autoscaling"])} if args.get("autoscaling")
              else {"num_replicas": int(args.get("num_replicas", 1))})

@@ -34,7 +34,7 @@ from raydpo.judge import (
     parse_verdict,
     render_judge_prompt,
 )
-from raydpo.serve_judge import CompareRequest, ScoreRequest, _error, parse_body
+from raydpo.serve_judge import CompareRequest, ScoreRequest, _error, absolute_path_arg, parse_body
 
 app = FastAPI(title="raydpo LLM judge", docs_url=None, redoc_url=None)
 
@@ -142,6 +142,7 @@ def build_app(args: dict):
         raise ValueError(f"LLM judge app: unknown args {sorted(unknown)}; known: {sorted(KNOWN_ARGS)}")
     if "model_path" not in args:
         raise ValueError("LLM judge app: args.model_path (an HF folder of a generative model) is required")
+    absolute_path_arg(args, "model_path", "LLM judge")
     check_template(args.get("template") or DEFAULT_TEMPLATE)
     scale = ({"autoscaling_config": dict(args["autoscaling"])} if args.get("autoscaling")
              else {"num_replicas": int(args.get("num_replicas", 1))})

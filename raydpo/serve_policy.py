@@ -117,13 +117,12 @@ class PolicyRegistry:
         return self.epoch, self.version, self.payload
 
     def ack(self, replica: str, epoch: str, version: int, error: str | None = None) -> None:
-        if epoch != self.epoch:  # a replica still serving an earlier run's weights
-            return
-        self.acks[replica] = version
-        if error:
+        if error:  # also from a replica that failed to load this owner's first version
             self.errors[replica] = error
         else:
             self.errors.pop(replica, None)
+        if epoch == self.epoch:  # else: a replica still serving an earlier run's weights
+            self.acks[replica] = version
 
     def serving(self) -> dict[str, int]:
         return dict(self.acks)

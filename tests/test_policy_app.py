@@ -127,3 +127,7 @@ def test_a_new_owner_of_the_registry_never_counts_an_earlier_runs_acks():
     assert reg.serving() == {}
     reg.ack("new-replica", epoch, 3)
     assert reg.serving() == {"new-replica": 3}
+    # a replica whose load of this owner's version failed still reports why (the publisher
+    # names it on timeout), though its ack is not counted as serving
+    reg.ack("other-replica", old, 12, "SamplerError: checkpoint folder '/ckpt/3' does not exist on this node")
+    assert reg.serving() == {"new-replica": 3} and "does not exist" in reg.update_errors()["other-replica"]

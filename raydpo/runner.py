@@ -40,8 +40,7 @@ def outliving_path(value: str, key: str = "run_dir", cwd: str | None = None) -> 
     directory (a relative path under `ray job submit --working-dir`) is refused: that
     copy is deleted with the Ray session, and the store, checkpoints and report (or a
     model a Serve app outliving the job still needs) with it."""
-    cwd = cwd or os.getcwd()
-    path = Path(value).resolve() if os.path.isabs(value) else Path(cwd, value).resolve()
+    path = Path(cwd or os.getcwd(), value).resolve()  # an absolute value replaces cwd
     if RAY_WORKING_DIR_COPY in str(path):
         raise ConfigError(
             f"{key}={value} resolves to {path}, inside Ray's copy of the job's working directory, "
@@ -57,6 +56,10 @@ def role_needs(cfg: RunConfig, roles: tuple[str, ...]) -> list[tuple[str, int, f
             for r in roles if getattr(cfg.cluster, r).count > 0]
 
 
+def needed_cpus(needs: list[tuple[str, int, float, float]], data_cpus: float = 0.0) -> float:
+    return sum(c * cpu for _, c, cpu, _ in needs) + data_cpus
+
+
 def check_cluster_fits(needs: list[tuple[str, int, float, float]], nodes: list[dict], data_cpus: float = 0.0) -> None:
     """Fail in seconds, with the numbers and the knobs, when the roles that must be up
     together can never be placed: a Ray Train worker group or an actor that does not
@@ -66,7 +69,7 @@ def check_cluster_fits(needs: list[tuple[str, int, float, float]], nodes: list[d
     alive = [n.get("Resources", {}) for n in nodes if n.get("Alive")]
     have_cpu = sum(r.get("CPU", 0.0) for r in alive)
     have_gpu = sum(r.get("GPU", 0.0) for r in alive)
-    need_cpu = sum(c * cpu for _, c, cpu, _ in needs) + data_cpus
+    need_cpu = needed_cpus(needs, data_cpus)
     need_gpu = sum(c * gpu for _, c, _, gpu in needs)
     shown = ", ".join(f"{r} {c} x {cpu:g} CPU" + (f" + {gpu:g} GPU" if gpu else "") for r, c, cpu, gpu in needs)
     where = (f"the Ray cluster has {have_cpu:g} CPUs and {have_gpu:g} GPUs on {len(alive)} node(s) "
@@ -128,8 +131,9 @@ def init_ray(cfg: RunConfig, roles: tuple[str, ...] = ("trainer",), data_cpus: f
         ray.init(address=address)
     else:
         num_cpus = cfg.cluster.num_cpus
-        need = math.ceil(sum(c * cpu for _, c, cpu, _ in needs) + data_cpus)
-        if num_cpus is None and need > len(os.sched_getaffinity(0)):  # else Ray counts the cores (cgroup-aware)
+        need = math.ceil(needed_cpus(needs, data_cpus))
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        if num_cpus is None and need > cores:  # else Ray counts the cores itself (cgroup-aware)
             num_cpus = need
         # address="local": always a new local Ray. A bare ray.init() would instead join
         # whatever /tmp/ray/ray_current_cluster names, and hang on a stale entry left by

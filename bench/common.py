@@ -31,15 +31,14 @@ def llama_shape(hidden: int, layers: int, **kw):
 
 
 def start_local_ray(num_cpus: int | None = None) -> None:
-    """A new local Ray for a bench, as raydpo's own jobs start one (LOCAL_RAY_RUNTIME_ENV), with all
-    CPUs unless told otherwise, no dashboard, worker logs and Ray Data progress bars kept out of the
+    """A new local Ray for a bench, as raydpo's own jobs start one (`raydpo.cluster.start_local_ray`),
+    with all CPUs unless told otherwise, worker logs and Ray Data progress bars kept out of the
     bench's table. Its start-up is not part of any timing."""
     import os
 
     import ray
 
-    from raydpo.runner import LOCAL_RAY_RUNTIME_ENV
+    from raydpo.cluster import start_local_ray
 
-    ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, log_to_driver=False,
-             runtime_env=LOCAL_RAY_RUNTIME_ENV)
+    start_local_ray(num_cpus or os.cpu_count(), log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False

@@ -72,7 +72,7 @@ def main() -> None:
     import ray
     from ray import serve
 
-    from raydpo.serve_judge import build_app
+    from raydpo.judge.apps import build_app
 
     start_local_ray()
     port = free_port()

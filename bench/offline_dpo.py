@@ -91,7 +91,9 @@ def run_raydpo(model_dir: str, data: str, run_dir: str, batch: int, lr: float, e
 
     from raydpo.config import load_config
     from raydpo.data.pipeline import read_pairs
-    from raydpo.train.trainer import fit, make_spec, precompute_reference
+    from raydpo.train.reference import precompute_reference
+    from raydpo.train.spec import make_spec
+    from raydpo.train.staged import fit
 
     cfg = load_config(None, [f"run_dir={run_dir}", f"trainer.batch_size={batch}", f"trainer.micro_batch_size={batch}",
                              f"trainer.lr={lr}", f"trainer.epochs={epochs}", "trainer.max_steps=0", "cluster.trainer.count=1",
@@ -99,7 +101,7 @@ def run_raydpo(model_dir: str, data: str, run_dir: str, batch: int, lr: float, e
                              f"trainer.shared_prefix={str(shared_prefix).lower()}"])
     pad = AutoTokenizer.from_pretrained(model_dir).pad_token_id
     t0 = time.perf_counter()
-    good, _ = read_pairs(data)  # as jobs/train_dpo.py with trainer.reference=precomputed
+    good, _ = read_pairs(data)  # as jobs/train_dpo.py with trainer.reference_logps=precomputed
     t1 = time.perf_counter()
     ds = precompute_reference(good, model_dir, pad, concurrency=1, cpus=os.cpu_count(), shared_prefix=shared_prefix,
                               tokenize=(255, 256)).materialize()

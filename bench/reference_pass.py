@@ -41,7 +41,7 @@ def main() -> None:
     from raydpo.data.pipeline import read_pairs, tokenize, truncation_counts
     from raydpo.tasks import style
     from raydpo.tiny_model import build_tiny_model
-    from raydpo.train.trainer import precompute_reference
+    from raydpo.train.reference import precompute_reference
 
     work = Path(tempfile.mkdtemp(prefix="bench_ref_"))
     model = str(build_tiny_model(style.corpus(), work / "model", llama_shape(args.hidden, args.layers)))

@@ -79,7 +79,7 @@ def main() -> None:
 
     from raydpo.config import TinyModelConfig
     from raydpo.records import SamplingSettings
-    from raydpo.sampler import SamplerPool
+    from raydpo.sampler.pool import SamplerPool
     from raydpo.tasks import style
     from raydpo.tiny_model import build_tiny_model, count_parameters
 

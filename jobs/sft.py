@@ -5,48 +5,28 @@
 
 data.train_path: prompt/completion records, or preference pairs (trained on the
 chosen responses). Without it, the built-in style task's mixed-quality
-demonstrations (trainer.sft_steps x trainer.sft_batch_size of them) are used,
-on the tiny model unless model.path is given. Writes a Hugging Face checkpoint
-(safetensors) under <run_dir>/ray_train/sft/ and prints where.
+demonstrations (the same ones the online demo starts from) are used, on the tiny
+model unless model.path is given. Writes a Hugging Face checkpoint (safetensors)
+under <run_dir>/ray_train/sft/ and prints where. The online loop runs this same stage.
 """
 
-import json
 import sys
 from pathlib import Path
 
-from raydpo.config import ConfigError
-from raydpo.data.formats import DataError
-from raydpo.runner import base_model, init_ray, job_config, last_metrics, print_table, read_tokenized
+from raydpo.job import base_model, print_table, run_job, stage_rows
 
 
-def main(argv=None) -> int:
-    cfg = job_config(__doc__, argv)
-    try:
-        model = base_model(cfg)
-        source = cfg.data.train_path
-        if source is None:
-            from raydpo.tasks import style
-
-            source = str(Path(cfg.run_dir) / "sft_demonstrations.jsonl")
-            with open(source, "w") as f:
-                for r in style.sft_records(cfg.trainer.sft_steps * cfg.trainer.sft_batch_size, cfg.seed):
-                    f.write(json.dumps(r) + "\n")
-        init_ray(cfg)
-        ds = read_tokenized(cfg, source, model)
-    except (ConfigError, DataError) as e:  # named, no traceback
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+def main(cfg, args) -> int:
     from transformers import AutoTokenizer
 
-    from raydpo.train.trainer import fit, make_spec
+    from raydpo.cluster import init_ray
+    from raydpo.train.staged import sft_stage
 
-    pad = AutoTokenizer.from_pretrained(model).pad_token_id
-    ckpt = fit(make_spec(cfg, "sft", str(model), cfg.run_dir), ds, cfg, "sft", pad)
-    m = last_metrics(cfg.run_dir, "sft/")
-    print_table("SFT done", [("steps", str(m.get("step"))), ("final loss", f"{m.get('loss', float('nan')):.4f}"),
-                             ("checkpoint", str(ckpt))], cfg.run_dir)
-    return 0
+    model = base_model(cfg)
+    init_ray(cfg)
+    ckpt = sft_stage(cfg, model, Path(cfg.run_dir), AutoTokenizer.from_pretrained(model).pad_token_id)
+    print_table("SFT done", stage_rows(cfg.run_dir, "sft/") + [("checkpoint", str(ckpt))], cfg.run_dir)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_job(main, __doc__))

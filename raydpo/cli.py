@@ -16,7 +16,8 @@ import sys
 
 import yaml
 
-from raydpo.config import ConfigError, describe, load_config
+from raydpo.config import describe, load_config
+from raydpo.errors import ConfigError, RaydpoError, exit_code
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -74,7 +75,8 @@ def cmd_tiny_model(args: argparse.Namespace) -> int:
 
 
 def cmd_data_validate(args: argparse.Namespace) -> int:
-    from raydpo.data.formats import DataError, validate_paths
+    from raydpo.data.formats import validate_paths
+    from raydpo.errors import DataError
 
     try:
         good, report = validate_paths(args.paths, args.format, args.strict)
@@ -126,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     p_val.add_argument("--show", type=int, default=20, metavar="N", help="bad records to print (default 20)")
     p_val.set_defaults(func=cmd_data_validate)
 
-    # `raydpo online ...` hands every argument to the loop's own parser (raydpo.loop.main)
+    # `raydpo online ...` hands every argument to the job runner (raydpo.online.loop.main)
     sub.add_parser("online", help="run (or --resume) the online-DPO loop; see `raydpo online --help`", add_help=False)
     p_rep = sub.add_parser("report", help="redraw the report of an online run",
                            description="Write <run_dir>/report/report.md and metrics.png from online_metrics.jsonl.")
@@ -151,16 +153,16 @@ def cmd_report(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["online"]:
-        from raydpo.loop import main as online_main
+        from raydpo.online.loop import main as online_main
 
-        return online_main(argv[1:])
+        return online_main(argv[1:], prog="raydpo online")
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except ConfigError as e:
+    except RaydpoError as e:
         print(f"raydpo: error: {e}", file=sys.stderr)
-        return 2
+        return exit_code(e)
     except ValueError as e:  # e.g. a tiny-model shape vLLM cannot run
         print(f"raydpo: error: {e}", file=sys.stderr)
         return 2

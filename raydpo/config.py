@@ -7,7 +7,8 @@ locations. What it does not give, and this module adds:
 * YAML loading with the YAML error's line and column,
 * dotted command-line overrides (``trainer.lr=1e-5``),
 * a "did you mean ..." suggestion for unknown keys,
-* one ``ConfigError`` that names every bad key with its source.
+* one ``ConfigError`` that names every bad key with its source,
+* for a renamed key, an error that names its new name (`RENAMED`).
 
 Every field carries a one-line ``description``; ``raydpo config show`` prints
 the resolved tree, and every run saves it as ``<run_dir>/config.yaml``.
@@ -23,11 +24,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from raydpo.errors import ConfigError
 
-class ConfigError(ValueError):
-    """A config that cannot be used; the message names each bad key."""
+# Keys that were renamed: the old name fails with an error naming the new one (a saved
+# config.yaml of an older run is read with the new names, see read_saved_config).
+RENAMED = {"trainer.reference": "trainer.reference_logps", "loop.reference": "loop.reference_policy"}
 
 
 class _Section(BaseModel):
@@ -87,7 +90,7 @@ class SamplerConfig(_Section):
 
 
 class JudgeConfig(_Section):
-    kind: Literal["rule", "reward_model", "llm"] = Field("rule", description="how responses are scored")
+    kind: str = Field("rule", description="how responses are judged: a key of raydpo.judge.kinds.KINDS (rule, reward_model, llm)")
     rule: str = Field("raydpo.tasks.style:score", description="module:function scoring (prompt, response) -> float, for kind=rule")
     model_path: str | None = Field(None, description="reward model or LLM judge folder, for kind=reward_model/llm")
     tie_margin: float = Field(0.0, ge=0.0, description="score differences at or below this are ties")
@@ -96,16 +99,25 @@ class JudgeConfig(_Section):
     answers: dict[str, Literal["a", "b"]] = Field(default_factory=lambda: {"A": "a", "B": "b"}, description="kind=llm: matched text -> side")
     max_new_tokens: int = Field(8, ge=1, description="kind=llm: tokens the judge model may write")
 
+    @field_validator("kind")
+    @classmethod
+    def _known_kind(cls, kind: str) -> str:
+        from raydpo.judge.kinds import KINDS
+
+        if kind not in KINDS:
+            raise ValueError(f"unknown judge kind {kind!r}; known: {', '.join(KINDS)}")
+        return kind
+
 
 class TrainerConfig(_Section):
     strategy: Literal["ddp", "deepspeed"] = Field("ddp", description="data parallel strategy (gloo on CPU, NCCL on GPU)")
     zero_stage: Literal[1, 2, 3] = Field(2, description="DeepSpeed ZeRO stage, for strategy=deepspeed")
-    loss: Literal["sigmoid", "ipo", "hinge", "robust", "simpo"] = Field("sigmoid", description="DPO loss variant")
+    loss: str = Field("sigmoid", description="DPO loss variant: a key of raydpo.losses.LOSSES (sigmoid, robust, hinge, ipo, simpo)")
     beta: float = Field(0.1, gt=0.0, description="strength of the reference anchor (tau for IPO)")
     label_smoothing: float = Field(0.0, ge=0.0, lt=0.5, description="assumed label noise: cDPO for sigmoid, robust DPO for robust")
     simpo_gamma_beta_ratio: float = Field(0.5, ge=0.0, description="SimPO target margin gamma / beta")
     rpo_alpha: float = Field(0.0, ge=0.0, description="weight of the chosen-response NLL term (RPO); 0 turns it off")
-    reference: Literal["live", "precomputed"] = Field("precomputed", description="reference log-probs from a frozen model each step, or computed once by Ray Data")
+    reference_logps: Literal["live", "precomputed"] = Field("precomputed", description="the reference's log-probs: from a frozen model each step (live), or computed once by Ray Data and cached (precomputed)")
     lr: float = Field(3e-4, gt=0.0, description="peak learning rate (AdamW)")
     weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay")
     warmup_steps: int = Field(0, ge=0, description="linear LR warm-up steps")
@@ -127,13 +139,22 @@ class TrainerConfig(_Section):
     sft_lr: float = Field(2e-3, gt=0.0, description="SFT learning rate")
     sft_batch_size: int = Field(64, ge=1, description="SFT sequences per optimizer step (global)")
 
+    @field_validator("loss")
+    @classmethod
+    def _known_loss(cls, loss: str) -> str:
+        from raydpo.losses import LOSSES
+
+        if loss not in LOSSES:
+            raise ValueError(f"unknown loss {loss!r}; known: {', '.join(LOSSES)}")
+        return loss
+
 
 class LoopConfig(_Section):
     iterations: int = Field(12, ge=1, description="online iterations")
     prompts_per_iteration: int = Field(64, ge=1, description="prompts sampled each iteration")
     dpo_passes: int = Field(4, ge=1, description="passes over each iteration's fresh pairs")
     eval_prompts: int = Field(256, ge=1, description="held-out prompts evaluated each iteration")
-    reference: Literal["fixed", "previous"] = Field("fixed", description="reference = SFT policy, or last iteration's policy")
+    reference_policy: Literal["fixed", "previous"] = Field("fixed", description="the policy DPO anchors to: the starting (SFT) policy, or last iteration's policy")
     prompts_path: str | None = Field(None, description="JSONL/Parquet with a 'prompt' column to sample from; None uses the built-in style task's training prompts")
     eval_prompts_path: str | None = Field(None, description="held-out prompts (same format); None uses the style task's held-out prompts")
     pairs: Literal["best_worst", "all"] = Field("best_worst", description="pairs per prompt: best vs worst sample, or every pair whose score gap exceeds pair_margin")
@@ -197,8 +218,8 @@ class RunConfig(_Section):
         if self.sampler.tensor_parallel_size > 1 and self.cluster.sampler.gpus < self.sampler.tensor_parallel_size:
             raise ValueError(f"sampler.tensor_parallel_size ({self.sampler.tensor_parallel_size}) needs "
                              f"cluster.sampler.gpus >= it (got {self.cluster.sampler.gpus}); on CPU it must be 1")
-        if self.loop.reference == "previous" and self.trainer.lora_r:
-            raise ValueError("loop.reference='previous' cannot be used with trainer.lora_r > 0: the LoRA reference "
+        if self.loop.reference_policy == "previous" and self.trainer.lora_r:
+            raise ValueError("loop.reference_policy='previous' cannot be used with trainer.lora_r > 0: the LoRA reference "
                              "is the base model with adapters off")
         if workers and self.trainer.sft_batch_size % workers:
             raise ValueError(f"trainer.sft_batch_size ({self.trainer.sft_batch_size}) must be a multiple of "
@@ -232,7 +253,9 @@ def _explain(err: ValidationError, root: type[BaseModel], source: str) -> Config
     for e in err.errors():
         loc = tuple(str(p) for p in e["loc"])
         key = ".".join(loc) or "<root>"
-        if e["type"] == "extra_forbidden":
+        if e["type"] == "extra_forbidden" and key in RENAMED:
+            lines.append(f"  {key}: renamed to {RENAMED[key]}; use that key")
+        elif e["type"] == "extra_forbidden":
             owner = _model_at(root, loc[:-1])
             hint = _suggest(loc[-1], owner, loc[:-1]) if owner else ""
             lines.append(f"  {key}: unknown key{hint}")
@@ -279,6 +302,8 @@ def apply_override(data: dict[str, Any], override: str, root: type[BaseModel] = 
         raise ConfigError(f"override {override!r}: empty key in {dotted!r}")
     model: type[BaseModel] | None = root
     node = data
+    if dotted.strip() in RENAMED:
+        raise ConfigError(f"override {override!r}: {dotted.strip()} was renamed to {RENAMED[dotted.strip()]}")
     for i, part in enumerate(parts):
         here = ".".join(parts[: i + 1])
         if model is None:
@@ -335,12 +360,9 @@ def require(cfg: BaseModel, *keys: str, by: str) -> None:
 
 def save_config(cfg: BaseModel, run_dir: str | os.PathLike) -> Path:
     """Write the resolved config to ``<run_dir>/config.yaml`` and return the path."""
-    out = Path(run_dir) / "config.yaml"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".yaml.tmp")
-    tmp.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), encoding="utf-8")
-    os.replace(tmp, out)
-    return out
+    from raydpo.files import atomic_write
+
+    return atomic_write(Path(run_dir) / "config.yaml", yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
 
 
 def changed_keys(saved: dict[str, Any], new: dict[str, Any], prefix: str = "") -> dict[str, tuple[Any, Any]]:
@@ -359,7 +381,17 @@ def read_saved_config(run_dir: str | os.PathLike) -> dict[str, Any] | None:
     """A run's saved ``config.yaml``, validated, with today's defaults for keys it predates,
     as a plain dict (None if the run has none)."""
     path = Path(run_dir) / "config.yaml"
-    return load_config(path).model_dump(mode="json") if path.exists() else None
+    if not path.exists():
+        return None
+    data = _read_yaml(path)
+    for old, new in RENAMED.items():  # a run started before the rename: its keys under today's names
+        (sec, key), (_, new_key) = old.split("."), new.split(".")
+        if key in data.get(sec, {}) and new_key not in data[sec]:
+            data[sec][new_key] = data[sec].pop(key)
+    try:
+        return RunConfig.model_validate(data).model_dump(mode="json")
+    except ValidationError as e:
+        raise _explain(e, RunConfig, str(path)) from None
 
 
 def describe(cfg: BaseModel | None = None, prefix: str = "") -> list[str]:

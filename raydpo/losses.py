@@ -9,10 +9,15 @@ Notation (B pairs)::
 Every loss returns ``(losses, chosen_rewards, rejected_rewards)``, each (B,),
 with **no reduction**; rewards are the detached implicit rewards
 ``beta * (policy - reference)`` (SimPO: ``beta * policy``). Each variant is its
-own function; `LOSSES` maps the config name to it, once.
+own function, registered once in `LOSSES` with what it needs (`LossSpec`): adding a
+loss is one function, one registry line and its test. `trainer.loss` names a key of
+`LOSSES`; `raydpo.train.step.dpo_loss` calls any of them the same way.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -119,13 +124,43 @@ def nll_loss(chosen_logps: Tensor, chosen_lengths: Tensor) -> Tensor:
     return -chosen_logps.sum() / chosen_lengths.sum().clamp(min=1)
 
 
-# Variants that take length-averaged log-probs (the rest take sums).
-LENGTH_NORMALISED = {"ipo", "simpo"}
-REFERENCE_FREE = {"simpo"}
-LOSSES = {
-    "sigmoid": sigmoid_loss,
-    "robust": robust_loss,
-    "hinge": hinge_loss,
-    "ipo": ipo_loss,
-    "simpo": simpo_loss,
+@dataclass(frozen=True)
+class LossSpec:
+    """A registered loss: fn(pc, pr, [rc, rr,] beta, **options) -> (losses, chosen rewards, rejected rewards)."""
+
+    fn: Callable
+    needs_reference: bool = True  # False: fn takes no reference log-probs (and no reference model is loaded)
+    length_normalised: bool = False  # True: fn takes per-token mean log-probs instead of sums
+    options: dict[str, str] = field(default_factory=dict)  # fn keyword -> LossSettings field
+
+
+LOSSES: dict[str, LossSpec] = {
+    "sigmoid": LossSpec(sigmoid_loss, options={"label_smoothing": "label_smoothing"}),
+    "robust": LossSpec(robust_loss, options={"label_smoothing": "label_smoothing"}),
+    "hinge": LossSpec(hinge_loss),
+    "ipo": LossSpec(ipo_loss, length_normalised=True),
+    "simpo": LossSpec(simpo_loss, needs_reference=False, length_normalised=True,
+                      options={"gamma_beta_ratio": "simpo_gamma_beta_ratio", "label_smoothing": "label_smoothing"}),
 }
+
+
+@dataclass(frozen=True)
+class LossSettings:
+    """The loss a DPO step uses (from trainer.*): a `LOSSES` name and its hyper-parameters."""
+
+    loss: str = "sigmoid"
+    beta: float = 0.1
+    label_smoothing: float = 0.0
+    simpo_gamma_beta_ratio: float = 0.5
+    rpo_alpha: float = 0.0  # weight of the chosen-response NLL term (0: off)
+
+    @property
+    def spec(self) -> LossSpec:
+        return LOSSES[self.loss]
+
+    @property
+    def needs_reference(self) -> bool:
+        return self.spec.needs_reference
+
+    def options(self) -> dict[str, float]:
+        return {arg: getattr(self, name) for arg, name in self.spec.options.items()}

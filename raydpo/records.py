@@ -1,9 +1,17 @@
-"""Small typed records that cross process boundaries (no Ray, no torch)."""
+"""The typed contracts between roles (no Ray, no torch).
+
+* sampler -> loop:      `SamplingSettings` in, `Sample` out (ids, log-probs, finish reason, version);
+* judge   -> loop/HTTP: `Judgement` per compared pair, `JudgeInfo` for the judge's identity and nature;
+* loop    -> trainer:   `TrainRequest`, `KLRequest`, `StopRequest` in; `TrainResult`, `KLResult` out.
+
+Errors do not travel in these records: a role raises an exception from `raydpo.errors`.
+"""
 
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
 
 
 def derive_seed(*parts: int) -> int:
@@ -46,3 +54,96 @@ class Sample:
     finish_reason: str  # "stop" (EOS or stop string) or "length" (cut at max_new_tokens)
     policy_version: int
     prompt_token_ids: tuple[int, ...] = ()  # the context the engine was given (BOS included if the tokenizer adds one)
+
+
+# ------------------------------------------------------------------ judge
+
+Preferred = Literal["a", "b", "tie", "invalid"]
+
+
+@dataclass(frozen=True)
+class Judgement:
+    """A judge's verdict on (prompt, response_a, response_b)."""
+
+    preferred: Preferred
+    margin: float  # score_a - score_b for scoring judges; +1 / -1 / 0 for pairwise judges
+    score_a: float | None = None
+    score_b: float | None = None
+    answers: tuple[str, ...] = ()  # pairwise judges: what the judge model wrote, in (a, b) then (b, a) order
+    parsed: tuple[str, ...] = ()  # ... and what each answer was read as
+
+
+@dataclass(frozen=True)
+class JudgeInfo:
+    """Who a judge is, and whether it scores one response or compares two (`pairwise`).
+    The loop ranks a prompt's k samples by score, or by round-robin comparisons when pairwise."""
+
+    name: str  # e.g. "rule:raydpo.tasks.style:score", goes into every stored pair
+    kind: str  # a key of raydpo.judge.kinds.KINDS
+    pairwise: bool
+    tie_margin: float = 0.0
+
+
+# ------------------------------------------------------------------ trainer
+
+
+@dataclass(frozen=True)
+class TrainRequest:
+    """Train one online iteration: `passes` passes over `dataset` (a Ray Dataset of
+    tokenized pairs), after replacing the reference with the current policy if asked."""
+
+    op: ClassVar[str] = "train"
+    iteration: int
+    dataset: Any
+    passes: int
+    refresh_reference: bool = False
+
+
+@dataclass(frozen=True)
+class KLRequest:
+    """Mean log pi(y|x) - log pi_ref(y|x) over the given (prompt ids, response ids)."""
+
+    op: ClassVar[str] = "kl"
+    prompt_ids: list[list[int]]
+    response_ids: list[list[int]]
+    iteration: int = -1
+
+
+@dataclass(frozen=True)
+class StopRequest:
+    op: ClassVar[str] = "stop"
+    iteration: int = -1
+
+
+@dataclass(frozen=True)
+class Answered:
+    """What the mailbox keeps of a command once its reply reached the driver: its kind and
+    iteration, without the payload (a dataset), so a restarted worker can count past it."""
+
+    op: str
+    iteration: int
+
+
+@dataclass
+class TrainResult:
+    """The trainer's answer to a `TrainRequest`; saved (without `weights`) in the iteration's checkpoint."""
+
+    steps: int  # optimizer steps over all passes
+    pairs: int  # training rows of the iteration
+    metrics: dict[str, float]  # means over the last pass's steps
+    step: int  # optimizer steps since the run began
+    seconds: float = 0.0
+    weights: Any = None  # ObjectRef of the new numpy state dict (rank 0's), None when not sent
+    timing: dict[str, float] = field(default_factory=dict)
+    from_checkpoint: bool = False  # answered from the checkpoint after a worker restart
+
+    def saved(self) -> dict:
+        """What goes into the checkpoint's trainer_state.json."""
+        return {"steps": self.steps, "pairs": self.pairs, "metrics": self.metrics, "step": self.step}
+
+
+@dataclass(frozen=True)
+class KLResult:
+    kl: float
+    n: int
+    seconds: float = 0.0

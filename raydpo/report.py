@@ -25,6 +25,12 @@ COLUMNS = (
 )
 
 
+def append_metrics(run_dir: str | Path, row: dict) -> None:
+    """One iteration's row, appended as a line of <run_dir>/online_metrics.jsonl."""
+    with open(Path(run_dir) / METRICS_FILE, "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
 def read_metrics(run_dir: str | Path) -> list[dict]:
     """One row per iteration (the last one written wins, e.g. after a resume)."""
     path = Path(run_dir) / METRICS_FILE

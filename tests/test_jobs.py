@@ -4,6 +4,8 @@ import json
 
 from tests.helpers.proc import run_py
 
+import pytest
+
 
 def test_train_dpo_names_the_missing_key(tmp_path):
     r = run_py(["jobs/train_dpo.py", f"run_dir={tmp_path}"], timeout=120)
@@ -16,6 +18,7 @@ def test_bad_override_exits_2(tmp_path):
     assert r.returncode == 2 and "did you mean 'trainer.sft_steps'" in r.stderr
 
 
+@pytest.mark.slow
 def test_sft_job_on_built_in_demonstrations(tmp_path):
     r = run_py(["jobs/sft.py", f"run_dir={tmp_path}", "trainer.sft_steps=30", "trainer.sft_batch_size=32",
                 "cluster.num_cpus=2"], timeout=600)
@@ -36,6 +39,7 @@ def test_missing_data_file_is_named(tmp_path):
     assert "Traceback" not in r.stderr
 
 
+@pytest.mark.slow
 def test_train_dpo_job_precomputes_caches_and_trains(tmp_path):
     """jobs/train_dpo.py end to end on a file with one malformed line: the bad record is
     counted and the rest kept, the reference pass (which tokenizes) runs once and is cached,

@@ -6,7 +6,7 @@ import urllib.request
 
 import pytest
 
-from raydpo.judge import combine_both_orders, compare_scores, load_rule
+from raydpo.judge.rules import combine_both_orders, compare_scores, load_rule
 from raydpo.tasks import style
 
 P = "about: apple | max 5\n"
@@ -52,7 +52,7 @@ def post(url, body, headers=None):
 def judge_url(serve_port):
     from ray import serve
 
-    from raydpo.serve_judge import build_app
+    from raydpo.judge.apps import build_app
 
     port = serve_port
     # with Serve's autoscaler on (1..2 replicas), as cluster.judge.max_count > count configures it
@@ -65,6 +65,7 @@ def judge_url(serve_port):
     serve.delete("judge")
 
 
+@pytest.mark.slow
 def test_score_and_compare_over_http(judge_url):
     responses = [" apple is red please.", " apple.", " pear a b c d e f g h i!"]
     status, out = post(f"{judge_url}/v1/score", {"items": [{"prompt": P, "response": r} for r in responses]})
@@ -93,6 +94,7 @@ BAD = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("body, status, message", BAD)
 def test_bad_requests_get_4xx_naming_the_problem_and_service_survives(judge_url, body, status, message):
     got, out = post(f"{judge_url}/v1/score", body)
@@ -101,6 +103,7 @@ def test_bad_requests_get_4xx_naming_the_problem_and_service_survives(judge_url,
     assert ok == 200 and res["scores"] == [pytest.approx(style.score(P, " apple."))]
 
 
+@pytest.mark.slow
 def test_concurrent_requests_are_batched_and_a_bad_item_fails_alone(judge_url):
     from concurrent.futures import ThreadPoolExecutor
 

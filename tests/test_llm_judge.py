@@ -9,7 +9,7 @@ import urllib.request
 
 import pytest
 
-from raydpo.judge import DEFAULT_TEMPLATE, check_template, parse_verdict, render_judge_prompt
+from raydpo.judge.rules import DEFAULT_TEMPLATE, check_template, parse_verdict, render_judge_prompt
 
 P = "about: apple | max 5\n"
 AB = {"A": "a", "B": "b"}
@@ -55,10 +55,11 @@ ITEMS = [{"prompt": P, "response_a": " apple is red please.", "response_b": " st
          {"prompt": "about: river | max 3\n", "response_a": " river.", "response_b": " river thanks."}]
 
 
+@pytest.mark.slow
 def test_a_judge_that_always_answers_a_gives_ties(serve_port, tiny_model_dir, tiny_tokenizer):
     from ray import serve
 
-    from raydpo.serve_llm_judge import build_app
+    from raydpo.judge.llm import build_app
 
     # every character the tiny model can write reads as "A": whatever it says, it says A
     chars = {c for t in range(len(tiny_tokenizer)) for c in tiny_tokenizer.decode([t])}
@@ -75,10 +76,11 @@ def test_a_judge_that_always_answers_a_gives_ties(serve_port, tiny_model_dir, ti
     serve.delete("llm_a")
 
 
+@pytest.mark.slow
 def test_unparseable_answers_are_counted_invalid_and_bad_requests_are_4xx(serve_port, tiny_model_dir):
     from ray import serve
 
-    from raydpo.serve_llm_judge import build_app
+    from raydpo.judge.llm import build_app
 
     serve.run(build_app({"model_path": str(tiny_model_dir), "max_model_len": 256, "num_cpus": 0.5}),
               name="llm", route_prefix="/llm")

@@ -29,7 +29,7 @@ def _adapters(model):
 def test_resumed_lora_has_the_saved_adapters(tmp_path):
     from peft import get_peft_model_state_dict
 
-    from raydpo.train.worker import restore_weights
+    from raydpo.train.learner import restore_weights
 
     trained = _lora_model(seed=1)
     saved = get_peft_model_state_dict(trained)
@@ -45,7 +45,7 @@ def test_resumed_lora_has_the_saved_adapters(tmp_path):
 
 
 def test_an_adapter_file_that_matches_nothing_is_an_error(tmp_path):
-    from raydpo.train.worker import restore_weights
+    from raydpo.train.learner import restore_weights
 
     save_file({"base_model.model.nowhere.lora_A.weight": torch.zeros(2, 2)}, str(tmp_path / "adapter.safetensors"))
     with pytest.raises(ValueError, match="adapter"):
@@ -57,7 +57,7 @@ def test_lora_reference_runs_without_dropout_while_the_policy_trains():
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, GPT2Config
 
-    from raydpo.train.worker import _LoraReference
+    from raydpo.train.learner import _LoraReference
 
     torch.manual_seed(0)
     base = AutoModelForCausalLM.from_config(GPT2Config(vocab_size=64, n_positions=32, n_embd=16, n_layer=1, n_head=2))
@@ -76,7 +76,7 @@ def test_lora_reference_runs_without_dropout_while_the_policy_trains():
 def test_dpo_policies_train_without_dropout():
     from transformers import AutoModelForCausalLM, GPT2Config
 
-    from raydpo.train.worker import disable_dropout
+    from raydpo.train.learner import disable_dropout
 
     model = AutoModelForCausalLM.from_config(GPT2Config(vocab_size=64, n_positions=32, n_embd=16, n_layer=1, n_head=2))
     assert any(m.p > 0 for m in model.modules() if isinstance(m, torch.nn.Dropout))

@@ -141,7 +141,7 @@ def test_label_smoothing_half_carries_no_preference():
 @pytest.mark.parametrize("name", ["sigmoid", "robust", "hinge", "ipo"])
 def test_no_gradient_into_reference(name):
     pc, pr, rc, rr = (torch.randn(3, requires_grad=True) for _ in range(4))
-    loss, _, _ = LOSSES[name](pc, pr, rc, rr, beta=0.1)
+    loss, _, _ = LOSSES[name].fn(pc, pr, rc, rr, beta=0.1)
     loss.sum().backward()
     assert rc.grad is None and rr.grad is None
     assert pc.grad is not None and torch.any(pc.grad != 0)
@@ -157,7 +157,7 @@ def test_finite_at_extreme_logits():
     assert torch.isfinite(lp).all() and lp[1].item() == 0.0 and lp[0].item() == pytest.approx(-4e4)
     pc, pr = lp[:1], lp[1:]
     for name in ("sigmoid", "robust", "hinge", "ipo"):
-        loss, _, _ = LOSSES[name](pc, pr, torch.zeros(1), torch.zeros(1), beta=0.1, **({"label_smoothing": 0.1} if name in ("sigmoid", "robust") else {}))
+        loss, _, _ = LOSSES[name].fn(pc, pr, torch.zeros(1), torch.zeros(1), beta=0.1, **({"label_smoothing": 0.1} if name in ("sigmoid", "robust") else {}))
         assert torch.isfinite(loss).all(), name
     loss, _, _ = sigmoid_loss(pc, pr, torch.zeros(1), torch.zeros(1), beta=0.1)
     loss.sum().backward()

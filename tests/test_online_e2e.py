@@ -27,6 +27,8 @@ from raydpo.data.store import PreferenceStore
 from tests.helpers.online import check_run, small_config
 from tests.helpers.proc import REPO, free_port, run_py
 
+pytestmark = pytest.mark.slow  # starts Ray, vLLM or Serve, or trains: `make test-fast` leaves it out
+
 VENV_BIN = str(Path(sys.executable).parent)
 
 
@@ -242,7 +244,7 @@ def test_loop_stopped_and_resumed_as_submitted_jobs(cluster, tmp_path):
     import httpx
 
     ident = httpx.get(f"http://127.0.0.1:{serve_port}/judge/v1/judge", timeout=10).json()
-    assert ident["judge"] == "rule:raydpo.tasks.style:score"
+    assert ident["name"] == "rule:raydpo.tasks.style:score" and ident["pairwise"] is False
     # and so does the policy endpoint, serving the last iteration's weights the loop published
     import openai
 

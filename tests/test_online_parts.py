@@ -6,11 +6,12 @@ import json
 
 import pytest
 
-from raydpo.online import PairCounts, WinRate, build_pairs, copeland_scores, win_rate
+from raydpo.judge.client import WinRate, copeland_scores, win_rate
+from raydpo.online.pairs import PairCounts, build_pairs
 from raydpo.records import Sample
 from raydpo.report import read_metrics, table, write_report
 from raydpo.tasks import style
-from raydpo.train.online_worker import Mailbox
+from raydpo.train.online import Mailbox
 
 P = "about: apple | max 5\n"
 
@@ -75,7 +76,7 @@ class ScoringJudge:
         self.always_a = always_a
 
     def compare_both_orders(self, items):
-        from raydpo.judge import combine_both_orders, compare_scores
+        from raydpo.judge.rules import combine_both_orders, compare_scores
 
         def verdict(p, a, b):
             return "a" if self.always_a else compare_scores(style.score(p, a), style.score(p, b)).preferred
@@ -171,7 +172,9 @@ def test_an_iteration_trained_before_a_kill_gets_the_row_an_uninterrupted_run_wr
     same values an uninterrupted run wrote. Before the fix it held only `pairs`."""
     from raydpo.config import load_config
     from raydpo.data.store import PreferenceStore, StoredPair
-    from raydpo.loop import counts_row, dpo_metrics, trained_row, training_table
+    from raydpo.online.pairs import counts_row
+    from raydpo.online.resume import trained_row
+    from raydpo.online.training_data import dpo_metrics, training_table
 
     def pair(i, reason):
         return StoredPair(f"3-{i}", 3, 2, "online", "p", "c", "r", 1.0, 0.0, "rule", (5, 6), (7, 8, 2), (9, 10),

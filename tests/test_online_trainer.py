@@ -15,6 +15,8 @@ import pytest
 from raydpo.config import load_config
 from raydpo.weights import read_safetensors
 
+pytestmark = pytest.mark.slow  # starts Ray, vLLM or Serve, or trains: `make test-fast` leaves it out
+
 PASSES = 2
 
 
@@ -59,22 +61,22 @@ def _rows(tokenizer, n: int, it: int) -> list[dict]:
 @pytest.fixture(scope="module")
 def trained(ray_local, tiny_model_dir, tiny_tokenizer, tmp_path_factory):
     """Six train commands; rank 0 dies after reporting iteration 2 (once)."""
-    from raydpo.online import OnlineTrainer
+    from raydpo.train.online_client import TrainerClient
 
     run_dir = tmp_path_factory.mktemp("online-trainer")
     cfg = load_config(None, ["trainer.batch_size=8", "trainer.micro_batch_size=8", "trainer.max_failures=1",
                              "cluster.trainer.cpus=1", "trainer.stall_timeout_s=300"])
-    trainer = OnlineTrainer(cfg, str(tiny_model_dir), str(run_dir), tiny_tokenizer.pad_token_id,
+    trainer = TrainerClient(cfg, str(tiny_model_dir), str(run_dir), tiny_tokenizer.pad_token_id,
                             fault={"die_after_report": 2, "after_s": 5, "marker": str(run_dir / "died")})
     replies, plasma, held = [], [], []
     try:
         for it in range(1, 7):
             ds = ray_local.data.from_items(_rows(tiny_tokenizer, 16, it)).materialize()
             reply = trainer.train(it, ds, PASSES, refresh_reference=False, timeout_s=600)
-            weights = ray_local.get(reply["weights"][0])  # what the loop publishes
+            weights = ray_local.get(reply.weights[0])  # what the loop publishes
             # copies: ray.get's numpy arrays are zero-copy views that would pin the object themselves
-            replies.append({k: v for k, v in reply.items() if k != "weights"}
-                           | {"state": {k: v.copy() for k, v in weights.items()} if it == 2 else None})
+            replies.append({**reply.saved(), "from_checkpoint": reply.from_checkpoint,
+                            "state": {k: v.copy() for k, v in weights.items()} if it == 2 else None})
             del ds, reply, weights
             held.append(ray_local.get(trainer.mailbox.held.remote()))
             plasma.append(_plasma_bytes())
@@ -84,7 +86,7 @@ def trained(ray_local, tiny_model_dir, tiny_tokenizer, tmp_path_factory):
 
 
 def test_a_rank_that_dies_between_report_and_reply_is_answered_from_the_checkpoint(trained):
-    from raydpo.online import latest_iteration_checkpoint
+    from raydpo.train.online_client import latest_iteration_checkpoint
 
     run_dir, replies, _, _ = trained
     assert [r.get("from_checkpoint", False) for r in replies] == [False, True, False, False, False, False]

@@ -8,6 +8,8 @@ import pytest
 import ray
 import torch
 
+pytestmark = pytest.mark.slow  # starts Ray, vLLM or Serve, or trains: `make test-fast` leaves it out
+
 
 PROMPT = "about: apple | max 5\n"
 
@@ -16,7 +18,8 @@ PROMPT = "about: apple | max 5\n"
 def policy_app(serve_port, tiny_model_dir):
     from ray import serve
 
-    from raydpo.serve_policy import REGISTRY_NAMESPACE, PolicyRegistry, build_app
+    from raydpo.policy.app import build_app
+    from raydpo.policy.registry import REGISTRY_NAMESPACE, PolicyRegistry
 
     port = serve_port
     registry = ray.remote(num_cpus=0)(PolicyRegistry).options(name="test-policy-registry",
@@ -60,7 +63,7 @@ def test_openai_client_and_a_published_update(policy_app, tiny_model_dir, tiny_t
     g = torch.Generator().manual_seed(1)
     state = {k: v + 0.2 * torch.randn(v.shape, generator=g) for k, v in read_safetensors(tiny_model_dir).items()}
     ref = ray.put({k: v.numpy() for k, v in state.items()})
-    from raydpo.serve_policy import PolicyEndpoint
+    from raydpo.policy.endpoint import PolicyEndpoint
 
     endpoint = PolicyEndpoint.__new__(PolicyEndpoint)  # the publishing half only: the app is already up
     endpoint.registry, endpoint.replicas = registry, 1
@@ -113,7 +116,7 @@ def test_bad_chat_and_oversized_bodies(policy_app):
 def test_a_new_owner_of_the_registry_never_counts_an_earlier_runs_acks():
     """On a long-lived cluster a resumed (or new) run takes over the detached registry: replicas
     of the earlier run that still serve its version 12 must not make version 3 look served."""
-    from raydpo.serve_policy import PolicyRegistry
+    from raydpo.policy.registry import PolicyRegistry
 
     reg = PolicyRegistry()
     old = reg.current()[0]

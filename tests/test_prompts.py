@@ -28,7 +28,7 @@ def test_bad_prompt_records_are_named_by_file_and_line(tmp_path):
 
 
 def test_prompt_source_keeps_the_good_and_fails_clearly_on_none(tmp_path):
-    from raydpo.online import PromptSource
+    from raydpo.online.prompts import PromptSource
 
     f = _write(tmp_path / "p.jsonl", [json.dumps({"prompt": f"p{i}"}).encode() for i in range(5)] + [b"{bad"])
     src = PromptSource(f, seed=0)
@@ -39,7 +39,7 @@ def test_prompt_source_keeps_the_good_and_fails_clearly_on_none(tmp_path):
 
 
 def test_eval_prompts_that_are_training_prompts_are_counted_and_warned(capsys):
-    from raydpo.loop import warn_overlap
+    from raydpo.online.prompts import warn_overlap
 
     assert warn_overlap(["a", "b", "c"], ["x", "y"]) == 0 and "WARNING" not in capsys.readouterr().out
     assert warn_overlap(["a", "b", "c"], ["b", "c", "z"]) == 2
@@ -51,7 +51,7 @@ def test_prompt_windows_follow_one_seeded_order_without_ray(tmp_path):
     block layout, which follows the cluster's CPUs."""
     import numpy as np
 
-    from raydpo.online import PromptSource
+    from raydpo.online.prompts import PromptSource
 
     names = [f"p{i}" for i in range(10)]
     f = _write(tmp_path / "p.jsonl", [json.dumps({"prompt": n}).encode() for n in names])

@@ -4,7 +4,7 @@ a refused run keeps its own config.yaml."""
 import json
 
 from raydpo.config import load_config, read_saved_config, save_config
-from raydpo.loop import main
+from raydpo.online.loop import main
 from raydpo.report import METRICS_FILE
 
 
@@ -44,7 +44,7 @@ def test_a_rerun_without_resume_is_refused_before_the_config_is_overwritten(tmp_
 def test_keys_a_saved_config_predates_count_as_their_default(tmp_path):
     import yaml
 
-    from raydpo.loop import check_run_dir
+    from raydpo.online.resume import check_run_dir
 
     run_dir = _started_run(tmp_path)
     saved = yaml.safe_load((run_dir / "config.yaml").read_text())
@@ -55,7 +55,7 @@ def test_keys_a_saved_config_predates_count_as_their_default(tmp_path):
 
 def test_resume_allows_more_iterations_and_other_resources():
     from raydpo.config import changed_keys
-    from raydpo.loop import RESUME_MAY_CHANGE
+    from raydpo.online.resume import RESUME_MAY_CHANGE
 
     a = load_config(None, []).model_dump(mode="json")
     b = load_config(None, ["loop.iterations=20", "cluster.sampler.count=2", "sampler.request_timeout_s=900"]

@@ -36,6 +36,7 @@ def trained_reward_model(tmp_path_factory):
     return run_dir
 
 
+@pytest.mark.slow
 def test_reward_model_learns_the_preferences(trained_reward_model):
     ev = json.loads((trained_reward_model / "reward_eval.json").read_text())
     # held-out prompts, chance is 0.5: the judge's preferences are learnt, not memorised
@@ -45,11 +46,12 @@ def test_reward_model_learns_the_preferences(trained_reward_model):
     assert losses[0] == pytest.approx(math.log(2), abs=0.15) and sum(losses[-10:]) / 10 < 0.5
 
 
+@pytest.mark.slow
 def test_reward_model_served_as_a_judge(serve_port, trained_reward_model):
     from ray import serve
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from raydpo.serve_judge import build_app
+    from raydpo.judge.apps import build_app
 
     ckpt = str(next((trained_reward_model / "ray_train" / "reward").glob("reward-step-*")))
     port = serve_port

@@ -12,6 +12,8 @@ from raydpo.records import SamplingSettings
 from raydpo.tasks import style
 from raydpo.tiny_model import build_tiny_model
 
+pytestmark = pytest.mark.slow  # starts Ray, vLLM or Serve, or trains: `make test-fast` leaves it out
+
 GREEDY = SamplingSettings(n=1, temperature=0.0, max_new_tokens=16)
 PROMPTS = style.split_prompts()[1][:24]
 
@@ -26,7 +28,7 @@ def base_dir(tmp_path_factory, style_corpus):
 @pytest.fixture(scope="module")
 def pool(ray_local, base_dir):
     from raydpo.config import load_config
-    from raydpo.sampler import SamplerPool
+    from raydpo.sampler.pool import SamplerPool
 
     cfg = load_config(None, ["cluster.sampler.count=2", "cluster.sampler.cpus=1", "sampler.sync_timeout_s=60"])
     p = SamplerPool.from_config(cfg, str(base_dir))
@@ -103,7 +105,7 @@ def test_samples_carry_logprobs_and_finish_reasons(pool):
 
 
 def test_failed_sync_names_actor_and_version_and_pool_keeps_serving(pool):
-    from raydpo.sampler import SamplerError
+    from raydpo.errors import SamplerError
 
     v = pool.version
     before = pool.sample(PROMPTS, GREEDY)
@@ -122,7 +124,7 @@ def test_failed_sync_names_actor_and_version_and_pool_keeps_serving(pool):
 def test_version_guard_rejects_counts_and_refreshes_a_stale_actor(pool):
     import ray
 
-    from raydpo.sampler import SamplerError
+    from raydpo.errors import SamplerError
 
     v = pool.version
     assert v >= 1, "runs after a sync"
@@ -161,17 +163,14 @@ def test_killed_actor_mid_batch_still_one_result_per_prompt_and_sample(pool):
     assert {s.policy_version for s in out} == {pool.version}
 
 
-def test_stream_yields_chunks_as_they_finish_and_dataset_stage(pool, ray_local):
+def test_stream_yields_chunks_as_they_finish(pool, ray_local):
     settings = SamplingSettings(n=2, temperature=1.0, max_new_tokens=8, seed=3)
     chunks = list(pool.stream(PROMPTS, settings, chunk_size=5))
     assert len(chunks) == 5  # 24 prompts in chunks of 5, each yielded once
     flat = sorted((s.prompt_index, s.sample_index) for c in chunks for s in c)
     assert flat == [(i, j) for i in range(len(PROMPTS)) for j in range(2)]
-    ds = ray_local.data.from_items([{"prompt": p} for p in PROMPTS])
-    via_ds = list(pool.sample_dataset(ds, settings, batch_size=10))
-    assert sorted((s.prompt_index, s.prompt) for s in via_ds if s.sample_index == 0) == list(enumerate(PROMPTS))
-    whole = pool.sample(PROMPTS, settings)  # same seeds per prompt whether batched by the dataset or not
-    assert sorted((s.prompt_index, s.sample_index, s.token_ids) for s in via_ds) == \
+    whole = pool.sample(PROMPTS, settings)  # same seeds per prompt whether streamed in chunks or not
+    assert sorted((s.prompt_index, s.sample_index, s.token_ids) for c in chunks for s in c) == \
         [(s.prompt_index, s.sample_index, s.token_ids) for s in whole]
 
 
@@ -191,7 +190,7 @@ def test_stored_pair_trains_on_exactly_the_sampled_ids_and_sampler_logprobs_matc
     import pyarrow as pa
 
     from raydpo.data.store import PreferenceStore, training_rows
-    from raydpo.online import build_pairs
+    from raydpo.online.pairs import build_pairs
 
     model, tok = trained(base_dir, seed=5)
     pool.publish(pool.version + 1, state_dict={k: v.detach().clone() for k, v in model.state_dict().items()})
@@ -235,7 +234,7 @@ def test_a_load_that_fails_part_way_leaves_no_mixed_or_mislabelled_engine(pool, 
     version, and says so; samples after that are the current version's, correctly labelled."""
     import ray
 
-    from raydpo.sampler import SamplerError
+    from raydpo.errors import SamplerError
 
     v = pool.version
     before = pool.sample(PROMPTS, GREEDY, chunk_size=3)  # spread over both actors

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from raydpo.data.collate import collate_pairs, collate_shared_prefix
-from raydpo.train.step import LossSettings, batch_tokens, dpo_step_loss, forward_logps
+from raydpo.losses import LossSettings
+from raydpo.train.step import batch_tokens, dpo_step_loss, forward_logps
 
 
 def random_pairs(n: int, seed: int) -> dict[str, list[list[int]]]:

@@ -13,6 +13,8 @@ import torch
 from raydpo.config import load_config
 from raydpo.tasks import style
 
+pytestmark = pytest.mark.slow  # starts Ray, vLLM or Serve, or trains: `make test-fast` leaves it out
+
 BATCH = 16
 STEPS = 4
 
@@ -38,9 +40,10 @@ def pairs_ds(text_pairs, tiny_model_dir):
 
 
 def run(tmp_path, name, ds, model_dir, pad_id, *overrides, precomputed=False):
-    from raydpo.train.trainer import fit, make_spec
+    from raydpo.train.spec import make_spec
+    from raydpo.train.staged import fit
 
-    cfg = load_config(None, [f"run_dir={tmp_path}", f"trainer.batch_size={BATCH}", "trainer.reference=live",
+    cfg = load_config(None, [f"run_dir={tmp_path}", f"trainer.batch_size={BATCH}", "trainer.reference_logps=live",
                              f"trainer.max_steps={STEPS}", "trainer.epochs=4", *overrides])
     ckpt = fit(make_spec(cfg, "dpo", str(model_dir), str(tmp_path / name)), ds, cfg, name, pad_id,
                precomputed_reference=precomputed)
@@ -84,13 +87,13 @@ def test_two_workers_match_one_worker_with_double_micro_batch(tmp_path, shared_r
 
 
 def test_precomputed_reference_matches_live(tmp_path, shared_run, pairs_ds, tiny_model_dir, tiny_tokenizer):
-    from raydpo.train.trainer import precompute_reference
+    from raydpo.train.reference import precompute_reference
 
     pad = tiny_tokenizer.pad_token_id
     with_ref = precompute_reference(pairs_ds, str(tiny_model_dir), pad, batch_size=7).materialize()
     assert {"reference_chosen_logps", "reference_rejected_logps"} <= set(with_ref.schema().names)
     live, _ = shared_run("one", pairs_ds, tiny_model_dir, pad, "cluster.trainer.count=1", f"trainer.micro_batch_size={BATCH}")
-    pre, _ = run(tmp_path, "pre", with_ref, tiny_model_dir, pad, "trainer.reference=precomputed", precomputed=True)
+    pre, _ = run(tmp_path, "pre", with_ref, tiny_model_dir, pad, "trainer.reference_logps=precomputed", precomputed=True)
     assert traj(pre, "loss") == pytest.approx(traj(live, "loss"), rel=1e-4, abs=1e-5)
     assert traj(pre, "rewards/margins") == pytest.approx(traj(live, "rewards/margins"), rel=1e-3, abs=1e-5)
 
@@ -98,7 +101,7 @@ def test_precomputed_reference_matches_live(tmp_path, shared_run, pairs_ds, tiny
 def test_reference_pass_that_tokenizes_matches_tokenize_then_score(text_pairs, pairs_ds, tiny_model_dir, tiny_tokenizer):
     """The one-stage path (text rows in, the scorer tokenizes them) gives the same rows as
     tokenize() followed by the reference pass: same token ids, truncation flags and log-probs."""
-    from raydpo.train.trainer import precompute_reference
+    from raydpo.train.reference import precompute_reference
 
     pad = tiny_tokenizer.pad_token_id
     two_stage = precompute_reference(pairs_ds, str(tiny_model_dir), pad, batch_size=7).take_all()
@@ -225,7 +228,7 @@ def test_offline_dpo_raises_held_out_preference_accuracy(tmp_path, ray_local, ti
     from transformers import AutoModelForCausalLM
 
     from raydpo.data.pipeline import read_pairs, tokenize
-    from raydpo.evaluate import preference_accuracy
+    from raydpo.train.evaluate import preference_accuracy
 
     train, held_out = style.split_prompts()
     path = tmp_path / "train.jsonl"
@@ -249,8 +252,8 @@ def test_precomputed_reference_under_bf16_has_the_policys_precision(pairs_ds, ti
     from transformers import AutoModelForCausalLM
 
     from raydpo.data.collate import layout
-    from raydpo.train.step import precision, reference_logps
-    from raydpo.train.trainer import precompute_reference
+    from raydpo.train.step import frozen_logps as reference_logps, precision
+    from raydpo.train.reference import precompute_reference
 
     pad = tiny_tokenizer.pad_token_id
     rows = pairs_ds.limit(16).take_all()
@@ -278,7 +281,8 @@ def test_precomputed_reference_under_bf16_has_the_policys_precision(pairs_ds, ti
 def test_reference_cache_is_written_atomically_and_keyed_by_the_tokenizer(ray_local, tmp_path, tiny_model_dir):
     import shutil
 
-    from raydpo.runner import cached_dataset, reference_cache_key
+    from raydpo.data.pipeline import cached_dataset
+    from raydpo.train.reference import reference_cache_key
 
     model = tmp_path / "model"
     shutil.copytree(tiny_model_dir, model)

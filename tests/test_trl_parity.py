@@ -10,7 +10,8 @@ import torch
 from raydpo.data.collate import collate_pairs
 from raydpo.data.tokenize import tokenize_batch
 from raydpo.tasks import style
-from raydpo.train.step import LossSettings, dpo_step_loss
+from raydpo.losses import LossSettings
+from raydpo.train.step import dpo_step_loss
 
 CASES = [  # (our settings, TRL loss_type, TRL loss_weights, TRL label_smoothing)
     (LossSettings("sigmoid", beta=0.1), ["sigmoid"], None, 0.0),

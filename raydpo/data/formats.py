@@ -20,6 +20,8 @@ stage renders them with the chat template.
 
 from __future__ import annotations
 
+from raydpo.errors import DataError  # noqa: F401  (raised here; importers may take it from raydpo.errors)
+
 import io
 import json
 from collections import Counter
@@ -53,10 +55,6 @@ class BadRecord:
 
     def __str__(self) -> str:
         return f"{self.source}:{self.line}: {self.reason}"
-
-
-class DataError(ValueError):
-    """Strict mode: the first bad record, or input that cannot be read at all."""
 
 
 @dataclass

@@ -1,6 +1,6 @@
-"""Ray Data glue: read and validate files in parallel, tokenize on CPU workers,
-read the preference store. The record logic lives in the pure modules beside
-this one; this file only schedules it.
+"""Ray Data glue: read and validate files in parallel, tokenize on CPU workers, cache
+a computed dataset. The record logic lives in the pure modules beside this one;
+this file only schedules it.
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ import ray.data
 
 from raydpo.data.formats import (
     BadRecord,
-    DataError,
     ValidationReport,
     list_files,
     normalize,
@@ -23,8 +22,8 @@ from raydpo.data.formats import (
     reason_class,
     _Bad,
 )
-from raydpo.data.store import PreferenceStore
 from raydpo.data.tokenize import TOKEN_COLUMNS, tokenize_batch
+from raydpo.errors import DataError
 
 def ordered() -> None:
     """Make Ray Data keep row order (this process's DataContext). raydpo wants the
@@ -174,16 +173,46 @@ def _truncated_in_block(block: pa.Table) -> tuple[int, int]:
     return tuple(int(pc.sum(block[c]).as_py() or 0) for c in ("prompt_truncated", "response_truncated"))
 
 
-def read_store(store: PreferenceStore, iterations=None) -> ray.data.Dataset:
-    """The preference store (or the given `iterations` of it) as a Ray Dataset,
-    read in parallel; the `iteration` column comes from the partition path. Only
-    committed chunks are listed, so in-flight files under _staging/ are never read."""
-    from ray.data.datasource.partitioning import Partitioning
+# ------------------------------------------------------------------ what the jobs read
 
-    files = store.chunk_files(iterations)
-    if not files:
-        raise DataError(f"preference store {store.root} holds no pairs yet")
-    return ray.data.read_parquet(
-        [str(f) for f in files],
-        partitioning=Partitioning("hive", base_dir=str(store.root), field_types={"iteration": int}),
-    )
+
+def read_validated(cfg, source):
+    """Validate on Ray Data (the report is printed); the good records, not yet tokenized."""
+    good, report = read_pairs(source, cfg.data.format, cfg.data.strict)
+    print(report.summary())
+    for bad in report.examples[:5]:
+        print(f"  e.g. {bad}")
+    if report.good == 0:
+        raise DataError(f"data.train_path: no usable records in {source}")
+    return good
+
+def print_truncation(ds) -> None:
+    cut = truncation_counts(ds)
+    print(f"truncated: {cut['prompt_truncated']} prompts (end kept), {cut['response_truncated']} pairs' responses (cut)")
+
+def read_tokenized(cfg, source, tokenizer_path):
+    """Validate (report printed) and tokenize on Ray Data; a materialized dataset."""
+    ds = tokenize(read_validated(cfg, source), str(tokenizer_path), cfg.data.max_prompt_length, cfg.data.max_length,
+                  trust_remote_code=cfg.model.trust_remote_code, tasks=True).materialize()
+    print_truncation(ds)
+    return ds
+
+def cached_dataset(cache, compute):
+    """The Parquet dataset at `cache`, or `compute()` written there atomically: into a
+    temporary sibling folder first, renamed into place once complete. A killed write leaves
+    only the temporary folder (removed next time), never a half-written cache that a rerun
+    would add to. Returns (dataset, whether it came from the cache)."""
+    import os
+    import shutil
+
+    if (cache / "_SUCCESS").exists():
+        return ray.data.read_parquet(str(cache)).materialize(), True
+    for stale in [cache, *cache.parent.glob(f"{cache.name}.tmp-*")]:  # a killed or pre-atomic write
+        shutil.rmtree(stale, ignore_errors=True)
+    ds = compute().materialize()
+    tmp = cache.parent / f"{cache.name}.tmp-{os.getpid()}"
+    ds.write_parquet(str(tmp))
+    (tmp / "_SUCCESS").touch()
+    tmp.replace(cache)
+    return ds, False
+

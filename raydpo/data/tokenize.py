@@ -27,11 +27,13 @@ import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from raydpo.errors import DataError
+
 TOKEN_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")
 
 
-class RenderError(ValueError):
-    pass
+class RenderError(DataError):
+    """A record that cannot be rendered into tokens (e.g. chat data without a chat template)."""
 
 
 def special_prefix(tokenizer) -> list[int]:

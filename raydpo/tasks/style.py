@@ -137,3 +137,20 @@ def preference_records(prompts: list[str], count: int, seed: int = 0, k: int = 4
         if len(cands) > 1 and score(p, cands[-1]) > score(p, cands[0]):
             out.append({"prompt": p, "chosen": cands[-1], "rejected": cands[0]})
     return out
+
+
+def write_reward_data(run_dir, seed: int = 0) -> tuple[str, str]:
+    """Synthetic preference pairs for a reward model: 2048 from training prompts and 256
+    from held-out prompts, written (atomically) to <run_dir>/reward_{train,eval}.jsonl."""
+    import json
+    from pathlib import Path
+
+    from raydpo.files import atomic_write
+
+    train_prompts, held_out = split_prompts(seed)
+    paths = []
+    for name, prompts, n in (("train", train_prompts, 2048), ("eval", held_out, 256)):
+        path = Path(run_dir) / f"reward_{name}.jsonl"
+        atomic_write(path, (json.dumps(r) + "\n" for r in preference_records(prompts, n, seed)))
+        paths.append(str(path))
+    return paths[0], paths[1]

@@ -6,27 +6,11 @@ prompt + chosen + rejected (`collate_shared_prefix`); `forward_logps` takes eith
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
-from raydpo.losses import (LENGTH_NORMALISED, LOSSES, REFERENCE_FREE, nll_loss, response_lengths, sequence_logps,
-                           shared_prefix_logps)
+from raydpo.losses import LossSettings, nll_loss, response_lengths, sequence_logps, shared_prefix_logps
 
 Tensor = torch.Tensor
-
-
-@dataclass(frozen=True)
-class LossSettings:
-    loss: str = "sigmoid"
-    beta: float = 0.1
-    label_smoothing: float = 0.0
-    simpo_gamma_beta_ratio: float = 0.5
-    rpo_alpha: float = 0.0  # weight of the chosen-response NLL term (0: off)
-
-    @property
-    def needs_reference(self) -> bool:
-        return self.loss not in REFERENCE_FREE
 
 
 def is_shared_prefix(batch: dict[str, Tensor]) -> bool:
@@ -83,7 +67,7 @@ def batch_tokens(batch: dict[str, Tensor]) -> int:
 def precision(bf16: bool, device_type: str):
     """The context every forward pass runs in, policy and reference alike, on any device:
     bf16 autocast when model.dtype is bfloat16, else float32. The precomputed reference
-    (`raydpo.train.trainer.precompute_reference`) uses it too, so its log-probs have the
+    (`raydpo.train.reference.precompute_reference`) uses it too, so its log-probs have the
     precision the live reference would have."""
     from contextlib import nullcontext
 
@@ -93,9 +77,10 @@ def precision(bf16: bool, device_type: str):
 
 
 @torch.no_grad()
-def reference_logps(reference, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
-    """(chosen, rejected) reference log-probs, each (B,), without a graph."""
-    return forward_logps(reference, batch).chunk(2)
+def frozen_logps(model, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+    """(chosen, rejected) summed response log-probs, each (B,), without a graph: the
+    reference's in a step, or any model's when it is only measured (evaluation, KL)."""
+    return forward_logps(model, batch).chunk(2)
 
 
 def dpo_loss(policy_logps: Tensor, reference_chosen: Tensor | None, reference_rejected: Tensor | None,
@@ -103,17 +88,16 @@ def dpo_loss(policy_logps: Tensor, reference_chosen: Tensor | None, reference_re
     """Scalar loss (mean over pairs) and detached metrics from (2B,) policy log-probs."""
     pc, pr = policy_logps.chunk(2)  # (B,), (B,)
     lc, lr = lengths.chunk(2)
-    fn = LOSSES[s.loss]
-    if s.loss == "simpo":
-        losses, cr, rr = fn(pc / lc.clamp(min=1), pr / lr.clamp(min=1), s.beta, s.simpo_gamma_beta_ratio, s.label_smoothing)
+    spec = s.spec
+    if spec.length_normalised:  # IPO, SimPO: per-token mean log-probs
+        pc_, pr_ = pc / lc.clamp(min=1), pr / lr.clamp(min=1)
     else:
+        pc_, pr_ = pc, pr
+    args = [pc_, pr_]
+    if spec.needs_reference:
         rc, rrf = reference_chosen, reference_rejected
-        if s.loss in LENGTH_NORMALISED:  # IPO: length-averaged log-probs
-            pc_, pr_, rc_, rr_ = pc / lc.clamp(min=1), pr / lr.clamp(min=1), rc / lc.clamp(min=1), rrf / lr.clamp(min=1)
-        else:
-            pc_, pr_, rc_, rr_ = pc, pr, rc, rrf
-        kwargs = {"label_smoothing": s.label_smoothing} if s.loss in ("sigmoid", "robust") else {}
-        losses, cr, rr = fn(pc_, pr_, rc_, rr_, s.beta, **kwargs)
+        args += [rc / lc.clamp(min=1), rrf / lr.clamp(min=1)] if spec.length_normalised else [rc, rrf]
+    losses, cr, rr = spec.fn(*args, s.beta, **s.options())
     loss = losses.mean()
     if s.rpo_alpha:
         loss = loss + s.rpo_alpha * nll_loss(pc, lc)
@@ -142,7 +126,7 @@ def dpo_step_loss(policy, reference, batch: dict[str, Tensor], s: LossSettings) 
     elif "reference_chosen_logps" in batch:
         rc, rr = batch["reference_chosen_logps"], batch["reference_rejected_logps"]
     else:
-        rc, rr = reference_logps(reference, batch)
+        rc, rr = frozen_logps(reference, batch)
     return dpo_loss(forward_logps(policy, batch), rc, rr, lengths, s)
 
 

@@ -15,7 +15,6 @@ simply not set. That GPU path has NOT been run: our machines have no GPU.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
 
 
 def cpu_env(kv_cache_gib: float, in_process: bool) -> dict[str, str]:
@@ -59,13 +58,3 @@ def make_llm(
         trust_remote_code=trust_remote_code,
         tensor_parallel_size=tensor_parallel_size,  # > 1 only on GPU (not run here)
     )
-
-
-def greedy_token_ids(llm, prompt_ids: Sequence[Sequence[int]], max_new_tokens: int) -> list[list[int]]:
-    """Greedy continuation ids per prompt (EOS included when it stops there)."""
-    from vllm import SamplingParams
-    from vllm.inputs import TokensPrompt
-
-    params = SamplingParams(temperature=0.0, max_tokens=max_new_tokens)
-    outs = llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompt_ids], params, use_tqdm=False)
-    return [list(o.outputs[0].token_ids) for o in outs]

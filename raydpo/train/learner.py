@@ -1,20 +1,11 @@
-"""The per-worker training loop Ray Train runs (SFT or DPO), DDP or DeepSpeed.
+"""One trainer worker's state: the policy, its reference, the optimizer and the DDP or
+DeepSpeed wrapper (`Learner`), and one optimizer step over a global batch. The
+staged jobs (`raydpo.train.staged`) and the online trainer (`raydpo.train.online`)
+both drive a `Learner`.
 
-Data order is deterministic and the same on every worker: each worker reads
-the whole (materialized) dataset in order, cuts it into *global* batches of
-``batch_size`` pairs (sorted by length inside windows of ``bucket_window``
-batches), and takes its rank's slice, split into micro-batches. Hence
-
-* 2 workers x micro-batch b and 1 worker x micro-batch 2b see the same global
-  batches and give the same loss and gradient-norm trajectory;
-* the data position on resume is just the number of optimizer steps done.
-
-The price is that every worker reads every tokenized row (cheap next to a
-forward/backward pass); the global batch is what is split, not the dataset.
-
-GPU notes (not run here: our machines have no GPU): ``use_gpu`` puts the
-model on the worker's CUDA device, DDP uses NCCL (Ray Train picks it), and
-``bf16`` wraps forward passes in bf16 autocast on any device (`raydpo.train.step.precision`).
+GPU notes (not run here: our machines have no GPU): ``use_gpu`` puts the model on
+the worker's CUDA device, DDP uses NCCL (Ray Train picks it), and ``bf16`` wraps
+forward passes in bf16 autocast on any device (`raydpo.train.step.precision`).
 """
 
 from __future__ import annotations
@@ -22,58 +13,15 @@ from __future__ import annotations
 import json
 import math
 from contextlib import nullcontext
-import tempfile
-import time
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
-from raydpo.data.collate import bucket_by_length, layout, pair_length
-from raydpo.train.step import LossSettings, batch_tokens, dpo_step_loss, precision, reward_step_loss, sft_loss
+from raydpo.data.collate import layout
+from raydpo.train.checkpoints import OPTIMIZER_FILE, STATE_FILE, write_manifest
+from raydpo.train.spec import TrainSpec
+from raydpo.train.step import batch_tokens, dpo_step_loss, precision, reward_step_loss, sft_loss
 from raydpo.weights import read_safetensors, tied_weight_keys, with_tied_head
-
-STATE_FILE = "trainer_state.json"
-OPTIMIZER_FILE = "optimizer.pt"
-
-
-@dataclass(frozen=True)
-class TrainSpec:
-    """Everything a worker needs; crosses the driver -> worker boundary."""
-
-    mode: str  # "sft" | "dpo" | "reward"
-    model_path: str
-    run_dir: str  # metrics.jsonl and tensorboard/ go here (rank 0)
-    loss: LossSettings = field(default_factory=LossSettings)
-    lr: float = 3e-4
-    weight_decay: float = 0.0
-    warmup_steps: int = 0
-    schedule: str = "constant"
-    batch_size: int = 16
-    micro_batch_size: int = 16
-    max_grad_norm: float = 1.0
-    epochs: int = 1
-    max_steps: int = 0
-    bucket_window: int = 32
-    shared_prefix: bool = False  # DPO modes only: `collate_shared_prefix` instead of `collate_pairs`
-    seed: int = 0
-    strategy: str = "ddp"
-    zero_stage: int = 2
-    lora_r: int = 0
-    lora_alpha: int = 16
-    gradient_checkpointing: bool = False
-    bf16: bool = False
-    checkpoint_every: int = 0
-    resume_from: str | None = None
-    trust_remote_code: bool = False
-    metrics_prefix: str = ""  # e.g. "sft/" or "dpo/"
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> TrainSpec:
-        return cls(**{**d, "loss": LossSettings(**d["loss"])})
 
 
 def accumulation_steps(batch_size: int, micro_batch_size: int, world: int) -> int:
@@ -96,13 +44,6 @@ def lr_lambda(schedule: str, warmup: int, total: int):
         return 0.5 * (1 + math.cos(math.pi * progress)) if schedule == "cosine" else 1.0 - progress
 
     return f
-
-
-def global_batches(rows_iter, batch_size: int, seed: int, drop_last: bool = True, length=pair_length):
-    """Global batches of `batch_size` rows, sorted by `length` (that of the layout they will
-    be collated in) inside each window of `rows_iter`; by default the short tail is dropped
-    so every step has the same pairs count."""
-    return bucket_by_length(rows_iter, batch_size, seed=seed, drop_last=drop_last, length=length)
 
 
 def _model_class(spec: TrainSpec):
@@ -224,38 +165,6 @@ def save_hf(module, zero_stage, spec: TrainSpec, out: Path, write: bool) -> None
         (out / "generation_config.json").write_text(gen.read_text())
 
 
-class MetricsLog:
-    """Rank 0's per-step metrics: JSONL, TensorBoard, and a tqdm bar."""
-
-    def __init__(self, run_dir: str, total: int, initial: int, prefix: str):
-        from tqdm import tqdm
-
-        Path(run_dir).mkdir(parents=True, exist_ok=True)
-        self.jsonl = open(Path(run_dir) / "metrics.jsonl", "a", buffering=1)
-        try:
-            from tensorboardX import SummaryWriter
-
-            self.tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
-        except ImportError:  # tensorboardX comes with ray[train]; stay usable without it
-            self.tb = None
-        self.prefix = prefix
-        self.bar = tqdm(total=total, initial=initial, desc=prefix.rstrip("/") or "train", mininterval=2.0)
-
-    def log(self, step: int, metrics: dict[str, float]) -> None:
-        self.jsonl.write(json.dumps({"step": step, **{self.prefix + k: v for k, v in metrics.items()}}) + "\n")
-        if self.tb:
-            for k, v in metrics.items():
-                self.tb.add_scalar(self.prefix + k, v, step)
-        self.bar.update(1)
-        self.bar.set_postfix(loss=f"{metrics['loss']:.4f}", refresh=False)
-
-    def close(self) -> None:
-        self.bar.close()
-        self.jsonl.close()
-        if self.tb:
-            self.tb.close()
-
-
 def _mean_across_ranks(values: dict[str, float], world: int) -> dict[str, float]:
     if world == 1:
         return values
@@ -267,10 +176,9 @@ def _mean_across_ranks(values: dict[str, float], world: int) -> dict[str, float]
     return {k: float(v) / world for k, v in zip(keys, t)}
 
 
-class PolicyTrainer:
+class Learner:
     """One worker's model, reference, optimizer and DDP/DeepSpeed wrapper, and the
-    optimizer step over one global batch. Used by the staged loop below and by the
-    long-lived online loop (`raydpo.train.online_worker`)."""
+    optimizer step over one global batch."""
 
     def __init__(self, spec: TrainSpec, config: dict, total_steps: int, resume_dir: str | None):
         import ray.train
@@ -426,108 +334,3 @@ class PolicyTrainer:
     def writes_checkpoint(self) -> bool:
         return self.rank == 0 or self.engine is not None
 
-
-MANIFEST = "manifest-rank{rank}.json"
-
-
-def write_manifest(out: Path, rank: int) -> None:
-    """Written last by each rank that writes part of a checkpoint: every file it wrote, with
-    its size. Ray Train copies a checkpoint into storage in no particular order, and a kill
-    can stop the copy anywhere; `checkpoint_problem` accepts the folder only if every
-    writer's manifest is there and every file it lists is, at its full size."""
-    name = MANIFEST.format(rank=rank)
-    files = {str(f.relative_to(out)): f.stat().st_size for f in sorted(out.rglob("*"))
-             if f.is_file() and not f.name.startswith("manifest-rank")}
-    tmp = out / f".{name}.tmp"
-    tmp.write_text(json.dumps(files))
-    tmp.replace(out / name)
-
-
-def checkpoint_problem(folder: str | Path) -> str | None:
-    """None if `folder` is a complete checkpoint, else what is missing (see write_manifest)."""
-    folder = Path(folder)
-    try:
-        state = json.loads((folder / STATE_FILE).read_text())
-    except (OSError, ValueError) as e:
-        return f"{STATE_FILE} unreadable ({e.__class__.__name__})"
-    writers = state.get("writers")
-    if writers is None:
-        return "no writers list in trainer_state.json (written before checkpoints had manifests)"
-    for rank in writers:
-        try:
-            files = json.loads((folder / MANIFEST.format(rank=rank)).read_text())
-        except (OSError, ValueError):
-            return f"rank {rank}'s manifest is missing"
-        for rel, size in files.items():
-            f = folder / rel
-            if not f.is_file():
-                return f"{rel} is missing"
-            if f.stat().st_size != size:
-                return f"{rel} has {f.stat().st_size} of {size} bytes"
-    return None
-
-
-def resume_directory(spec: TrainSpec) -> str | None:
-    """Ray Train's checkpoint (set when it restarts failed workers), else spec.resume_from."""
-    import ray.train
-
-    ckpt = ray.train.get_checkpoint()
-    if ckpt is not None:
-        return ckpt.to_directory()
-    return spec.resume_from
-
-
-def train_loop_per_worker(config: dict) -> None:
-    """Ray Train entry point; `config` is `TrainSpec.to_dict()` plus `total_rows`."""
-    import ray.train
-
-    spec = TrainSpec.from_dict(config["spec"])
-    # Measured: inside a Ray worker given 2 CPUs, OMP_NUM_THREADS is 2 but torch
-    # still runs 1 thread; use every CPU this worker reserved.
-    torch.set_num_threads(max(1, int(config.get("cpus_per_worker", 1))))
-    torch.manual_seed(spec.seed)
-    steps_per_epoch = config["total_rows"] // spec.batch_size
-    total_steps = steps_per_epoch * spec.epochs
-    if spec.max_steps:
-        total_steps = min(total_steps, spec.max_steps)
-    if total_steps == 0:
-        raise ValueError(f"{config['total_rows']} training rows make no full global batch of {spec.batch_size}")
-
-    trainer = PolicyTrainer(spec, config, total_steps, resume_directory(spec))
-    step = trainer.state.get("step", 0)
-    log = MetricsLog(spec.run_dir, total_steps, step, spec.metrics_prefix) if trainer.rank == 0 else None
-    shard = ray.train.get_dataset_shard("train")
-
-    def save_checkpoint(final: bool) -> None:
-        with tempfile.TemporaryDirectory() as tmp:
-            trainer.save(Path(tmp), {"step": step, "steps_per_epoch": steps_per_epoch, "mode": spec.mode,
-                                     "final": final})
-            ckpt = ray.train.Checkpoint.from_directory(tmp) if trainer.writes_checkpoint else None
-            ray.train.report({"step": step}, checkpoint=ckpt, checkpoint_dir_name=f"{spec.mode}-step-{step:06d}")
-
-    t_last = time.perf_counter()
-    done = False
-    for epoch in range(step // steps_per_epoch, spec.epochs):
-        windows = shard.iter_batches(batch_size=spec.batch_size * spec.bucket_window, batch_format="numpy",
-                                     prefetch_batches=2)
-        for i, gbatch in enumerate(global_batches(windows, spec.batch_size, spec.seed + epoch,
-                                                  length=trainer.layout.length)):
-            if epoch * steps_per_epoch + i < step:
-                continue  # resume: skip what the checkpoint already trained on
-            metrics = trainer.step(gbatch)
-            step += 1
-            now = time.perf_counter()
-            metrics["tokens_per_s"] = metrics["tokens"] / (now - t_last)
-            t_last = now
-            if log:
-                log.log(step, metrics)
-            if spec.checkpoint_every and step % spec.checkpoint_every == 0 and step < total_steps:
-                save_checkpoint(final=False)
-            if step >= total_steps:
-                done = True
-                break
-        if done:
-            break
-    if log:
-        log.close()
-    save_checkpoint(final=True)

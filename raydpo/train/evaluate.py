@@ -1,4 +1,5 @@
-"""Offline evaluation of a policy on preference pairs (pure torch; no Ray)."""
+"""Offline evaluation of a policy on preference pairs: implicit reward margins and preference
+accuracy against a reference (pure torch; no Ray)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import torch
 
 from raydpo.data.collate import collate_pairs
 from raydpo.data.tokenize import tokenize_batch
-from raydpo.train.step import reference_logps
+from raydpo.train.step import frozen_logps
 
 
 @torch.no_grad()
@@ -32,8 +33,8 @@ def _margins(policy, reference, tokenizer, pairs, max_prompt_length, max_length,
         cols = {"prompt": [p["prompt"] for p in chunk], "chosen": [p["chosen"] for p in chunk],
                 "rejected": [p["rejected"] for p in chunk], "is_chat": [False] * len(chunk), "tools": [""] * len(chunk)}
         batch = collate_pairs(tokenize_batch(cols, tokenizer, max_prompt_length, max_length), tokenizer.pad_token_id)
-        pc, pr = reference_logps(policy, batch)
-        rc, rr = reference_logps(reference, batch)
+        pc, pr = frozen_logps(policy, batch)
+        rc, rr = frozen_logps(reference, batch)
         out.append((pc - rc) - (pr - rr))
     return torch.cat(out)
 
@@ -41,3 +42,20 @@ def _margins(policy, reference, tokenizer, pairs, max_prompt_length, max_length,
 def preference_accuracy(policy, reference, tokenizer, pairs: list[dict], **kw) -> float:
     """Share of pairs whose implicit reward margin is positive (ties count 0)."""
     return float((implicit_reward_margins(policy, reference, tokenizer, pairs, **kw) > 0).float().mean())
+
+
+def held_out_row(cfg, ckpt, base) -> tuple[str, str]:
+    """The DPO job's closing-table row: preference accuracy of the trained policy against
+    its base on data.eval_path (text pairs; what was skipped is said, never silent)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from raydpo.judge.reward_model import text_pairs
+
+    text, skipped = text_pairs(cfg, cfg.data.eval_path)
+    label = f"held-out preference accuracy ({len(text)} pairs" + (f"; {skipped} skipped)" if skipped else ")")
+    if not text:
+        return label, "n/a"
+    acc = preference_accuracy(AutoModelForCausalLM.from_pretrained(ckpt), AutoModelForCausalLM.from_pretrained(base),
+                              AutoTokenizer.from_pretrained(base), text, max_prompt_length=cfg.data.max_prompt_length,
+                              max_length=cfg.data.max_length)
+    return label, f"{acc:.3f}"

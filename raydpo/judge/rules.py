@@ -1,28 +1,17 @@
-"""Judging logic (pure: no Ray, no Serve): rule judges, pairwise verdicts, position swap.
-
-The Serve deployment (`raydpo.serve_judge`) only schedules these functions.
-"""
+"""Judging logic (pure: no Ray, no Serve): rule judges, pairwise verdicts, position swap,
+and the LLM judge's prompt and answer parsing. The Serve apps (`raydpo.judge.apps`,
+`raydpo.judge.llm`) only schedule these functions."""
 
 from __future__ import annotations
 
 import importlib
 from collections.abc import Callable
-from dataclasses import dataclass
 
-Preferred = str  # "a", "b", "tie" or "invalid"
+from raydpo.records import Judgement, Preferred
+
 # Score gaps are differences of floats: 0.55 - 0.5 is 0.0500000000000000444, which
 # must still count as "at or below" a tie margin of 0.05.
 TIE_EPS = 1e-9
-
-
-@dataclass(frozen=True)
-class Judgement:
-    """Verdict on (prompt, response_a, response_b)."""
-
-    preferred: Preferred
-    margin: float  # score_a - score_b for scoring judges; +1/-1/0 for pairwise judges
-    score_a: float | None
-    score_b: float | None
 
 
 def load_rule(spec: str) -> Callable[[str, str], float]:

@@ -1,0 +1,141 @@
+"""Where a job runs: joining or starting Ray, checking that the roles fit the cluster,
+and paths that outlive a submitted job's working directory."""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+from raydpo.config import RunConfig
+from raydpo.errors import ConfigError
+
+
+# `ray job submit --working-dir DIR` runs the entrypoint in Ray's copy of DIR:
+# <Ray temp dir>/session_*/runtime_resources/working_dir_files/_ray_pkg_<hash>/
+RAY_WORKING_DIR_COPY = os.path.join("runtime_resources", "working_dir_files")
+
+def outliving_path(value: str, key: str = "run_dir", cwd: str | None = None) -> Path:
+    """`value` made absolute. A path that resolves into Ray's copy of a job's working
+    directory (a relative path under `ray job submit --working-dir`) is refused: that
+    copy is deleted with the Ray session, and the store, checkpoints and report (or a
+    model a Serve app outliving the job still needs) with it."""
+    path = Path(cwd or os.getcwd(), value).resolve()  # an absolute value replaces cwd
+    if RAY_WORKING_DIR_COPY in str(path):
+        raise ConfigError(
+            f"{key}={value} resolves to {path}, inside Ray's copy of the job's working directory, "
+            f"which is deleted with the Ray session. Pass an absolute {key} on storage that outlives the "
+            f"job (on a multi-node cluster, storage every node sees), e.g. {key}=$PWD/{value} on the "
+            f"`ray job submit` command line (your shell expands $PWD before Ray copies anything)")
+    return path
+
+def role_needs(cfg: RunConfig, roles: tuple[str, ...]) -> list[tuple[str, int, float, float]]:
+    """(role, count, CPUs each, GPUs each) for the cluster.* roles that run together."""
+    return [(r, getattr(cfg.cluster, r).count, getattr(cfg.cluster, r).cpus, getattr(cfg.cluster, r).gpus)
+            for r in roles if getattr(cfg.cluster, r).count > 0]
+
+def needed_cpus(needs: list[tuple[str, int, float, float]], data_cpus: float = 0.0) -> float:
+    return sum(c * cpu for _, c, cpu, _ in needs) + data_cpus
+
+def check_cluster_fits(needs: list[tuple[str, int, float, float]], nodes: list[dict], data_cpus: float = 0.0) -> None:
+    """Fail in seconds, with the numbers and the knobs, when the roles that must be up
+    together can never be placed: a Ray Train worker group or an actor that does not
+    fit waits forever (Ray keeps the request pending for an autoscaler), and the job
+    would hang. `nodes` is ray.nodes(); only alive nodes count. `data_cpus`: what Ray
+    Data tasks need beside the actors while they run (the online loop reads its store)."""
+    alive = [n.get("Resources", {}) for n in nodes if n.get("Alive")]
+    have_cpu = sum(r.get("CPU", 0.0) for r in alive)
+    have_gpu = sum(r.get("GPU", 0.0) for r in alive)
+    need_cpu = needed_cpus(needs, data_cpus)
+    need_gpu = sum(c * gpu for _, c, _, gpu in needs)
+    shown = ", ".join(f"{r} {c} x {cpu:g} CPU" + (f" + {gpu:g} GPU" if gpu else "") for r, c, cpu, gpu in needs)
+    where = (f"the Ray cluster has {have_cpu:g} CPUs and {have_gpu:g} GPUs on {len(alive)} node(s) "
+             f"(largest node: {max((r.get('CPU', 0.0) for r in alive), default=0):g} CPUs)")
+    knobs = ("Lower cluster.<role>.count or .cpus/.gpus, give the cluster more logical CPUs "
+             "(`ray start --head --num-cpus=N`, as cluster/local.sh does; cluster.num_cpus for a local Ray), "
+             "or add nodes. On an autoscaling cluster that will grow, set cluster.check_resources=false.")
+    problems = []
+    if need_cpu > have_cpu + 1e-9:
+        data = f", + {data_cpus:g} for Ray Data tasks" if data_cpus else ""
+        problems.append(f"the roles that run together need {need_cpu:g} CPUs ({shown}{data})")
+    if need_gpu > have_gpu + 1e-9:
+        problems.append(f"they need {need_gpu:g} GPUs ({shown})")
+    for role, _, cpu, gpu in needs:  # one worker, engine or replica must fit on one node
+        if not any(r.get("CPU", 0.0) + 1e-9 >= cpu and r.get("GPU", 0.0) + 1e-9 >= gpu for r in alive):
+            problems.append(f"no node can hold one {role} ({cpu:g} CPU" + (f" + {gpu:g} GPU" if gpu else "") + ")")
+    if problems:
+        raise ConfigError(f"{where}, but " + "; ".join(problems) + ". " + knobs)
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def local_ray_env(dashboard_port: int) -> dict:
+    """Environment of every process of a local Ray this process starts.
+
+    * RAY_API_SERVER_ADDRESS: our own dashboard. Ray Train's PlacementGroupCleaner asks
+      the state API every second whether the Train controller is alive; without this
+      address the state API looks up /tmp/ray/ray_current_cluster, which names the last
+      `ray start` cluster on the machine, not ours (measured: a stale entry made every
+      fit() wait 10-12 s for that lookup to time out). Pointed at a refused port, as
+      before, the cleaner logged "Failed to query Ray Train Controller actor state" every
+      second of every fit; with the dashboard up the query answers (a local Ray starts
+      ~1 s slower with it, measured).
+    * RAY_TRAIN_HEALTH_CHECK_INTERVAL_S: the controller polls its workers every 2 s by
+      default, so each fit() ended 2-4 s after its last checkpoint; 0.5 s polls cost
+      nothing measurable next to training.
+    * RAY_TRAIN_ENABLE_PREEMPTION_WATCHER=0: the watcher is one more actor process per
+      fit() that polls for nodes being drained; a local Ray has nothing that drains it.
+    A cluster we join (RAY_ADDRESS, `ray job submit`) keeps its own settings.
+    """
+    return {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{dashboard_port}", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",
+            "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+
+
+def start_local_ray(num_cpus: int | None = None, **options) -> None:
+    """A new local Ray (its dashboard and state API on 127.0.0.1 only), with `local_ray_env`.
+
+    address="local": always a new local Ray. A bare ray.init() would instead join
+    whatever /tmp/ray/ray_current_cluster names, and hang on a stale entry left by
+    a cluster that was killed. To join a `ray start` cluster, set RAY_ADDRESS=auto."""
+    import ray
+
+    port = free_port()
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
+             dashboard_port=port, runtime_env={"env_vars": local_ray_env(port)}, **options)
+
+
+def init_ray(cfg: RunConfig, roles: tuple[str, ...] = ("trainer",), data_cpus: float = 0.0) -> None:
+    """Join cluster.address or RAY_ADDRESS if given (``auto``: the cluster `ray start`
+    started on this machine), else start a new local Ray; then check that the
+    cluster.* `roles` that run together fit (`check_cluster_fits`).
+
+    A local Ray gets cluster.num_cpus logical CPUs, or, if unset, one per core, or
+    more if those roles need more. The online loop's phases run one after another,
+    so its long-lived roles can share the cores they reserve between them. Its
+    dashboard (and state API) listens on 127.0.0.1 only.
+    """
+    import math
+
+    import ray
+
+    from raydpo import console
+
+    if ray.is_initialized():
+        return
+    needs = role_needs(cfg, roles)
+    address = cfg.cluster.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, **console.ray_init_options())
+    else:
+        num_cpus = cfg.cluster.num_cpus
+        need = math.ceil(needed_cpus(needs, data_cpus))
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        if num_cpus is None and need > cores:  # else Ray counts the cores itself (cgroup-aware)
+            num_cpus = need
+        start_local_ray(num_cpus, **console.ray_init_options())
+    console.after_ray_init()
+    if cfg.cluster.check_resources:
+        check_cluster_fits(needs, ray.nodes(), data_cpus)

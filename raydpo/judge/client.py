@@ -1,0 +1,100 @@
+"""The loop's side of the judge: its Serve deployment handle (no HTTP on the loop's
+path), ranking k samples per prompt, and the win rate against fixed samples."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from raydpo.judge.rules import combine_both_orders
+from raydpo.records import JudgeInfo
+
+
+def copeland_scores(k: int, verdicts: dict[tuple[int, int], str]) -> list[float]:
+    """Scores of k samples from pairwise verdicts on (i, j), i < j ("a": i better,
+    "b": j better, "tie", "invalid"): the share of a sample's *valid* comparisons it won,
+    ties counting half (Copeland, normalised). An unparseable verdict is left out for both
+    samples, rather than counting as a loss for both; a sample with no valid comparison
+    scores NaN and `build_pairs` leaves it out. Lets best-vs-worst pairing run on a judge
+    that only compares."""
+    won, valid = [0.0] * k, [0] * k
+    for (i, j), v in verdicts.items():
+        if v not in ("a", "b", "tie"):
+            continue
+        valid[i] += 1
+        valid[j] += 1
+        won[i] += 1.0 if v == "a" else 0.5 if v == "tie" else 0.0
+        won[j] += 1.0 if v == "b" else 0.5 if v == "tie" else 0.0
+    return [w / n if n else float("nan") for w, n in zip(won, valid)]
+
+class JudgeClient:
+    """The judge app through its Serve deployment handle (no HTTP on the loop's path).
+    Scoring judges (rule, reward model) score; pairwise judges (llm) compare, in both
+    orders inside the app, and rank a prompt's k samples by round-robin comparisons."""
+
+    def __init__(self, handle):
+        self.handle = handle
+        self.info: JudgeInfo = handle.info.remote().result()
+        self.name = self.info.name
+        self.pairwise = self.info.pairwise  # a property of the judge, told by the judge
+        self.invalid = 0  # comparisons the judge answered unparseably, over this client's life
+
+    def rank(self, groups: Sequence[Sequence[tuple[str, str]]]) -> list[list[float]]:
+        """A score per (prompt, response) in each group: the judge's scores, or Copeland
+        scores from comparing every pair of the group (pairwise judges)."""
+        if not self.pairwise:
+            flat = self.score([x for g in groups for x in g])
+            out, i = [], 0
+            for g in groups:
+                out.append(flat[i:i + len(g)])
+                i += len(g)
+            return out
+        keys, items = [], []
+        for gi, g in enumerate(groups):
+            for i in range(len(g)):
+                for j in range(i + 1, len(g)):
+                    keys.append((gi, i, j))
+                    items.append((g[i][0], g[i][1], g[j][1]))
+        verdicts = self._compare(items)
+        self.invalid += sum(v == "invalid" for v in verdicts)
+        per_group: list[dict] = [{} for _ in groups]
+        for (gi, i, j), v in zip(keys, verdicts):
+            per_group[gi][(i, j)] = v
+        return [copeland_scores(len(g), per_group[gi]) for gi, g in enumerate(groups)]
+
+    def _compare(self, items: list[tuple[str, str, str]], chunk: int = 256) -> list[str]:
+        rs = [self.handle.compare_items.remote(list(items[s:s + chunk])) for s in range(0, len(items), chunk)]
+        return [x.preferred for r in rs for x in r.result()]
+
+    def score(self, items: Sequence[tuple[str, str]], chunk: int = 256) -> list[float]:
+        # several concurrent calls: @serve.batch and several replicas get to work in parallel
+        responses = [self.handle.score_items.remote(list(items[s:s + chunk])) for s in range(0, len(items), chunk)]
+        return [x for r in responses for x in r.result()]
+
+    def compare_both_orders(self, items: Sequence[tuple[str, str, str]], chunk: int = 256) -> list[str]:
+        """'a', 'b', 'tie' or 'invalid' for each (prompt, a, b), asked as (a, b) and as (b, a)."""
+        if self.pairwise:  # the LLM judge app asks both orders itself
+            return self._compare(list(items), chunk)
+        first = self._compare(list(items), chunk)
+        swapped = self._compare([(p, b, a) for p, a, b in items], chunk)
+        return [combine_both_orders(f, s) for f, s in zip(first, swapped)]
+
+@dataclass
+class WinRate:
+    win_rate: float
+    wins: int
+    ties: int
+    losses: int
+    invalid: int
+
+def win_rate(judge: JudgeClient, prompts: Sequence[str], policy: Sequence[str],
+             baseline: Sequence[Sequence[str]]) -> WinRate:
+    """Each policy response against each fixed baseline response of its prompt,
+    in both orders; ties count half; invalid verdicts are counted and left out."""
+    items = [(p, r, b) for p, r, bs in zip(prompts, policy, baseline) for b in bs]
+    verdicts = Counter(judge.compare_both_orders(items))
+    valid = verdicts["a"] + verdicts["b"] + verdicts["tie"]
+    rate = (verdicts["a"] + 0.5 * verdicts["tie"]) / valid if valid else float("nan")
+    return WinRate(rate, verdicts["a"], verdicts["tie"], verdicts["b"], verdicts["invalid"])
+

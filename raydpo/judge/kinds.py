@@ -1,0 +1,66 @@
+"""The judge kinds: the one place that says which Serve app a `judge.kind` deploys and
+with which arguments. Adding a judge kind is one entry here (plus its app).
+
+Importing this module imports neither Ray nor Serve: `raydpo.config` checks
+`judge.kind` against `KINDS`, and the apps are imported only by `deploy`.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class JudgeKind:
+    app: str  # "module:function" building the Serve application from app args
+    app_args: Callable  # (cfg, judge cfg with absolute paths) -> app args
+    needs_model_path: bool = False
+
+
+def _rule_args(cfg, j) -> dict:
+    return {"rule": j.rule, "tie_margin": j.tie_margin}
+
+
+def _reward_model_args(cfg, j) -> dict:
+    return {"reward_model": j.model_path, "tie_margin": j.tie_margin, "max_prompt_length": cfg.data.max_prompt_length,
+            "max_length": cfg.data.max_length}
+
+
+def _llm_args(cfg, j) -> dict:
+    return {"model_path": j.model_path, "template": j.template, "answer_pattern": j.answer_pattern,
+            "answers": j.answers, "max_new_tokens": j.max_new_tokens, "max_model_len": cfg.sampler.max_model_len,
+            "kv_cache_gib": cfg.sampler.kv_cache_gib, "trust_remote_code": cfg.model.trust_remote_code}
+
+
+KINDS: dict[str, JudgeKind] = {
+    "rule": JudgeKind("raydpo.judge.apps:build_app", _rule_args),
+    "reward_model": JudgeKind("raydpo.judge.apps:build_app", _reward_model_args, needs_model_path=True),
+    "llm": JudgeKind("raydpo.judge.llm:build_app", _llm_args, needs_model_path=True),
+}
+
+
+def build(cfg):
+    """The Serve application of cfg.judge, sized by cluster.judge."""
+    from raydpo.cluster import outliving_path
+    from raydpo.config import require
+
+    j, res = cfg.judge, cfg.cluster.judge
+    kind = KINDS[j.kind]
+    if kind.needs_model_path:
+        require(cfg, "judge.model_path", by=f"judge.kind={j.kind}")
+        # the judge app outlives this job, and its replicas run elsewhere: an absolute path
+        j = j.model_copy(update={"model_path": str(outliving_path(j.model_path, "judge.model_path"))})
+    module, _, fn = kind.app.partition(":")
+    builder = getattr(importlib.import_module(module), fn)
+    return builder({**kind.app_args(cfg, j), "num_cpus": res.cpus, **res.serve_scaling()})
+
+
+def deploy(cfg):
+    """The judge on Ray Serve (HTTP on cluster.host:port/judge), and its deployment handle for the loop."""
+    from ray import serve
+
+    app = build(cfg)
+    serve.start(http_options={"host": cfg.cluster.host, "port": cfg.cluster.port})
+    return serve.run(app, name="judge", route_prefix="/judge")

@@ -1,0 +1,76 @@
+"""Evaluation of each policy version, and the seeds every sample draws from.
+
+Win rate against fixed samples of the starting policy (both orders, ties half), the
+judge's mean score, response length, and KL to the reference from the sampler's own
+token ids.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from dataclasses import replace
+from pathlib import Path
+
+from raydpo.config import RunConfig
+from raydpo.errors import ConfigError, SamplerError
+from raydpo.files import atomic_write
+from raydpo.judge.client import win_rate
+from raydpo.records import SamplingSettings, derive_seed
+
+
+# What a batch of samples is for: part of every sample's seed, so the streams never share draws.
+TRAIN, BASELINE, EVAL, KL = 1, 2, 3, 4
+
+
+def sampling(cfg: RunConfig, n: int, temperature: float):
+    return replace(SamplingSettings.from_config(cfg.sampler), n=n, temperature=temperature, seed=None)
+
+
+def prompt_seeds(cfg: RunConfig, purpose: int, it: int, positions) -> list[int]:
+    """One seed per prompt from (run seed, purpose, iteration, the prompt's position in its
+    window); sample j of a prompt draws with derive_seed(that, j). So every sample's draws are
+    fixed by what it is, whichever engine, chunk or resumed run produces it."""
+    run_seed = cfg.seed if cfg.sampler.seed is None else cfg.sampler.seed
+    return [derive_seed(run_seed, purpose, it, p) for p in positions]
+
+
+def baseline_samples(cfg: RunConfig, run_dir: Path, pool, prompts: list[str]) -> list[list[str]]:
+    """`eval_baseline_samples` fixed responses of the starting policy per eval prompt,
+    drawn once (policy_version 0) and kept in <run_dir>/eval/baseline.jsonl."""
+    path = run_dir / "eval" / "baseline.jsonl"
+    k = cfg.loop.eval_baseline_samples
+    if path.exists():
+        rows = [json.loads(line) for line in path.read_text().splitlines()]
+        if [r["prompt"] for r in rows] == prompts and all(len(r["responses"]) == k for r in rows):
+            return [r["responses"] for r in rows]
+        raise ConfigError(f"{path} was drawn for other eval prompts or eval_baseline_samples; "
+                          f"use another run_dir")
+    if pool.version != 0:
+        raise SamplerError("baseline samples must come from the starting policy (version 0)")
+    samples = pool.sample(prompts, sampling(cfg, k, cfg.loop.eval_temperature),
+                          seeds=prompt_seeds(cfg, BASELINE, 0, range(len(prompts))))
+    groups = [[s.text for s in samples[i * k:(i + 1) * k]] for i in range(len(prompts))]
+    atomic_write(path, (json.dumps({"prompt": p, "responses": g}) + "\n" for p, g in zip(prompts, groups)))
+    return groups
+
+
+def evaluate(cfg: RunConfig, it: int, pool, judge, trainer, prompts: list[str],
+             baseline: list[list[str]]) -> dict:
+    """Win rate of the current policy against the starting policy's fixed samples
+    (both orders, ties half), mean judge score and length, and KL to the reference."""
+    samples = pool.sample(prompts, sampling(cfg, 1, cfg.loop.eval_temperature),
+                          seeds=prompt_seeds(cfg, EVAL, it, range(len(prompts))))
+    wr = win_rate(judge, prompts, [s.text for s in samples], baseline)
+    scores = [] if judge.pairwise else judge.score([(s.prompt, s.text) for s in samples])
+    out = {"win_rate": wr.win_rate, "wins": wr.wins, "ties": wr.ties, "losses": wr.losses, "invalid": wr.invalid,
+           "judge_score": statistics.mean(scores) if scores else float("nan"),
+           "response_tokens": statistics.mean(len(s.token_ids) for s in samples)}
+    if cfg.loop.eval_kl and it > 0:
+        hot = pool.sample(prompts, sampling(cfg, 1, 1.0), seeds=prompt_seeds(cfg, KL, it, range(len(prompts))))
+        # the sampler's own ids: the trainer scores exactly the context and tokens that were sampled
+        out["kl"] = trainer.kl([list(s.prompt_token_ids) for s in hot], [list(s.token_ids) for s in hot]).kl
+    elif it == 0:
+        out["kl"] = 0.0
+    return out
+

@@ -1,0 +1,113 @@
+"""One sampler: a vLLM engine in a Ray actor, token ids in and token ids out.
+
+The engine runs in-process (VLLM_ENABLE_V1_MULTIPROCESSING=0: about half the start-up
+inside an actor, and weights arrive from the Ray object store as tensors). An actor
+runs one call at a time (Ray's default for actors), so it never generates while its
+weights are being replaced, and it validates every tensor's name and shape *before*
+loading (`raydpo.weights.checked_update`), so a bad update cannot leave it
+half-updated: it keeps serving the previous version.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import ray
+
+from raydpo.errors import SamplerError
+from raydpo.records import Sample, SamplingSettings, derive_seed
+from raydpo.weights import checked_update, checkpoint_shapes, engine_tied_keys
+
+
+def _failing_after(items: list, n: int):
+    """Fault injection for tests: yield `n` tensors, then fail as a real loader error would."""
+    yield from items[:n]
+    raise RuntimeError(f"injected fault: weight load failed after {n} of {len(items)} tensors")
+
+
+@ray.remote
+class SamplerActor:
+    def __init__(self, model_path: str, index: int, max_model_len: int, kv_cache_gib: float, dtype: str,
+                 seed: int, device: str, trust_remote_code: bool, tensor_parallel_size: int = 1):
+        from raydpo.sampler.engine import make_llm
+
+        self.index = index
+        self.expected = checkpoint_shapes(model_path)
+        self.tied = engine_tied_keys(model_path, self.expected, trust_remote_code)
+        self._fault_after: int | None = None
+        self.llm = make_llm(model_path, max_model_len=max_model_len, kv_cache_gib=kv_cache_gib, dtype=dtype,
+                            seed=seed, in_process=True, device=device, trust_remote_code=trust_remote_code,
+                            tensor_parallel_size=tensor_parallel_size)
+        from transformers import AutoTokenizer
+
+        from raydpo.data.tokenize import special_prefix
+
+        self.tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust_remote_code)
+        self.prefix = special_prefix(self.tokenizer)
+        self.version: int | None = 0  # None: a load failed part-way, the weights are mixed
+
+    def get_version(self) -> int:
+        return self.version
+
+    def load_weights(self, version: int, state: dict | None = None, path: str | None = None) -> int:
+        """Replace the engine's weights with `state` (a state dict) or the folder `path`.
+
+        A bad update (names, shapes, a missing folder) is refused before anything loads:
+        the engine keeps its version. A failure *during* the load leaves a mix of two
+        versions, so the actor labels itself broken (version None) and refuses to sample
+        until the pool replaces it; it never serves mixed weights under either label."""
+        items = checked_update(self.expected, self.tied, state, path)
+        if self._fault_after is not None:
+            items, self._fault_after = _failing_after(items, self._fault_after), None
+        try:
+            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": items})
+        except Exception as e:
+            self.version = None
+            raise SamplerError(f"sampler {self.index}: loading version {version} failed part-way ({e}); "
+                               f"the engine holds mixed weights and will be replaced") from None
+        self.version = version
+        return version
+
+    def inject_reload_fault(self, after_tensors: int) -> None:
+        """Tests: make the next load fail after `after_tensors` tensors have gone in."""
+        self._fault_after = after_tensors
+
+    def generate(self, prompts: Sequence[str], first_index: int, s: SamplingSettings, min_version: int,
+                 seeds: Sequence[int] | None = None) -> list[Sample] | int:
+        """Samples for `prompts`, or this actor's version (an int) if it is older than `min_version`.
+
+        Token in, token out: the prompts are encoded here with `encode_prompts` (the trainer's
+        rule) and handed to vLLM as ids, and every sample carries those ids, its generated ids,
+        their log-probs and the finish reason. Sample j of prompt i is its own request, seeded
+        with derive_seed(seeds[i], j) (default seeds: derive_seed(s.seed, first_index + i)), so
+        what a sample draws does not depend on the batch or the engine it ran in.
+        """
+        if self.version is None:
+            raise SamplerError(f"sampler {self.index}: a weight load failed part-way; this engine must be replaced")
+        if self.version < min_version:
+            return self.version
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        from raydpo.data.tokenize import encode_prompts
+
+        if seeds is None and s.seed is not None:
+            seeds = [derive_seed(s.seed, first_index + i) for i in range(len(prompts))]
+        prompt_ids = encode_prompts(self.tokenizer, prompts, self.prefix)
+        requests, params = [], []
+        for i, ids in enumerate(prompt_ids):
+            for j in range(s.n):
+                requests.append(TokensPrompt(prompt_token_ids=ids))
+                params.append(SamplingParams(n=1, temperature=s.temperature, top_p=s.top_p,
+                                             max_tokens=s.max_new_tokens, stop=list(s.stop) or None, logprobs=0,
+                                             seed=None if seeds is None else derive_seed(seeds[i], j)))
+        outs = self.llm.generate(requests, params, use_tqdm=False)
+        samples = []
+        for r, out in enumerate(outs):
+            i, j = divmod(r, s.n)
+            c = out.outputs[0]
+            lps = tuple(step[t].logprob for step, t in zip(c.logprobs or [], c.token_ids))
+            samples.append(Sample(first_index + i, j, prompts[i], c.text, tuple(c.token_ids), lps,
+                                  c.finish_reason or "length", self.version, tuple(prompt_ids[i])))
+        return samples
+

@@ -1,0 +1,154 @@
+"""The online loop's bookkeeping, without Ray: where a resumed run starts and what it
+tidies, which weights it publishes before continuing, replay, the offline baseline's
+pre-sampling, and a trained-but-unevaluated iteration's row. The stand-in pool and
+judge below only record calls: the real ones run in test_online_e2e and test_sampler."""
+
+import json
+
+import pytest
+
+from raydpo.config import load_config
+from raydpo.data.store import PreferenceStore, StoredPair
+from raydpo.online import offline_baseline
+from raydpo.online.resume import ResumePoint, catch_up, iteration_checkpoint, resume_point, trained_row
+from raydpo.online.training_data import training_table
+from raydpo.records import JudgeInfo, Sample
+from raydpo.report import METRICS_FILE
+from raydpo.train.checkpoints import STATE_FILE, write_manifest
+
+
+def complete_checkpoint(run_dir, it: int, reply: dict | None = None):
+    ckpt = iteration_checkpoint(run_dir, it)
+    ckpt.mkdir(parents=True)
+    state = {"iteration": it, "step": 10 * it, "writers": [0], **({"reply": reply} if reply else {})}
+    (ckpt / STATE_FILE).write_text(json.dumps(state))
+    write_manifest(ckpt, 0)
+    return ckpt
+
+
+def test_resume_point_after_a_kill_mid_iteration(tmp_path):
+    """Iterations 0-1 evaluated, 2 trained (checkpoint) but not evaluated, 3 half trained;
+    the metrics row being written when the driver died is cut off mid-line."""
+    rows = [{"iteration": 0, "win_rate": 0.5}, {"iteration": 1, "win_rate": 0.6}]
+    (tmp_path / METRICS_FILE).write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"iteration": 2, "wi')
+    steps = [{"step": s, "online/iteration": it, "online/loss": 0.5} for s, it in ((1, 1), (2, 2), (3, 3), (4, 3))]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in steps) + '{"step": 5, "onl')
+    complete_checkpoint(tmp_path, 1)
+    newest = complete_checkpoint(tmp_path, 2)
+    broken = iteration_checkpoint(tmp_path, 3)  # a kill during the copy into storage: no manifest
+    broken.mkdir()
+    (broken / STATE_FILE).write_text(json.dumps({"iteration": 3, "writers": [0]}))
+
+    point = resume_point(tmp_path, resume=True)
+    assert point == ResumePoint(first=2, trained_upto=2, checkpoint=newest)
+    # the cut-off row is gone, so the next append starts on a line of its own
+    assert [json.loads(line)["iteration"] for line in (tmp_path / METRICS_FILE).read_text().splitlines()] == [0, 1]
+    # the steps of iteration 3 will be trained (and logged) again: dropped, as is the cut-off line
+    kept = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert kept == [1, 2]
+
+
+def test_a_fresh_run_starts_at_zero_and_ignores_checkpoints(tmp_path):
+    complete_checkpoint(tmp_path, 1)
+    assert resume_point(tmp_path, resume=False) == ResumePoint(0, 0, None)
+
+
+class RecordingPool:
+    def __init__(self, version=0):
+        self.version, self.published = version, []
+
+    def publish(self, version, *, state_dict=None, path=None):
+        self.published.append((version, path))
+        self.version = version
+
+
+@pytest.mark.parametrize("point, pool_calls, policy_calls", [
+    # trained 2, evaluated through 1: evaluate 2 with its own weights first
+    (lambda ck: ResumePoint(2, 2, ck(2)), [(2, 2)], [(2, 2)]),
+    # trained and evaluated through 2: continue from 2's weights
+    (lambda ck: ResumePoint(3, 2, ck(2)), [(2, 2)], [(2, 2)]),
+    # evaluated 0 only, nothing trained: the samplers stay on the starting policy
+    (lambda ck: ResumePoint(1, 0, None), [], []),
+])
+def test_catch_up_publishes_the_weights_the_resumed_loop_needs(tmp_path, point, pool_calls, policy_calls):
+    ck = lambda it: iteration_checkpoint(tmp_path, it)  # noqa: E731
+    pool, policy = RecordingPool(), RecordingPool()
+    catch_up(point(ck), tmp_path, pool, policy)
+    assert pool.published == [(v, str(ck(i))) for v, i in pool_calls]
+    assert policy.published == [(v, str(ck(i))) for v, i in policy_calls]
+
+
+def stored(it, n, first=0):
+    return [StoredPair(f"{it}-{i}", it, it - 1, "online", "p", "c", "r", 1.0, 0.0, "rule", (5, 6), (7, 8, 2),
+                       (9, 10, 2), "stop", "stop", (-0.1, -0.2, -0.3), (-0.4, -0.5, -0.6))
+            for i in range(first, first + n)]
+
+
+def test_replay_adds_a_seeded_sample_of_earlier_iterations(tmp_path):
+    store = PreferenceStore(tmp_path / "preferences")
+    for it in (1, 2):
+        store.write_chunk(it, 0, stored(it, 10))
+    store.write_chunk(3, 0, stored(3, 4))
+    cfg = load_config(None, [f"run_dir={tmp_path}", "loop.replay_fraction=1.5"])
+    rows, stats = training_table(cfg, store, 3)
+    assert stats["replayed_pairs"] == 6 and rows.num_rows == 10  # round(1.5 x 4 fresh) from the 20 earlier
+    replayed = [r["prompt_ids"] for r in rows.slice(4).to_pylist()]
+    assert len(replayed) == 6
+    again, _ = training_table(cfg, store, 3)
+    assert again.equals(rows)  # the same sample on a resumed run
+    none, stats = training_table(load_config(None, [f"run_dir={tmp_path}"]), store, 3)
+    assert none.num_rows == 4 and stats["replayed_pairs"] == 0
+
+
+class StandInPool:
+    """Samples that say which prompt and version they are, like SamplerPool.stream."""
+
+    def __init__(self):
+        self.version, self.requests = 0, 0
+
+    def stream(self, prompts, settings, min_version, chunk_size, seeds):
+        self.requests += 1
+        for s in range(0, len(prompts), chunk_size):
+            yield [Sample(s + i, j, p, f" {p}-{j}", (j + 1, 2), (-0.1, -0.2), "stop", self.version, (1,))
+                   for i, p in enumerate(prompts[s:s + chunk_size]) for j in range(settings.n)]
+
+
+class StandInJudge:
+    info, name, invalid = JudgeInfo("rule:test", "rule", pairwise=False), "rule:test", 0
+
+    def rank(self, groups):
+        return [[float(j) for j in range(len(g))] for g in groups]
+
+
+class Prompts:
+    def window(self, it, n):
+        return [f"p{it}-{i}" for i in range(n)]
+
+
+def test_the_offline_baseline_presamples_later_iterations_from_the_start_once(tmp_path):
+    cfg = load_config(None, [f"run_dir={tmp_path}", "loop.pairs_from=start", "loop.iterations=4",
+                             "loop.prompts_per_iteration=4", "loop.chunk_prompts=2", "sampler.samples_per_prompt=2"])
+    store, pool = PreferenceStore(tmp_path / "preferences"), StandInPool()
+    counts = offline_baseline.presample(cfg, Prompts(), pool, StandInJudge(), store, first=1)
+    assert counts.pairs == 3 * 4 and pool.requests == 3  # iterations 2, 3, 4: a pair per prompt
+    assert {p.iteration for p in store.read_pairs()} == {2, 3, 4}
+    assert {p.policy_version for p in store.read_pairs()} == {0}
+    again = offline_baseline.presample(cfg, Prompts(), pool, StandInJudge(), store, first=1)
+    assert pool.requests == 3 and again.pairs == counts.pairs  # a resumed run samples nothing twice
+    assert [offline_baseline.pairs_version(cfg, it) for it in (1, 2, 3)] == [0, 0, 0]
+    online = load_config(None, [f"run_dir={tmp_path}"])
+    assert [offline_baseline.pairs_version(online, it) for it in (1, 2, 3)] == [0, 1, 2]
+
+
+def test_a_trained_row_without_a_saved_reply_still_counts_its_steps(tmp_path):
+    """A checkpoint written before replies were saved with it: the row comes from the logged
+    steps of the iteration's last pass. Before the fix it had no train_steps."""
+    cfg = load_config(None, [f"run_dir={tmp_path}", "loop.dpo_passes=2"])
+    store = PreferenceStore(tmp_path / "preferences")
+    store.write_chunk(1, 0, stored(1, 4))
+    complete_checkpoint(tmp_path, 1)
+    steps = [{"step": s, "online/iteration": 1, "online/loss": loss, "online/rewards/accuracies": 0.5}
+             for s, loss in ((1, 0.7), (2, 0.6), (3, 0.5), (4, 0.3))]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in steps))
+    row = trained_row(cfg, store, tmp_path, 1)
+    assert row["train_steps"] == 4 and row["dpo_loss"] == pytest.approx(0.4) and row["pairs"] == 4

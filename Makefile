@@ -5,7 +5,7 @@ VENV  := .venv
 PY    := $(VENV)/bin/python
 STAMP := $(VENV)/.raydpo-setup
 
-.PHONY: setup demo test clean
+.PHONY: setup demo test test-fast clean
 
 $(STAMP): pyproject.toml scripts/setup.sh
 	bash scripts/setup.sh
@@ -24,6 +24,11 @@ demo: $(STAMP)
 # heavy next to heavy slowed both far more than their sum (the submitted job: 151 s -> 412 s).
 test: $(STAMP)
 	$(PY) -m pytest -q -n 2 --dist loadscope --durations=15 $(ARGS)
+
+# The inner loop: every test not marked `slow` (no Ray, vLLM or Serve start-up, no training run).
+# CI and `make test` run everything.
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -n 2 -m "not slow" $(ARGS)
 
 clean:
 	rm -rf runs .pytest_cache

@@ -15,6 +15,7 @@ from raydpo.errors import ConfigError
 # <Ray temp dir>/session_*/runtime_resources/working_dir_files/_ray_pkg_<hash>/
 RAY_WORKING_DIR_COPY = os.path.join("runtime_resources", "working_dir_files")
 
+
 def outliving_path(value: str, key: str = "run_dir", cwd: str | None = None) -> Path:
     """`value` made absolute. A path that resolves into Ray's copy of a job's working
     directory (a relative path under `ray job submit --working-dir`) is refused: that
@@ -29,13 +30,16 @@ def outliving_path(value: str, key: str = "run_dir", cwd: str | None = None) -> 
             f"`ray job submit` command line (your shell expands $PWD before Ray copies anything)")
     return path
 
+
 def role_needs(cfg: RunConfig, roles: tuple[str, ...]) -> list[tuple[str, int, float, float]]:
     """(role, count, CPUs each, GPUs each) for the cluster.* roles that run together."""
     return [(r, getattr(cfg.cluster, r).count, getattr(cfg.cluster, r).cpus, getattr(cfg.cluster, r).gpus)
             for r in roles if getattr(cfg.cluster, r).count > 0]
 
+
 def needed_cpus(needs: list[tuple[str, int, float, float]], data_cpus: float = 0.0) -> float:
     return sum(c * cpu for _, c, cpu, _ in needs) + data_cpus
+
 
 def check_cluster_fits(needs: list[tuple[str, int, float, float]], nodes: list[dict], data_cpus: float = 0.0) -> None:
     """Fail in seconds, with the numbers and the knobs, when the roles that must be up
@@ -65,6 +69,7 @@ def check_cluster_fits(needs: list[tuple[str, int, float, float]], nodes: list[d
             problems.append(f"no node can hold one {role} ({cpu:g} CPU" + (f" + {gpu:g} GPU" if gpu else "") + ")")
     if problems:
         raise ConfigError(f"{where}, but " + "; ".join(problems) + ". " + knobs)
+
 
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:

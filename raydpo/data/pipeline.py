@@ -25,6 +25,7 @@ from raydpo.data.formats import (
 from raydpo.data.tokenize import TOKEN_COLUMNS, tokenize_batch
 from raydpo.errors import DataError
 
+
 def ordered() -> None:
     """Make Ray Data keep row order (this process's DataContext). raydpo wants the
     same rows in the same order on every run: resume and equivalence depend on it."""
@@ -186,9 +187,11 @@ def read_validated(cfg, source):
         raise DataError(f"data.train_path: no usable records in {source}")
     return good
 
+
 def print_truncation(ds) -> None:
     cut = truncation_counts(ds)
     print(f"truncated: {cut['prompt_truncated']} prompts (end kept), {cut['response_truncated']} pairs' responses (cut)")
+
 
 def read_tokenized(cfg, source, tokenizer_path):
     """Validate (report printed) and tokenize on Ray Data; a materialized dataset."""
@@ -196,6 +199,7 @@ def read_tokenized(cfg, source, tokenizer_path):
                   trust_remote_code=cfg.model.trust_remote_code, tasks=True).materialize()
     print_truncation(ds)
     return ds
+
 
 def cached_dataset(cache, compute):
     """The Parquet dataset at `cache`, or `compute()` written there atomically: into a

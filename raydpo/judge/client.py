@@ -28,6 +28,7 @@ def copeland_scores(k: int, verdicts: dict[tuple[int, int], str]) -> list[float]
         won[j] += 1.0 if v == "b" else 0.5 if v == "tie" else 0.0
     return [w / n if n else float("nan") for w, n in zip(won, valid)]
 
+
 class JudgeClient:
     """The judge app through its Serve deployment handle (no HTTP on the loop's path).
     Scoring judges (rule, reward model) score; pairwise judges (llm) compare, in both
@@ -80,6 +81,7 @@ class JudgeClient:
         swapped = self._compare([(p, b, a) for p, a, b in items], chunk)
         return [combine_both_orders(f, s) for f, s in zip(first, swapped)]
 
+
 @dataclass
 class WinRate:
     win_rate: float
@@ -87,6 +89,7 @@ class WinRate:
     ties: int
     losses: int
     invalid: int
+
 
 def win_rate(judge: JudgeClient, prompts: Sequence[str], policy: Sequence[str],
              baseline: Sequence[Sequence[str]]) -> WinRate:

@@ -60,7 +60,6 @@ class Timer:
                 "time_other": max(0.0, total - sum(self.spent.values())), "time_total": total}
 
 
-
 @dataclass
 class Run:
     """A run's long-lived roles and what every iteration reads."""

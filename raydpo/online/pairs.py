@@ -74,7 +74,6 @@ def build_pairs(groups: Sequence[Sequence[Sample]], scores: Sequence[Sequence[fl
     return out, c
 
 
-
 def counts_row(counts) -> dict:
     """A metrics row's judging columns from PairCounts."""
     return {"pairs": counts.pairs, "ties_dropped": counts.ties, "identical_dropped": counts.identical,

@@ -50,7 +50,6 @@ def write_prompts(path: Path, prompts: Sequence[str]) -> Path:
     return atomic_write(path, (json.dumps({"prompt": p}) + "\n" for p in prompts))
 
 
-
 def task_prompts(cfg: RunConfig, run_dir: Path) -> tuple[str, str]:
     """Training and eval prompt files: the configured ones, or the style task's."""
     from raydpo.tasks import style

@@ -64,7 +64,6 @@ def resume_directory(spec) -> str | None:
     return spec.resume_from
 
 
-
 def latest_checkpoint(storage: str | Path, name: str, pattern: str = "*-step-*",
                       key: str = "step") -> tuple[Path, dict] | None:
     """(path, trainer_state) of run `name`'s complete checkpoint (folders matching `pattern`)

@@ -91,6 +91,7 @@ def precompute_reference(ds: ray.data.Dataset, model_path: str, pad_id: int, con
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
                    "chat_template.json", "vocab.json", "merges.txt", "tokenizer.model", "added_tokens.json")
 
+
 def reference_cache_key(model: Path, data: Path, *settings) -> str:
     """Key of the cached reference log-probs: model and data paths, every data file's and
     weight file's size and modification time (a file rewritten in place is a new key), the
@@ -104,7 +105,6 @@ def reference_cache_key(model: Path, data: Path, *settings) -> str:
                  for n in TOKENIZER_FILES if (Path(model) / n).is_file()]
     parts = [str(model), str(data), stats, tokenizer, *map(str, settings)]
     return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
-
 
 
 def reference_dataset(cfg, ds, model: Path, pad_id: int):

@@ -48,7 +48,6 @@ class TrainSpec:
         return cls(**{**d, "loss": LossSettings(**d["loss"])})
 
 
-
 def make_spec(cfg, mode: str, model_path: str, run_dir: str, **overrides) -> TrainSpec:
     t = cfg.trainer
     common = dict(

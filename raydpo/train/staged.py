@@ -99,7 +99,6 @@ def train_loop_per_worker(config: dict) -> None:
     save_checkpoint(final=True)
 
 
-
 def fit(spec: TrainSpec, train_ds, cfg, name: str, pad_id: int,
         precomputed_reference: bool = False, resume: bool = True) -> Path:
     """Run one training stage on Ray Train; return the final HF checkpoint folder.
@@ -130,7 +129,6 @@ def fit(spec: TrainSpec, train_ds, cfg, name: str, pad_id: int,
     if not found or not found[1].get("final"):
         raise TrainerError(f"training stage {name} ended without a final checkpoint under {storage / name}")
     return found[0]
-
 
 
 @contextmanager

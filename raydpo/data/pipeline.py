@@ -137,8 +137,8 @@ def tokenize(ds: ray.data.Dataset, tokenizer_path: str, max_prompt_length: int, 
     Default: an actor pool of `concurrency` tokenizer actors.
     `tasks=True` (what the jobs use): plain tasks, which Ray Data spreads over
     every free CPU, with the tokenizer loaded once per worker process. No actor
-    start-up per call (measured on the offline bench's 1024 pairs: 3.8-5.4 s
-    against 4.4-6.9 s for one actor), and no actor holding a CPU that the read
+    start-up per call (faster on the offline bench, `bench/tokenize_throughput.py`),
+    and no actor holding a CPU that the read
     tasks feeding it are waiting for when other long-lived roles (trainer,
     samplers) already hold the rest of the cluster.
     """
@@ -159,9 +159,8 @@ def tokenize(ds: ray.data.Dataset, tokenizer_path: str, max_prompt_length: int, 
 def truncation_counts(ds: ray.data.Dataset) -> dict[str, int]:
     """How many tokenized records had their prompt / a response cut (runs `ds` if not materialized).
 
-    One small task per block, next to the block, instead of a Ray Data aggregate:
-    measured on 1024 tokenized pairs (one block) on 2 cores, `ds.sum` of both columns
-    took 9-11 s and `ds.aggregate` 5-6 s, against 0.02-1.2 s for this (`bench/reference_pass.py`).
+    One small task per block, next to the block, instead of a Ray Data aggregate, which
+    costs seconds of planning and scheduling for two sums (`bench/reference_pass.py`).
     """
     parts = ray.get([_truncated_in_block.remote(ref) for ref in ds.to_arrow_refs()])
     return {"prompt_truncated": sum(p for p, _ in parts), "response_truncated": sum(r for _, r in parts)}

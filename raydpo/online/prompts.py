@@ -18,8 +18,8 @@ class PromptSource:
     over the prompts) when they run out.
 
     The order is numpy's permutation under the seed, computed on the driver. It used to be
-    Ray Data's `random_shuffle(seed)`, which is slower (a few hundred prompts took 9-30 s on
-    2 cores: one map and one reduce task per block, 200 blocks) and whose order depends on
+    Ray Data's `random_shuffle(seed)`, which is much slower for a few hundred prompts (one
+    map and one reduce task per block) and whose order depends on
     how the data is cut into blocks, which Ray picks from the data source and the cluster's
     CPUs: the same seed gave other windows on another cluster size."""
 

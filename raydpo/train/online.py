@@ -1,7 +1,7 @@
 """The online loop's trainer, on the worker side: one long-lived Ray Train run for every iteration.
 
-Ray Train costs seconds to start a run (measured: ~15 s on 2 cores); paying it
-per iteration would dwarf the training itself. So the loop starts one
+Starting a Ray Train run costs many seconds (a controller, a worker group, model
+imports in every worker); paying it per iteration would dwarf the training itself. So the loop starts one
 `TorchTrainer` whose workers stay up and take commands from a `Mailbox` actor
 (the driver's side is `raydpo.train.online_client.TrainerClient`):
 

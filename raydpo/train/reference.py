@@ -74,9 +74,8 @@ def precompute_reference(ds: ray.data.Dataset, model_path: str, pad_id: int, con
     `raydpo.data.pipeline.tokenize` would (same `ArrowTokenizer`, the model's
     tokenizer), before scoring it. One Ray Data stage instead of two: no second
     execution, no materialized intermediate, and the scorer's start-up (imports,
-    model load) is not paid after tokenization has finished. Measured on the
-    bench's 1024 pairs on 2 cores: 20.9 s against 26.3 s for tokenize then score
-    (`bench/reference_pass.py`, medians of alternated runs; same log-probs).
+    model load) is not paid after tokenization has finished; `bench/reference_pass.py`
+    measures it against tokenize-then-score (the same log-probs).
     """
     ordered()
     return ds.map_batches(_ReferenceScorer, fn_constructor_args=(model_path, pad_id, trust_remote_code, max(1, int(cpus)),

@@ -34,16 +34,22 @@ def verbose() -> bool:
 def ray_init_options() -> dict:
     """ray.init arguments: worker output reaches this console only with --verbose (it is
     always in <Ray temp dir>/session_*/logs)."""
-    return {"log_to_driver": _verbose, "logging_level": logging.INFO if _verbose else logging.WARNING}
+    return {"log_to_driver": _verbose, "logging_level": logging.INFO if _verbose else logging.ERROR}
 
 
 def after_ray_init() -> None:
     import ray.data
 
     ray.data.DataContext.get_current().enable_progress_bars = _verbose and sys.stderr.isatty()
-    if not _verbose:  # Ray Data prints an execution plan per dataset, Serve one line per start-up
-        for name in ("ray.data", "ray.serve", "ray.train"):
-            logging.getLogger(name).setLevel(logging.WARNING)
+    quiet("ray.data", "ray.train")  # an execution plan per dataset, a line per worker group
+
+
+def quiet(*loggers: str) -> None:
+    """Without --verbose, these libraries' loggers (on this process) say only errors. Call it
+    after importing a library that configures its own logger on import (ray.serve does)."""
+    if not _verbose:
+        for name in loggers:
+            logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def log(tag: str, msg: str) -> None:

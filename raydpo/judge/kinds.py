@@ -61,6 +61,9 @@ def deploy(cfg):
     """The judge on Ray Serve (HTTP on cluster.host:port/judge), and its deployment handle for the loop."""
     from ray import serve
 
+    from raydpo import console
+
+    console.quiet("ray.serve")  # a line per start-up and per application otherwise
     app = build(cfg)
     serve.start(http_options={"host": cfg.cluster.host, "port": cfg.cluster.port})
     return serve.run(app, name="judge", route_prefix="/judge")

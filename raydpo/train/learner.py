@@ -67,7 +67,7 @@ def _load_model(spec: TrainSpec, device: torch.device):
         kw = {"num_labels": 1, "pad_token_id": AutoTokenizer.from_pretrained(spec.model_path).pad_token_id}
     model = _model_class(spec).from_pretrained(spec.model_path, dtype=torch.float32,
                                                trust_remote_code=spec.trust_remote_code, **kw).to(device)
-    if spec.mode in ("dpo", "online"):
+    if spec.mode == "dpo":
         disable_dropout(model)  # as TRL's DPO does by default: log-ratios against the reference stay exact
     if spec.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -189,11 +189,11 @@ class Learner:
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
         self.device = ray.train.torch.get_device() if torch.cuda.is_available() else torch.device("cpu")
         self.pad_id = config["pad_id"]
-        self.layout = layout(spec.shared_prefix and spec.mode in ("dpo", "online"))
+        self.layout = layout(spec.shared_prefix and spec.mode == "dpo")
         self.accum = accumulation_steps(spec.batch_size, spec.micro_batch_size, self.world)
         model = _load_model(spec, self.device)
         self.reference = None
-        if spec.mode in ("dpo", "online") and spec.loss.needs_reference and not config.get("precomputed_reference"):
+        if spec.mode == "dpo" and spec.loss.needs_reference and not config.get("precomputed_reference"):
             if spec.lora_r:
                 self.reference = _LoraReference(model)
             else:

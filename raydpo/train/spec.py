@@ -13,7 +13,7 @@ from raydpo.losses import LossSettings
 class TrainSpec:
     """Everything a worker needs; crosses the driver -> worker boundary."""
 
-    mode: str  # "sft" | "dpo" | "reward" | "online"
+    mode: str  # "sft" | "dpo" | "reward" (the online trainer is "dpo" too)
     model_path: str
     run_dir: str  # metrics.jsonl and tensorboard/ go here (rank 0)
     loss: LossSettings = field(default_factory=LossSettings)

@@ -8,7 +8,6 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from pathlib import Path
 
 _verbose = False
 
@@ -17,7 +16,9 @@ def setup(verbose: bool) -> None:
     """Call once, before Ray or the libraries are imported."""
     global _verbose
     _verbose = verbose
-    if not Path("/dev/nvidiactl").exists():
+    import torch
+
+    if not torch.cuda.is_available():
         # DeepSpeed probes for accelerators in every process that imports it and warns when
         # it finds none; saying "cpu" up front skips the probe (local Ray processes inherit it)
         os.environ.setdefault("DS_ACCELERATOR", "cpu")

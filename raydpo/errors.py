@@ -39,8 +39,8 @@ class TrainerError(RaydpoError, RuntimeError):
 
 # Exit statuses: 2 for what the user can fix in the command line, config or data (as
 # argparse does for a bad flag); 3 for a role that failed while running.
-EXIT_CODES: dict[type[RaydpoError], int] = {ConfigError: 2, DataError: 2, SamplerError: 3, JudgeError: 3,
-                                            TrainerError: 3}
+EXIT_CODES: dict[type[RaydpoError], int] = {ConfigError: 2, DataError: 2, WeightsError: 2, SamplerError: 3,
+                                            JudgeError: 3, TrainerError: 3}
 
 
 def exit_code(error: RaydpoError) -> int:

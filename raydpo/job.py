@@ -47,7 +47,11 @@ def run_job(main: Callable, description: str, argv: list[str] | None = None, *, 
             before_save(cfg, args)
         save_config(cfg, run_dir)
         return main(cfg, args) or 0
-    except RaydpoError as e:  # named problem, no traceback
+    except RaydpoError as e:  # named problem; its traceback only with --verbose
+        if console.verbose():
+            import traceback
+
+            traceback.print_exc()
         print(f"{prog}: error: {e}", file=sys.stderr)
         return exit_code(e)
 

@@ -244,7 +244,7 @@ def test_loop_stopped_and_resumed_as_submitted_jobs(cluster, tmp_path):
     import httpx
 
     ident = httpx.get(f"http://127.0.0.1:{serve_port}/judge/v1/judge", timeout=10).json()
-    assert ident["name"] == "rule:raydpo.tasks.style:score" and ident["pairwise"] is False
+    assert ident["judge"] == "rule:raydpo.tasks.style:score" and ident["pairwise"] is False
     # and so does the policy endpoint, serving the last iteration's weights the loop published
     import openai
 

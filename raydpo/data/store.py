@@ -12,7 +12,8 @@ crash never leaves a half-written file where readers look. Chunk names are
 chosen by the caller and deterministic, so re-writing a chunk after a crash
 replaces it instead of adding a duplicate, and ``has_chunk`` lets a resumed
 loop skip what is already stored. Every pair also carries a ``pair_id``.
-Pure pyarrow: no Ray (see `raydpo.data.pipeline.read_store` for Ray Data).
+Pure pyarrow: no Ray (the loop hands an iteration's rows to Ray Data with
+`ray.data.from_arrow`, see `raydpo.online.training_data`).
 """
 
 from __future__ import annotations

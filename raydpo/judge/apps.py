@@ -3,7 +3,7 @@
     serve run serve/judge_rule.yaml          # 127.0.0.1:8000/judge
     POST /judge/v1/score    {"items": [{"prompt": "...", "response": "..."}]}
     POST /judge/v1/compare  {"items": [{"prompt": "...", "response_a": "...", "response_b": "..."}]}
-    GET  /judge/v1/judge    -> {"name": "rule:raydpo.tasks.style:score", "kind": "rule", "pairwise": false, ...}
+    GET  /judge/v1/judge    -> {"judge": "rule:raydpo.tasks.style:score", "kind": "rule", "pairwise": false, ...}
 
 Bodies are validated with pydantic, bounded in size (bytes, items, characters),
 and every problem is a 4xx whose message names the field (``items.3.response``);
@@ -124,7 +124,7 @@ class ScoringJudge:
 
     @app.get("/v1/judge")
     async def identity(self) -> dict:
-        return dataclasses.asdict(self.info_)
+        return {"judge": self.info_.name, **dataclasses.asdict(self.info_)}
 
     @app.post("/v1/score")
     async def score(self, request: Request):

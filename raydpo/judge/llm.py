@@ -104,7 +104,7 @@ class LLMJudge:
 
     @app.get("/v1/judge")
     async def identity(self) -> dict:
-        return {**dataclasses.asdict(self.info_), "template": self.template, "answer_pattern": self.pattern,
+        return {"judge": self.info_.name, **dataclasses.asdict(self.info_), "template": self.template, "answer_pattern": self.pattern,
                 "counts": dict(self.counts)}
 
     @app.post("/v1/score")

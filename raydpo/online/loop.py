@@ -81,6 +81,7 @@ def run(cfg: RunConfig, resume: bool = False) -> int:
     t_start = time.time()
     r, point = start(cfg, run_dir, resume, t_start)
     try:
+        prepare(cfg, run_dir, r, point)
         for it in range(point.first, cfg.loop.iterations + 1):
             row = iteration(cfg, it, r, point, run_dir)
             append_metrics(run_dir, row)
@@ -165,15 +166,20 @@ def start(cfg: RunConfig, run_dir: Path, resume: bool, t_start: float) -> tuple[
     r.prompts, r.eval_prompts, r.first_row = prompts, eval_prompts, first_row
     log(f"judge '{r.judge.name}' on Serve; {prompts.size} training prompts ({prompts.bad} unusable skipped), "
         f"{len(eval_prompts)} eval prompts")
-    r.baseline = baseline_samples(cfg, run_dir, r.pool, eval_prompts)  # fixed samples of the starting policy
+    return r, point
+
+
+def prepare(cfg: RunConfig, run_dir: Path, r: Run, point: ResumePoint) -> None:
+    """With the roles up: the starting policy's fixed eval samples, the offline baseline's
+    pairs (loop.pairs_from=start), and on resume the weights the next iteration needs."""
+    r.baseline = baseline_samples(cfg, run_dir, r.pool, r.eval_prompts)  # drawn from version 0, before any publish
     if cfg.loop.pairs_from == "start" and point.trained_upto == 0:
-        c = offline_baseline.presample(cfg, prompts, r.pool, r.judge, r.store, point.first)
+        c = offline_baseline.presample(cfg, r.prompts, r.pool, r.judge, r.store, point.first)
         log(f"offline baseline: {c.pairs} pairs from the starting policy for iterations 2..{cfg.loop.iterations}")
     catch_up(point, run_dir, r.pool, r.policy)
     if point.first > 0:
         log(f"resuming at iteration {point.first} (trained through {point.trained_upto}; "
             f"{r.store.count()} pairs stored)")
-    return r, point
 
 
 def start_roles(cfg: RunConfig, run_dir: Path, start_path: str, pad_id: int, point: ResumePoint,

@@ -212,7 +212,9 @@ class _WorkerState:
         n_pairs = cmd.dataset.count()
         timing = {"setup": time.perf_counter() - t0}
         t = time.perf_counter()
-        last_pass = [self._pass(cmd, p) for p in range(cmd.passes)][-1]
+        last_pass: list[dict] = []
+        for p in range(cmd.passes):
+            last_pass = self._pass(cmd, p)
         timing["passes"] = time.perf_counter() - t
         self.done_iteration = cmd.iteration
         keys = sorted({k for m in last_pass for k in m})

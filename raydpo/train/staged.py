@@ -160,7 +160,8 @@ def follow_steps(metrics: Path, prefix: str, total: int, initial: int):
 
 
 # The style task's demonstrations for the SFT stage when data.train_path is not given
-# (mixed quality: the policy starts imperfect, so DPO has something to fix).
+# (mixed quality: the policy starts imperfect, so DPO has something to fix): as many as
+# the stage trains on (sft_steps x sft_batch_size), at most this many, repeated in epochs.
 STYLE_DEMONSTRATIONS = 20_000
 
 
@@ -172,14 +173,21 @@ def sft_demonstrations(cfg, run_dir: Path) -> str:
 
     path = Path(run_dir) / "sft_demonstrations.jsonl"
     if not path.exists():
-        atomic_write(path, (json.dumps(r) + "\n" for r in style.sft_records(STYLE_DEMONSTRATIONS, cfg.seed)))
+        count = min(STYLE_DEMONSTRATIONS, cfg.trainer.sft_steps * cfg.trainer.sft_batch_size)
+        atomic_write(path, (json.dumps(r) + "\n" for r in style.sft_records(count, cfg.seed)))
     return str(path)
 
 
 def sft_stage(cfg, base: Path, run_dir: Path, pad_id: int) -> Path:
     """The SFT stage: Ray Train on demonstrations (`sft_demonstrations`), validated and
-    tokenized on Ray Data; resumable. The online loop starts from (and anchors to) its output."""
+    tokenized on Ray Data; resumable, and a finished stage is returned without reading its
+    data again. The online loop starts from (and anchors to) its output."""
     from raydpo.data.pipeline import read_tokenized
 
+    spec = make_spec(cfg, "sft", str(base), str(run_dir))
+    found = latest_checkpoint(Path(spec.run_dir, "ray_train").resolve(), "sft")
+    if found and found[1].get("final") and found[1]["step"] >= spec.max_steps:
+        console.log("raydpo", f"sft: already finished at step {found[1]['step']}; using {found[0]}")
+        return found[0]
     ds = read_tokenized(cfg, sft_demonstrations(cfg, run_dir), base)
-    return fit(make_spec(cfg, "sft", str(base), str(run_dir)), ds, cfg, "sft", pad_id)
+    return fit(spec, ds, cfg, "sft", pad_id)

@@ -19,11 +19,10 @@ demo: $(STAMP)
 # starting processes and waiting on them, and two streams keep both cores busy
 # (measured: 2046 s serial, 1167-1208 s with -n 2, 92% of both cores busy). A module stays on
 # one worker (loadscope), so module fixtures (a trained model, a Serve port) are built once.
-# xdist's default module order (most tests first) measured better than longest-first
-# (1167 s vs 1241 s): longest-first ran the two e2e loops beside test_train's fits, and
-# heavy next to heavy slowed both far more than their sum (the submitted job: 151 s -> 412 s).
+# Modules are handed out in the order tests/conftest.py (MODULE_ORDER) gives, not by test
+# count: that order started the longest module (e2e) near the end, leaving one worker idle.
 test: $(STAMP)
-	$(PY) -m pytest -q -n 2 --dist loadscope --durations=15 $(ARGS)
+	$(PY) -m pytest -q -n 2 --dist loadscope --no-loadscope-reorder --durations=15 $(ARGS)
 
 # The inner loop: every test not marked `slow` (no Ray, vLLM or Serve start-up, no training run).
 # CI and `make test` run everything.

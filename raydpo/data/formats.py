@@ -330,6 +330,14 @@ def validate_paths(
     return good, report
 
 
+def text_pairs(path: str, fmt: str = "auto") -> tuple[list[dict], int]:
+    """The {prompt, chosen, rejected} text pairs of a preference file or folder, and how many
+    records were skipped (bad ones, and chat pairs, which the held-out scorers do not render yet)."""
+    pairs, report = validate_paths([path], fmt)
+    text = [{"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected} for p in pairs if not p.is_chat]
+    return text, sum(report.bad.values()) + len(pairs) - len(text)
+
+
 def read_prompts(path: str) -> tuple[list[str], ValidationReport]:
     """Prompts of a prompt file or folder (JSONL or Parquet, a non-empty string 'prompt'
     column), in file order. Bad records are skipped, counted by reason and named by

@@ -46,23 +46,15 @@ def pairwise_accuracy(scorer: RewardModelScorer, pairs: list[dict]) -> float:
     return sum(c > r for c, r in zip(rc, rr)) / len(pairs)
 
 
-def text_pairs(cfg, path: str) -> tuple[list[dict], int]:
-    """The {prompt, chosen, rejected} text pairs of a preference file, and how many records were skipped
-    (bad ones, and chat pairs, which the held-out scorers do not render yet)."""
-    from raydpo.data.formats import validate_paths
-
-    pairs, report = validate_paths([path], cfg.data.format)
-    text = [{"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected} for p in pairs if not p.is_chat]
-    return text, sum(report.bad.values()) + len(pairs) - len(text)
-
-
 def held_out_row(cfg, ckpt, eval_path: str) -> tuple[str, str]:
     """The reward job's closing-table row: pairwise accuracy on held-out pairs, also saved
     to <run_dir>/reward_eval.json."""
     import json
     from pathlib import Path
 
-    text, skipped = text_pairs(cfg, eval_path)
+    from raydpo.data.formats import text_pairs
+
+    text, skipped = text_pairs(eval_path, cfg.data.format)
     if not text:
         return f"held-out pairwise accuracy (0 pairs, {skipped} skipped)", "n/a"
     acc = pairwise_accuracy(RewardModelScorer(str(ckpt), cfg.data.max_prompt_length, cfg.data.max_length), text)

@@ -5,16 +5,11 @@ fresh pairs. Comparing the two isolates what sampling from the current policy bu
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 from raydpo.config import RunConfig
 from raydpo.online.collect import collect_pairs
 from raydpo.online.pairs import PairCounts
-
-
-class _NoTimer:
-    def __call__(self, phase: str):
-        from contextlib import nullcontext
-
-        return nullcontext()
 
 
 def presample(cfg: RunConfig, prompts, pool, judge, store, first: int) -> PairCounts:
@@ -23,7 +18,7 @@ def presample(cfg: RunConfig, prompts, pool, judge, store, first: int) -> PairCo
     Returns what was judged now and found stored."""
     total = PairCounts()
     for it in range(max(first, 2), cfg.loop.iterations + 1):
-        total.add(collect_pairs(cfg, it, prompts, pool, judge, store, _NoTimer(), version=0))
+        total.add(collect_pairs(cfg, it, prompts, pool, judge, store, nullcontext, version=0))  # untimed
     return total
 
 

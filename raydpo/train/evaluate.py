@@ -49,9 +49,9 @@ def held_out_row(cfg, ckpt, base) -> tuple[str, str]:
     its base on data.eval_path (text pairs; what was skipped is said, never silent)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from raydpo.judge.reward_model import text_pairs
+    from raydpo.data.formats import text_pairs
 
-    text, skipped = text_pairs(cfg, cfg.data.eval_path)
+    text, skipped = text_pairs(cfg.data.eval_path, cfg.data.format)
     label = f"held-out preference accuracy ({len(text)} pairs" + (f"; {skipped} skipped)" if skipped else ")")
     if not text:
         return label, "n/a"

@@ -16,6 +16,7 @@ forward/backward pass); the global batch is what is split, not the dataset.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import tempfile
 import threading
@@ -111,8 +112,7 @@ def fit(spec: TrainSpec, train_ds, cfg, name: str, pad_id: int,
     """
     storage = Path(spec.run_dir, "ray_train").resolve()
     found = latest_checkpoint(storage, name) if resume else None
-    if found and found[1].get("final") and (not spec.max_steps or found[1]["step"] >= spec.max_steps):
-        console.log("raydpo", f"{name}: already finished at step {found[1]['step']}; using {found[0]}")
+    if finished(found, spec, name):
         return found[0]
     if found:
         console.log("raydpo", f"{name}: resuming from step {found[1]['step']} ({found[0]})")
@@ -131,23 +131,36 @@ def fit(spec: TrainSpec, train_ds, cfg, name: str, pad_id: int,
     return found[0]
 
 
+def finished(found: tuple[Path, dict] | None, spec: TrainSpec, name: str) -> bool:
+    """Whether `found` (latest_checkpoint's answer) is a final checkpoint of stage `name` that
+    ran all of spec.max_steps (0: no cap); says so on the console when it is."""
+    done = bool(found and found[1].get("final") and (not spec.max_steps or found[1]["step"] >= spec.max_steps))
+    if done:
+        console.log("raydpo", f"{name}: already finished at step {found[1]['step']}; using {found[0]}")
+    return done
+
+
 @contextmanager
 def follow_steps(metrics: Path, prefix: str, total: int, initial: int):
     """A progress bar on the driver's console that follows rank 0's steps in metrics.jsonl
     (worker output reaches the console only with --verbose)."""
-    if console.verbose():
+    bar = None if console.verbose() else console.progress(total, prefix.rstrip("/"), initial)
+    if bar is None or bar.disable:  # the workers' own bars are shown, or there is no terminal
         yield
+        if bar is not None:
+            bar.close()
         return
-    bar, stop = console.progress(total, prefix.rstrip("/"), initial), threading.Event()
+    stop, start = threading.Event(), metrics.stat().st_size if metrics.exists() else 0
 
     def follow():
-        seen = 0
-        while not stop.wait(1.0):
-            if metrics.exists():
-                with open(metrics) as f:
-                    steps = sum(1 for line in f if f'"{prefix}loss"' in line)
-                bar.update(max(0, min(steps, total) - initial - seen))
-                seen = max(seen, min(steps, total) - initial)
+        with contextlib.suppress(FileNotFoundError):
+            while not metrics.exists() and not stop.wait(1.0):
+                pass
+            with open(metrics) as f:
+                f.seek(start)  # only the lines this fit writes, read as they come
+                while not stop.wait(1.0):
+                    new = sum(1 for line in f.readlines() if f'"{prefix}loss"' in line)
+                    bar.update(min(new, total - bar.n))
 
     t = threading.Thread(target=follow, daemon=True)
     t.start()
@@ -186,8 +199,7 @@ def sft_stage(cfg, base: Path, run_dir: Path, pad_id: int) -> Path:
 
     spec = make_spec(cfg, "sft", str(base), str(run_dir))
     found = latest_checkpoint(Path(spec.run_dir, "ray_train").resolve(), "sft")
-    if found and found[1].get("final") and found[1]["step"] >= spec.max_steps:
-        console.log("raydpo", f"sft: already finished at step {found[1]['step']}; using {found[0]}")
+    if finished(found, spec, "sft"):
         return found[0]
     ds = read_tokenized(cfg, sft_demonstrations(cfg, run_dir), base)
     return fit(spec, ds, cfg, "sft", pad_id)

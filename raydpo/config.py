@@ -389,8 +389,9 @@ def read_saved_config(run_dir: str | os.PathLike) -> dict[str, Any] | None:
     data = _read_yaml(path)
     for old, new in RENAMED.items():  # a run started before the rename: its keys under today's names
         (sec, key), (_, new_key) = old.split("."), new.split(".")
-        if key in data.get(sec, {}) and new_key not in data[sec]:
-            data[sec][new_key] = data[sec].pop(key)
+        section = data.get(sec)
+        if isinstance(section, dict) and key in section and new_key not in section:
+            section[new_key] = section.pop(key)
     try:
         return RunConfig.model_validate(data).model_dump(mode="json")
     except ValidationError as e:

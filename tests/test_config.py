@@ -144,3 +144,11 @@ def test_a_saved_config_of_an_older_run_is_read_under_the_new_names(tmp_path):
     (tmp_path / "config.yaml").write_text("trainer:\n  reference: live\nloop:\n  reference: previous\n")
     saved = read_saved_config(tmp_path)
     assert saved["trainer"]["reference_logps"] == "live" and saved["loop"]["reference_policy"] == "previous"
+
+
+def test_a_malformed_saved_config_is_named_not_a_traceback(tmp_path):
+    from raydpo.config import read_saved_config
+
+    (tmp_path / "config.yaml").write_text("trainer: 3\n")
+    with pytest.raises(ConfigError, match=r"trainer: Input should be a valid dictionary"):
+        read_saved_config(tmp_path)

@@ -217,15 +217,22 @@ def test_loop_stopped_and_resumed_as_submitted_jobs(cluster, tmp_path):
                                                   "trainer.sft_steps": 300, "trainer.sft_batch_size": 64})]
     r = submit(env, *args, wait=False, submission_id="first")
     assert "submitted successfully" in r.stdout + r.stderr, (r.stdout + r.stderr)[-2000:]
-    # stop once iteration 1 has judged its first chunk: an iteration takes a few seconds
-    # here and `ray job stop` about as long, so the job stops in iteration 1 or 2
+    # stop once iteration 1 has judged its first chunk. An iteration takes a few seconds here,
+    # and so do `ray job status` and `ray job stop` (each a CLI start), so a plain stop could
+    # land after the last iteration (it did once in CI): freeze the driver first, then stop
+    # the job; Ray's SIGTERM waits on the frozen process and its SIGKILL 3 s later ends it
     target = run_dir / "preferences" / "iteration=000001" / "chunk-00000.parquet"
-    deadline = time.time() + 900
+    deadline, checked = time.time() + 900, 0.0
     while not target.exists():
-        status = job_status(env, "first")
-        assert "RUNNING" in status or "PENDING" in status, status
+        if time.time() - checked > 10:
+            status, checked = job_status(env, "first"), time.time()
+            assert "RUNNING" in status or "PENDING" in status, status
         assert time.time() < deadline, "iteration 1 never started"
-        time.sleep(0.5)
+        time.sleep(0.1)
+    driver = [p for p in psutil.process_iter(["cmdline"])
+              if "jobs/online_dpo.py" in (p.info["cmdline"] or []) and str(run_dir) in " ".join(p.info["cmdline"])]
+    assert len(driver) == 1, driver
+    driver[0].send_signal(signal.SIGSTOP)
     stop = subprocess.run(["ray", "job", "stop", "first"], env=env, capture_output=True, text=True, timeout=120)
     assert stop.returncode == 0, stop.stdout + stop.stderr
     assert "was stopped" in job_status(env, "first")

@@ -16,6 +16,22 @@ from raydpo.errors import ConfigError
 RAY_WORKING_DIR_COPY = os.path.join("runtime_resources", "working_dir_files")
 
 
+def pin_cpus(cpu_ids: list[int] | None, role: str) -> None:
+    """Pin this process, every thread it has and every thread it starts later, to `cpu_ids`
+    (cluster.<role>.cpu_ids; None: leave it be). Linux only."""
+    if cpu_ids is None:
+        return
+    allowed = os.sched_getaffinity(0)
+    if not set(cpu_ids) <= allowed:
+        raise ConfigError(f"cluster.{role}.cpu_ids={cpu_ids}: this process on {socket.gethostname()} may only "
+                          f"run on CPUs {sorted(allowed)}")
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            os.sched_setaffinity(int(tid), cpu_ids)
+        except ProcessLookupError:  # a thread that ended meanwhile
+            pass
+
+
 def outliving_path(value: str, key: str = "run_dir", cwd: str | None = None) -> Path:
     """`value` made absolute. A path that resolves into Ray's copy of a job's working
     directory (a relative path under `ray job submit --working-dir`) is refused: that

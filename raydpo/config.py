@@ -172,6 +172,7 @@ class LoopConfig(_Section):
     max_pairs_per_iteration: int = Field(0, ge=0, description="train on at most this many of an iteration's pairs (0: all); every judged pair is still stored")
     serve_policy: bool = Field(True, description="serve the current policy on Ray Serve (OpenAI-compatible, /policy/v1) and publish each iteration's weights to it")
     eval_kl: bool = Field(True, description="estimate KL(policy || reference) each iteration from temperature-1 samples on the eval prompts")
+    max_staleness: int = Field(0, ge=0, le=8, description="0: the synchronous loop (sample, judge, train, publish, evaluate, one after another). k >= 1: iteration i+1's pairs are sampled and judged while iteration i trains, from policy versions at most k behind the one they train (the samplers are never asked for older ones; a stored pair staler than k, e.g. after a resume with a smaller k, is counted as stale_dropped and not trained on), and evaluation runs beside training. Off-policy by up to k versions: see the README")
 
 
 class Resources(_Section):
@@ -179,6 +180,7 @@ class Resources(_Section):
     cpus: float = Field(1.0, ge=0.0, description="CPUs each one reserves")
     gpus: float = Field(0.0, ge=0.0, description="GPUs each one reserves (0 on CPU clusters)")
     max_count: int = Field(0, ge=0, description="Serve roles (judge, policy): autoscale between count and this many replicas when above count (0: fixed count)")
+    cpu_ids: list[int] | None = Field(None, description="trainer and sampler only: pin the role's processes to these CPU ids of their node (Linux sched_setaffinity), e.g. trainer [0] and sampler [1] to model separate pools on one machine; null: no pinning")
 
     def serve_scaling(self, target_ongoing_requests: int = 8) -> dict:
         """Serve deployment args: a fixed replica count, or an autoscaling config."""
@@ -224,6 +226,19 @@ class RunConfig(_Section):
         if self.loop.reference_policy == "previous" and self.trainer.lora_r:
             raise ValueError("loop.reference_policy='previous' cannot be used with trainer.lora_r > 0: the LoRA reference "
                              "is the base model with adapters off")
+        if self.loop.max_staleness and self.loop.pairs_from == "start":
+            raise ValueError("loop.max_staleness > 0 needs loop.pairs_from='current': the offline baseline's pairs all come "
+                             "from the starting policy, so there is nothing to sample ahead")
+        if self.loop.max_staleness and self.loop.reference_policy == "previous":
+            raise ValueError("loop.max_staleness > 0 needs loop.reference_policy='fixed': with evaluation running beside "
+                             "training, KL is taken against the frozen reference")
+        for role in ("judge", "policy"):
+            if getattr(self.cluster, role).cpu_ids is not None:
+                raise ValueError(f"cluster.{role}.cpu_ids: only cluster.trainer and cluster.sampler are pinned to CPUs")
+        for role in ("trainer", "sampler"):
+            ids = getattr(self.cluster, role).cpu_ids
+            if ids is not None and (not ids or min(ids) < 0 or len(set(ids)) != len(ids)):
+                raise ValueError(f"cluster.{role}.cpu_ids must be distinct CPU ids >= 0 (got {ids})")
         if workers and self.trainer.sft_batch_size % workers:
             raise ValueError(f"trainer.sft_batch_size ({self.trainer.sft_batch_size}) must be a multiple of "
                              f"cluster.trainer.count ({workers})")

@@ -101,12 +101,18 @@ class TrainRequest:
 
 @dataclass(frozen=True)
 class KLRequest:
-    """Mean log pi(y|x) - log pi_ref(y|x) over the given (prompt ids, response ids)."""
+    """Mean log pi(y|x) - log pi_ref(y|x) over the given (prompt ids, response ids).
+
+    `policy_logps`: log pi(y|x) per response as the sampler computed it while sampling
+    (the sum of its token log-probs). Given, the trainer scores only the frozen reference,
+    so the answer does not depend on which version the trainer holds by then (the loop
+    with loop.max_staleness > 0 evaluates a version while the next one trains)."""
 
     op: ClassVar[str] = "kl"
     prompt_ids: list[list[int]]
     response_ids: list[list[int]]
     iteration: int = -1
+    policy_logps: list[float] | None = None
 
 
 @dataclass(frozen=True)

@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from pathlib import Path
 
 METRICS_FILE = "online_metrics.jsonl"
-TIME_KEYS = ("sample", "judge", "store", "train", "sync", "eval", "other")
+TIME_KEYS = ("sample", "judge", "store", "wait", "train", "sync", "eval", "other")  # wait: the trainer for pairs (max_staleness > 0)
 
 # (column title, key, format) of the per-iteration table
 COLUMNS = (
@@ -26,9 +27,10 @@ COLUMNS = (
 
 
 def append_metrics(run_dir: str | Path, row: dict) -> None:
-    """One iteration's row, appended as a line of <run_dir>/online_metrics.jsonl."""
+    """One iteration's row, appended as a line of <run_dir>/online_metrics.jsonl, stamped with
+    the wall-clock time it was written (time_done, Unix seconds: loop time between two rows)."""
     with open(Path(run_dir) / METRICS_FILE, "a") as f:
-        f.write(json.dumps(row) + "\n")
+        f.write(json.dumps({**row, "time_done": time.time()}) + "\n")
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:

@@ -11,7 +11,7 @@ from raydpo.config import load_config
 from raydpo.data.store import PreferenceStore, StoredPair
 from raydpo.online import offline_baseline
 from raydpo.online.resume import ResumePoint, catch_up, iteration_checkpoint, resume_point, trained_row
-from raydpo.online.training_data import training_table
+from raydpo.online.training_data import pairs_version, training_table
 from raydpo.records import JudgeInfo, Sample
 from raydpo.report import METRICS_FILE
 from raydpo.train.checkpoints import STATE_FILE, write_manifest
@@ -135,9 +135,9 @@ def test_the_offline_baseline_presamples_later_iterations_from_the_start_once(tm
     assert {p.policy_version for p in store.read_pairs()} == {0}
     again = offline_baseline.presample(cfg, Prompts(), pool, StandInJudge(), store, first=1)
     assert pool.requests == 3 and again.pairs == counts.pairs  # a resumed run samples nothing twice
-    assert [offline_baseline.pairs_version(cfg, it) for it in (1, 2, 3)] == [0, 0, 0]
+    assert [pairs_version(cfg, it) for it in (1, 2, 3)] == [0, 0, 0]
     online = load_config(None, [f"run_dir={tmp_path}"])
-    assert [offline_baseline.pairs_version(online, it) for it in (1, 2, 3)] == [0, 1, 2]
+    assert [pairs_version(online, it) for it in (1, 2, 3)] == [0, 1, 2]
 
 
 def test_a_trained_row_without_a_saved_reply_still_counts_its_steps(tmp_path):

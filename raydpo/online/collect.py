@@ -11,10 +11,14 @@ from raydpo.online.pairs import PairCounts, build_pairs
 from raydpo.online.resume import stored_counts
 
 
-def collect_pairs(cfg: RunConfig, it: int, prompts, pool, judge, store, timer, version: int) -> PairCounts:
-    """Steps 1-5 for iteration `it`, sampling from policy `version`: returns the
-    PairCounts of the chunks done now plus those found already stored (a resumed
+def collect_pairs(cfg: RunConfig, it: int, prompts, pool, judge, store, timer, version: int,
+                  oldest: int | None = None) -> PairCounts:
+    """Steps 1-5 for iteration `it`, sampling from policy `version`, or with `oldest` from any
+    version in [oldest, version] (the loop with loop.max_staleness: the samplers pick up newer
+    weights between chunks, and each chunk's samples carry the version that produced them).
+    Returns the PairCounts of the chunks done now plus those found already stored (a resumed
     iteration, or one pre-sampled by the offline baseline)."""
+    oldest = version if oldest is None else oldest
     n, k, size = cfg.loop.prompts_per_iteration, cfg.sampler.samples_per_prompt, cfg.loop.chunk_prompts
     with timer("sample"):
         window = prompts.window(it, n)
@@ -26,9 +30,10 @@ def collect_pairs(cfg: RunConfig, it: int, prompts, pool, judge, store, timer, v
     flat = [p for _, ps in todo for p in ps]
     starts = [sum(len(ps) for _, ps in todo[:j]) for j in range(len(todo))]
     seeds = prompt_seeds(cfg, TRAIN, it, [ci * size + j for ci, ps in todo for j in range(len(ps))])
-    if pool.version != version:
-        raise SamplerError(f"iteration {it} wants samples of policy version {version}; the pool is at {pool.version}")
-    stream = pool.stream(flat, sampling(cfg, k, cfg.sampler.temperature), min_version=version, chunk_size=size,
+    if not oldest <= pool.version <= version:
+        wanted = version if oldest == version else f"{oldest}..{version}"
+        raise SamplerError(f"iteration {it} wants samples of policy version {wanted}; the pool is at {pool.version}")
+    stream = pool.stream(flat, sampling(cfg, k, cfg.sampler.temperature), min_version=oldest, chunk_size=size,
                          seeds=seeds)
     while True:
         with timer("sample"):
@@ -39,9 +44,9 @@ def collect_pairs(cfg: RunConfig, it: int, prompts, pool, judge, store, timer, v
         ci = todo[j][0]
         chunk.sort(key=lambda s: (s.prompt_index, s.sample_index))
         groups = [chunk[g * k:(g + 1) * k] for g in range(len(chunk) // k)]
-        if any(s.policy_version != version for s in chunk):
+        if any(not oldest <= s.policy_version <= version for s in chunk):
             raise SamplerError(f"iteration {it}: samples from policy versions "
-                               f"{sorted({s.policy_version for s in chunk})}, expected {version}")
+                               f"{sorted({s.policy_version for s in chunk})}, expected {oldest}..{version}")
         with timer("judge"):
             invalid_before = judge.invalid
             ranked = judge.rank([[(s.prompt, s.text) for s in g] for g in groups])

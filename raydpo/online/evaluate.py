@@ -59,18 +59,38 @@ def evaluate(cfg: RunConfig, it: int, pool, judge, trainer, prompts: list[str],
              baseline: list[list[str]]) -> dict:
     """Win rate of the current policy against the starting policy's fixed samples
     (both orders, ties half), mean judge score and length, and KL to the reference."""
-    samples = pool.sample(prompts, sampling(cfg, 1, cfg.loop.eval_temperature),
+    return score_eval(cfg, it, judge, trainer, prompts, baseline, *draw_eval(cfg, it, pool, prompts))
+
+
+def draw_eval(cfg: RunConfig, it: int, pool, prompts: list[str]) -> tuple[list, list]:
+    """The samplers' part of evaluating version `it`: a response per prompt at the eval
+    temperature, and (for KL) one at temperature 1. Every sample must come from version `it`."""
+    samples = pool.sample(prompts, sampling(cfg, 1, cfg.loop.eval_temperature), min_version=it,
                           seeds=prompt_seeds(cfg, EVAL, it, range(len(prompts))))
+    hot = []
+    if cfg.loop.eval_kl and it > 0:
+        hot = pool.sample(prompts, sampling(cfg, 1, 1.0), min_version=it,
+                          seeds=prompt_seeds(cfg, KL, it, range(len(prompts))))
+    versions = {s.policy_version for s in samples + hot}
+    if versions != {it}:
+        raise SamplerError(f"evaluating version {it}: samples from versions {sorted(versions)}")
+    return samples, hot
+
+
+def score_eval(cfg: RunConfig, it: int, judge, trainer, prompts: list[str], baseline: list[list[str]],
+               samples: list, hot: list, sampler_logps: bool = False) -> dict:
+    """The judge's and the trainer's part: win rate, judge score, length, KL. `sampler_logps`:
+    take log pi(y|x) from the sampler (the version that drew y) and only the reference from the
+    trainer, which may hold a newer version by now."""
     wr = win_rate(judge, prompts, [s.text for s in samples], baseline)
     scores = [] if judge.pairwise else judge.score([(s.prompt, s.text) for s in samples])
     out = {"win_rate": wr.win_rate, "wins": wr.wins, "ties": wr.ties, "losses": wr.losses, "invalid": wr.invalid,
            "judge_score": statistics.mean(scores) if scores else float("nan"),
            "response_tokens": statistics.mean(len(s.token_ids) for s in samples)}
-    if cfg.loop.eval_kl and it > 0:
-        hot = pool.sample(prompts, sampling(cfg, 1, 1.0), seeds=prompt_seeds(cfg, KL, it, range(len(prompts))))
+    if hot:
         # the sampler's own ids: the trainer scores exactly the context and tokens that were sampled
-        out["kl"] = trainer.kl([list(s.prompt_token_ids) for s in hot], [list(s.token_ids) for s in hot]).kl
+        out["kl"] = trainer.kl([list(s.prompt_token_ids) for s in hot], [list(s.token_ids) for s in hot],
+                               policy_logps=[float(sum(s.logprobs)) for s in hot] if sampler_logps else None).kl
     elif it == 0:
         out["kl"] = 0.0
     return out
-

@@ -30,8 +30,9 @@ from raydpo.online import offline_baseline
 from raydpo.online.collect import collect_pairs
 from raydpo.online.evaluate import baseline_samples, evaluate
 from raydpo.online.pairs import counts_row
-from raydpo.online.resume import ResumePoint, catch_up, check_run_dir, iteration_checkpoint, resume_point, trained_row
-from raydpo.online.training_data import dpo_metrics, training_data
+from raydpo.online.resume import (ResumePoint, catch_up, check_run_dir, iteration_checkpoint, publish_trained,
+                                  resume_point, trained_row)
+from raydpo.online.training_data import dpo_metrics, pairs_version, training_data
 from raydpo.report import TIME_KEYS, append_metrics, read_metrics, table, write_report
 
 
@@ -82,10 +83,15 @@ def run(cfg: RunConfig, resume: bool = False) -> int:
     r, point = start(cfg, run_dir, resume, t_start)
     try:
         prepare(cfg, run_dir, r, point)
-        for it in range(point.first, cfg.loop.iterations + 1):
-            row = iteration(cfg, it, r, point, run_dir)
-            append_metrics(run_dir, row)
-            log_iteration(row)
+        if cfg.loop.max_staleness:  # sampling ahead, evaluation beside training
+            from raydpo.online.overlapped import run_iterations
+
+            run_iterations(cfg, r, point, run_dir, log_iteration)
+        else:
+            for it in range(point.first, cfg.loop.iterations + 1):
+                row = iteration(cfg, it, r, point, run_dir)
+                append_metrics(run_dir, row)
+                log_iteration(row)
     finally:
         stop(r)
     finish(run_dir, r, t_start)
@@ -100,11 +106,12 @@ def iteration(cfg: RunConfig, it: int, r: Run, point: ResumePoint, run_dir: Path
         row.update(pairs=0, **r.first_row)
     elif it > point.trained_upto:
         # 1-5: prompts -> samples -> judge -> pairs -> store (chunk by chunk)
-        version = offline_baseline.pairs_version(cfg, it)
+        version = pairs_version(cfg, it)
         row.update(counts_row(collect_pairs(cfg, it, r.prompts, r.pool, r.judge, r.store, timer, version)))
         # 6-7: train on the fresh pairs (+ replay), publish the new weights
         row.update(train_and_publish(cfg, it, r, timer, run_dir))
-    else:  # trained before the driver died, not evaluated: its weights were published at start
+    else:  # trained before the driver died, not evaluated
+        publish_trained(it, run_dir, r.pool, r.policy)
         row.update(trained_row(cfg, r.store, run_dir, it))
     # 8: evaluate against the starting policy
     with timer("eval"):
@@ -129,10 +136,14 @@ def train_and_publish(cfg: RunConfig, it: int, r: Run, timer: Timer, run_dir: Pa
 
 
 def log_iteration(row: dict) -> None:
+    wait = f"waited for pairs {row['time_wait']:.1f}, " if row.get("time_wait") else ""
+    stale = row.get("staleness_hist")
+    if stale and len(stale) > 1:
+        wait += f"staleness {'/'.join(map(str, stale))}, dropped {row.get('stale_dropped', 0)}; "
     log(f"iteration {row['iteration']}: pairs {row.get('pairs', 0)}, win vs start {row['win_rate']:.3f}, "
         f"judge score {row['judge_score']:.3f}, KL {row.get('kl', float('nan')):.2f} "
         f"({row['time_total']:.1f}s: sample {row['time_sample']:.1f}, judge {row['time_judge']:.1f}, "
-        f"train {row['time_train']:.1f}, sync {row['time_sync']:.2f}, eval {row['time_eval']:.1f}, "
+        f"{wait}train {row['time_train']:.1f}, sync {row['time_sync']:.2f}, eval {row['time_eval']:.1f}, "
         f"other {row['time_other']:.1f})")
 
 

@@ -20,8 +20,3 @@ def presample(cfg: RunConfig, prompts, pool, judge, store, first: int) -> PairCo
     for it in range(max(first, 2), cfg.loop.iterations + 1):
         total.add(collect_pairs(cfg, it, prompts, pool, judge, store, nullcontext, version=0))  # untimed
     return total
-
-
-def pairs_version(cfg: RunConfig, it: int) -> int:
-    """The policy version iteration `it` trains on pairs from: the one before it (online), or 0."""
-    return it - 1 if cfg.loop.pairs_from == "current" else 0

@@ -51,20 +51,32 @@ def resume_point(run_dir: Path, resume: bool) -> ResumePoint:
 
 def catch_up(point: ResumePoint, run_dir: Path, pool, policy) -> None:
     """Bring the samplers (and the policy endpoint) to the weights the resumed loop needs:
-    the newest trained iteration if it still has to be evaluated, else the one before `first`."""
-    if point.checkpoint and point.trained_upto >= point.first:
-        pool.publish(point.trained_upto, path=str(point.checkpoint))
-    if point.first > 0 and pool.version < point.first - 1:
-        pool.publish(point.first - 1, path=str(iteration_checkpoint(run_dir, point.first - 1)))
+    iteration `first`'s if it was trained but not evaluated, else the one before `first`.
+    (With loop.max_staleness > 0 several trained iterations may wait for evaluation; the
+    loop publishes each of the later ones as it reaches it: `publish_trained`.)"""
+    target = point.first if point.trained_upto >= point.first else point.first - 1
+    if target > 0 and pool.version < target:
+        pool.publish(target, path=str(iteration_checkpoint(run_dir, target)))
     if policy and pool.version > 0:
         policy.publish(pool.version, path=str(iteration_checkpoint(run_dir, pool.version)))
 
 
+def publish_trained(it: int, run_dir: Path, pool, policy) -> None:
+    """Iteration `it`, trained before the driver died but not evaluated: its weights to the
+    samplers and the policy endpoint, unless they are there already."""
+    if pool.version < it:
+        path = str(iteration_checkpoint(run_dir, it))
+        pool.publish(it, path=path)
+        if policy:
+            policy.publish(it, path=path)
+
+
 # Keys a resumed run may change: they alter neither what is sampled, judged and stored
 # for an iteration nor how it is trained, so the store's exactly-once guarantee and the
-# run's meaning hold. Every other key must match the run's saved config.yaml. The trainer's
+# run's meaning hold (loop.max_staleness: stored pairs staler than the new bound are
+# counted as stale_dropped and not trained on, never sampled again). Every other key must match the run's saved config.yaml. The trainer's
 # worker count is not among them: DeepSpeed shards and DDP's split of a batch depend on it.
-RESUME_MAY_CHANGE = ("loop.iterations", "loop.serve_policy", "trainer.stall_timeout_s", "trainer.max_failures",
+RESUME_MAY_CHANGE = ("loop.iterations", "loop.serve_policy", "loop.max_staleness", "trainer.stall_timeout_s", "trainer.max_failures",
                      "sampler.sync_timeout_s", "sampler.request_timeout_s", "sampler.kv_cache_gib", "cluster.")
 
 

@@ -6,6 +6,27 @@ from __future__ import annotations
 from raydpo.config import RunConfig
 
 
+def pairs_version(cfg: RunConfig, it: int) -> int:
+    """The policy version iteration `it` trains from, and samples its pairs from when the loop
+    is synchronous: the one before it (online), or 0 (the offline baseline, loop.pairs_from=start)."""
+    return it - 1 if cfg.loop.pairs_from == "current" else 0
+
+
+def within_staleness(table, trains_from: int, max_staleness: int) -> tuple[object, dict]:
+    """The stored pairs sampled at most `max_staleness` versions before `trains_from`, the
+    version about to train on them; the rest are left out and counted. Also a histogram of
+    the kept pairs' staleness (index s: pairs sampled by version trains_from - s)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    lag = pc.subtract(pa.scalar(trains_from, pa.int64()), table.column("policy_version"))
+    ok = pc.and_(pc.greater_equal(lag, 0), pc.less_equal(lag, max_staleness))
+    kept = table.filter(ok)
+    kept_lag = lag.filter(ok).to_pylist()
+    hist = [kept_lag.count(s) for s in range(max_staleness + 1)]
+    return kept, {"stale_dropped": table.num_rows - kept.num_rows, "staleness_hist": hist}
+
+
 def training_data(cfg: RunConfig, store, it: int) -> tuple[object, dict]:
     """`training_table` as a materialized Ray Dataset, and what was kept."""
     import ray.data
@@ -21,7 +42,8 @@ def training_table(cfg: RunConfig, store, it: int) -> tuple[object, dict]:
 
     from raydpo.data.store import training_rows
 
-    fresh, counts = training_rows(store.read_table([it]), cfg.loop.truncated, cfg.data.max_length)
+    table, staleness = within_staleness(store.read_table([it]), pairs_version(cfg, it), cfg.loop.max_staleness)
+    fresh, counts = training_rows(table, cfg.loop.truncated, cfg.data.max_length)
     cap = cfg.loop.max_pairs_per_iteration
     if cap:
         fresh = fresh.slice(0, cap)
@@ -37,7 +59,7 @@ def training_table(cfg: RunConfig, store, it: int) -> tuple[object, dict]:
             old = old.take(pa.array(idx))
         parts.append(old)
     rows = pa.concat_tables(parts)
-    stats = {"truncated_pairs": counts.truncated, "truncated_dropped": counts.truncated_dropped,
+    stats = {**staleness, "truncated_pairs": counts.truncated, "truncated_dropped": counts.truncated_dropped,
              "over_length_dropped": counts.over_length_dropped, "replayed_pairs": rows.num_rows - fresh.num_rows}
     return rows, stats
 

@@ -28,8 +28,12 @@ def _failing_after(items: list, n: int):
 @ray.remote
 class SamplerActor:
     def __init__(self, model_path: str, index: int, max_model_len: int, kv_cache_gib: float, dtype: str,
-                 seed: int, device: str, trust_remote_code: bool, tensor_parallel_size: int = 1):
+                 seed: int, device: str, trust_remote_code: bool, tensor_parallel_size: int = 1,
+                 cpu_ids: list[int] | None = None):
+        from raydpo.cluster import pin_cpus
         from raydpo.sampler.engine import make_llm
+
+        pin_cpus(cpu_ids, "sampler")  # before the engine starts its threads
 
         self.index = index
         self.expected = checkpoint_shapes(model_path)

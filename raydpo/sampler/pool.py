@@ -17,8 +17,9 @@ or run here: our machines have no GPU.
 
 from __future__ import annotations
 
+import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +36,7 @@ class PoolStats:
     restarts: int = 0  # actors replaced after dying
     retried_chunks: int = 0  # chunks re-run after their actor died
     stale_rejections: int = 0  # chunks refused by an actor below min_version
+    held_s: float = 0.0  # seconds publishes waited for holds on the previous version (see SamplerPool.hold)
 
 
 class SamplerPool:
@@ -43,15 +45,20 @@ class SamplerPool:
     def __init__(self, model_path: str, num_engines: int = 1, *, cpus: float = 1, gpus: float = 0,
                  max_model_len: int = 256, kv_cache_gib: float = 1.0, dtype: str = "float32", seed: int = 0,
                  trust_remote_code: bool = False, tensor_parallel_size: int = 1, start_timeout_s: float = 300,
-                 request_timeout_s: float = 600, sync_timeout_s: float = 120):
+                 request_timeout_s: float = 600, sync_timeout_s: float = 120, cpu_ids: list[int] | None = None):
         self.model_path = str(Path(model_path).resolve())
         self._opts = dict(num_cpus=cpus, num_gpus=gpus)
         self._args = (max_model_len, kv_cache_gib, dtype, seed, "cuda" if gpus else "cpu", trust_remote_code,
-                      tensor_parallel_size)
+                      tensor_parallel_size, cpu_ids)
         self.start_timeout_s, self.request_timeout_s, self.sync_timeout_s = start_timeout_s, request_timeout_s, sync_timeout_s
         self.version = 0
         self._weights: tuple[int, ray.ObjectRef | None, str | None] | None = None  # latest published
         self.stats = PoolStats()
+        # One thread publishes; others may sample and hold meanwhile (the loop with
+        # loop.max_staleness): the lock guards the actor slots, the condition the holds.
+        self._lock = threading.RLock()
+        self._holds: Counter[int] = Counter()
+        self._released = threading.Condition(self._lock)
         self.actors = [self._start(i) for i in range(num_engines)]
         self._wait_ready(range(num_engines))
 
@@ -62,7 +69,7 @@ class SamplerPool:
         return cls(model_path, r.count, cpus=r.cpus, gpus=r.gpus, max_model_len=s.max_model_len,
                    kv_cache_gib=s.kv_cache_gib, dtype=cfg.model.dtype, seed=cfg.seed,
                    trust_remote_code=cfg.model.trust_remote_code, tensor_parallel_size=s.tensor_parallel_size,
-                   request_timeout_s=s.request_timeout_s, sync_timeout_s=s.sync_timeout_s)
+                   request_timeout_s=s.request_timeout_s, sync_timeout_s=s.sync_timeout_s, cpu_ids=r.cpu_ids)
 
     # ---------------------------------------------------------------- actors
 
@@ -78,11 +85,12 @@ class SamplerPool:
 
     def _replace(self, index: int) -> None:
         """Start a new actor in slot `index` and bring it to the current weights."""
-        self.stats.restarts += 1
-        self.actors[index] = self._start(index)
-        self._wait_ready([index])
-        if self._weights:
-            self._sync_one(index, *self._weights)
+        with self._lock:
+            self.stats.restarts += 1
+            self.actors[index] = self._start(index)
+            self._wait_ready([index])
+            if self._weights:
+                self._sync_one(index, *self._weights)
 
     def _await_sync(self, index: int, ref) -> None:
         """Wait for one actor's load_weights; SamplerError names the sampler and the cause."""
@@ -101,11 +109,37 @@ class SamplerPool:
 
     # ---------------------------------------------------------------- weights
 
+    def hold(self) -> int:
+        """Keep every sampler on the current version until `release` of it: a `publish` of a
+        newer one waits (evaluating version i while i+1 trains). Returns the version held."""
+        with self._lock:
+            self._holds[self.version] += 1
+            return self.version
+
+    def release(self, version: int) -> None:
+        with self._lock:
+            self._holds[version] -= 1
+            if self._holds[version] <= 0:
+                del self._holds[version]
+            self._released.notify_all()
+
+    def _wait_for_holds(self, version: int) -> None:
+        t = time.perf_counter()
+        with self._lock:
+            if not self._released.wait_for(lambda: all(v >= version for v in self._holds), self.request_timeout_s):
+                raise SamplerError(f"publishing version {version}: version(s) {sorted(self._holds)} still held "
+                                   f"after {self.request_timeout_s}s (sampler.request_timeout_s)")
+        self.stats.held_s += time.perf_counter() - t
+
     def publish(self, version: int, *, state_dict: dict | ray.ObjectRef | None = None, path: str | None = None) -> float:
-        """Bring every actor to `version`; return the seconds it took.
+        """Bring every actor to `version`.
 
         `state_dict`: torch tensors, or an ObjectRef of a dict of numpy arrays (as
         the online trainer returns it: no second copy through the driver).
+
+        Waits first while an older version is held (`hold`), and loads between sampling
+        calls: an actor runs one call at a time, so no response mixes versions and every
+        sample carries the version that produced it. Returns the loading seconds.
 
         All actors load in parallel. If any fails, SamplerError names it; actors
         that failed keep their previous weights (validated before loading), and
@@ -115,6 +149,7 @@ class SamplerPool:
             raise ValueError("publish() takes exactly one of state_dict= or path=")
         if version <= self.version:
             raise ValueError(f"publish(version={version}): versions must increase (current {self.version})")
+        self._wait_for_holds(version)
         t = time.perf_counter()
         # One copy in the object store, as numpy arrays: Ray hands those to every actor
         # on the node zero-copy from shared memory (torch tensors would be copied).

@@ -137,8 +137,11 @@ def online_loop_per_worker(config: dict) -> None:
     """Ray Train entry point of the online trainer; see the module docstring."""
     import ray
 
+    from raydpo.cluster import pin_cpus
+
     spec = TrainSpec.from_dict(config["spec"])
     mailbox = config["mailbox"]
+    pin_cpus(config.get("cpu_ids"), "trainer")
     torch.set_num_threads(max(1, int(config.get("cpus_per_worker", 1))))  # see raydpo.train.staged
     torch.manual_seed(spec.seed)
     learner = Learner(spec, config, total_steps=1 << 30, resume_dir=resume_directory(spec))
@@ -284,8 +287,11 @@ def _kl(trainer: Learner, req: KLRequest, batch: int = 64) -> tuple[float, int]:
         part = {"prompt_ids": req.prompt_ids[s:s + batch], "chosen_ids": req.response_ids[s:s + batch],
                 "rejected_ids": req.response_ids[s:s + batch]}
         mb = {k: v.to(trainer.device) for k, v in collate_pairs(part, trainer.pad_id).items()}
-        pol = forward_logps(model, mb).chunk(2)[0]
         ref = frozen_logps(trainer.reference, mb)[0]
+        if req.policy_logps is None:
+            pol = forward_logps(model, mb).chunk(2)[0]
+        else:  # the sampler's: the version that produced y, whatever this worker holds now
+            pol = torch.tensor(req.policy_logps[s:s + batch], dtype=ref.dtype, device=ref.device)
         total += float((pol - ref).sum())
     model.train(was_training)
     return total / max(1, n), n

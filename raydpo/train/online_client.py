@@ -80,8 +80,9 @@ class TrainerClient:
               timeout_s: float = 3600) -> TrainResult:
         return self._call(TrainRequest(iteration, dataset, passes, refresh_reference), timeout_s)
 
-    def kl(self, prompt_ids: list[list[int]], response_ids: list[list[int]], timeout_s: float = 600) -> KLResult:
-        return self._call(KLRequest(prompt_ids, response_ids), timeout_s)
+    def kl(self, prompt_ids: list[list[int]], response_ids: list[list[int]], timeout_s: float = 600,
+           policy_logps: list[float] | None = None) -> KLResult:
+        return self._call(KLRequest(prompt_ids, response_ids, policy_logps=policy_logps), timeout_s)
 
     def close(self, timeout_s: float = 120) -> None:
         import ray

@@ -24,7 +24,7 @@ def build_trainer(loop_fn, loop_config: dict, cfg, name: str, storage: Path, *, 
         extra = {"datasets": datasets, "dataset_config": DataConfig(datasets_to_split=[], execution_options=exec_opts)}
     return TorchTrainer(
         loop_fn,
-        train_loop_config={**loop_config, "cpus_per_worker": res.cpus},
+        train_loop_config={**loop_config, "cpus_per_worker": res.cpus, "cpu_ids": res.cpu_ids},
         scaling_config=ScalingConfig(num_workers=res.count, use_gpu=res.gpus > 0,
                                      resources_per_worker={"CPU": res.cpus, **({"GPU": res.gpus} if res.gpus else {})}),
         run_config=TrainRunConfig(name=name, storage_path=str(storage),

@@ -48,7 +48,10 @@ def train_loop_per_worker(config: dict) -> None:
     """Ray Train entry point; `config` is `TrainSpec.to_dict()` plus `total_rows`."""
     import ray.train
 
+    from raydpo.cluster import pin_cpus
+
     spec = TrainSpec.from_dict(config["spec"])
+    pin_cpus(config.get("cpu_ids"), "trainer")
     # Measured: inside a Ray worker given 2 CPUs, OMP_NUM_THREADS is 2 but torch
     # still runs 1 thread; use every CPU this worker reserved.
     torch.set_num_threads(max(1, int(config.get("cpus_per_worker", 1))))

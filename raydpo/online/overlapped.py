@@ -1,0 +1,196 @@
+"""Online DPO with bounded staleness (loop.max_staleness = k >= 1): sampling and judging run
+ahead of training, and evaluation runs beside it. `loop.run` picks this for k >= 1; k = 0 is
+the synchronous loop of `raydpo.online.loop`, unchanged.
+
+Three threads in the driver, each waiting on its own roles:
+
+  producer    iteration i's pairs: prompts -> samples -> judge -> pairs -> store, chunk by
+              chunk (`collect_pairs`). It starts iteration i once version i-1-k is on every
+              sampler and asks for nothing older (min_version), so every pair of iteration i
+              comes from a version in [i-1-k, i-1]: at most k behind the policy that trains on
+              it. A slow trainer therefore holds the producer back; it never makes pairs stale.
+  trainer     (the caller's thread) waits for iteration i's pairs, keeps those at most k
+              versions behind (`within_staleness`: a stored pair staler than that, e.g. after
+              a resume with a smaller k, is counted as stale_dropped), trains, publishes
+              version i to the samplers and the policy endpoint.
+  evaluator   evaluates version i while i+1 trains. Version i is held on the samplers while
+              its eval samples are drawn (`SamplerPool.hold`: the publish of i+1 waits for
+              them, the training of i+1 does not); KL takes log pi from the sampler and only
+              the frozen reference from the trainer. Rows land in online_metrics.jsonl in
+              iteration order, each with its version's evaluation.
+
+Weights change between sampler calls only (an actor runs one call at a time), so every
+sample carries the version that produced it and no response mixes versions. Evaluation
+and pair sampling share the sampler engines, first come first served.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from concurrent.futures import Future
+from pathlib import Path
+
+from raydpo.config import RunConfig
+from raydpo.errors import RaydpoError
+from raydpo.online.collect import collect_pairs
+from raydpo.online.evaluate import draw_eval, score_eval
+from raydpo.online.pairs import counts_row
+from raydpo.online.resume import ResumePoint, publish_trained, trained_row
+from raydpo.report import TIME_KEYS, append_metrics
+
+POLL_S = 0.02
+
+
+class Stopped(RaydpoError):
+    """A thread of the overlapped loop was told to stop (another one failed)."""
+
+
+class Producer:
+    """Iterations first..last's pairs into the store, each as early as the staleness bound allows."""
+
+    def __init__(self, cfg: RunConfig, r, first: int, last: int):
+        from raydpo.online.loop import Timer
+
+        self.cfg, self.r, self.k = cfg, r, cfg.loop.max_staleness
+        self.results = {it: Future() for it in range(first, last + 1)}
+        self._timer = Timer
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="raydpo-producer", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        for it, fut in self.results.items():
+            try:
+                oldest = max(0, it - 1 - self.k)
+                self._wait_for_version(oldest)
+                timer = self._timer()
+                counts = collect_pairs(self.cfg, it, self.r.prompts, self.r.pool, self.r.judge, self.r.store, timer,
+                                       version=it - 1, oldest=oldest)
+                fut.set_result((counts, timer.spent))
+            except BaseException as e:  # handed to the trainer thread, which raises it
+                for later in self.results.values():
+                    if not later.done():
+                        later.set_exception(e)
+                return
+
+    def _wait_for_version(self, version: int) -> None:
+        while self.r.pool.version < version:
+            if self._stop.is_set():
+                raise Stopped("producer stopped")
+            time.sleep(POLL_S)
+
+    def pairs(self, it: int, timeout_s: float | None) -> tuple[object, dict]:
+        """(PairCounts, seconds per phase) of iteration `it`, once all its chunks are stored."""
+        return self.results[it].result(timeout_s)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(60)
+
+
+class Evaluator:
+    """Evaluates versions in the order they are handed in, each with its version held on the
+    samplers while its samples are drawn; appends each finished row and logs it."""
+
+    def __init__(self, cfg: RunConfig, r, run_dir: Path, log_row):
+        self.cfg, self.r, self.run_dir, self.log_row = cfg, r, run_dir, log_row
+        self._todo: queue.Queue = queue.Queue()
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="raydpo-evaluator", daemon=True)
+        self._thread.start()
+
+    def submit(self, it: int, row: dict) -> None:
+        """Evaluate version `it` (the samplers' current one) and complete `row` with it."""
+        self.check()
+        held = self.r.pool.hold()
+        if held != it:
+            self.r.pool.release(held)
+            raise RuntimeError(f"evaluating version {it}, but the samplers are at {held}")
+        self._todo.put((it, row, time.perf_counter()))
+
+    def _run(self) -> None:
+        while True:
+            job = self._todo.get()
+            try:
+                if job is None:
+                    return
+                it, row, queued = job
+                if self.error is not None:  # after a failure: only let go of the versions held
+                    self.r.pool.release(it)
+                    continue
+                try:
+                    self._evaluate(it, row, queued)
+                except BaseException as e:  # raised in the trainer thread by check()
+                    self.error = e
+            finally:
+                self._todo.task_done()
+
+    def _evaluate(self, it: int, row: dict, queued: float) -> None:
+        r, cfg = self.r, self.cfg
+        t = time.perf_counter()
+        try:
+            samples, hot = draw_eval(cfg, it, r.pool, r.eval_prompts)
+        finally:
+            r.pool.release(it)
+        row.update(score_eval(cfg, it, r.judge, r.trainer, r.eval_prompts, r.baseline, samples, hot,
+                              sampler_logps=True))
+        row["time_eval"] = time.perf_counter() - t
+        row["time_eval_queued"] = t - queued
+        append_metrics(self.run_dir, row)
+        self.log_row(row)
+
+    def check(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+    def drain(self) -> None:
+        """Wait for every submitted evaluation; raise the first failure."""
+        self._todo.join()
+        self.check()
+
+    def stop(self) -> None:
+        self._todo.put(None)
+        self._thread.join(120)
+
+
+def run_iterations(cfg: RunConfig, r, point: ResumePoint, run_dir: Path, log_row) -> None:
+    """Iterations point.first..N with sampling ahead and evaluation beside training."""
+    from raydpo.online.loop import Timer, train_and_publish
+
+    last = cfg.loop.iterations
+    producer = Producer(cfg, r, max(point.first, point.trained_upto + 1, 1), last)
+    evaluator = Evaluator(cfg, r, run_dir, log_row)
+    t_prev = time.perf_counter()
+    try:
+        for it in range(point.first, last + 1):
+            evaluator.check()
+            row: dict = {"iteration": it, "policy_version": it, **{f"time_{k}": 0.0 for k in TIME_KEYS}}
+            if it == 0:
+                row.update(pairs=0, **r.first_row)
+            elif it <= point.trained_upto:  # trained before the driver died, not evaluated
+                publish_trained(it, run_dir, r.pool, r.policy)
+                row.update(trained_row(cfg, r.store, run_dir, it))
+            else:
+                timer = Timer()
+                with timer("wait"):
+                    counts, spent = producer.pairs(it, None)  # every sampler and judge call has its own timeout
+                row.update(counts_row(counts))
+                held = r.pool.stats.held_s
+                row.update(train_and_publish(cfg, it, r, timer, run_dir))
+                row["time_sync_held"] = r.pool.stats.held_s - held  # the publish waited for version it-1's eval samples
+                for phase in ("sample", "judge", "store"):  # the producer's, overlapping the trainer's
+                    row[f"time_{phase}"] = spent[phase]
+                row.update(time_wait=timer.spent["wait"], time_train=timer.spent["train"],
+                           time_sync=timer.spent["sync"])
+            now = time.perf_counter()
+            # the iteration's wall time on the trainer's path: from the previous publish to this one
+            row["time_total"], t_prev = now - t_prev, now
+            row["time_other"] = max(0.0, row["time_total"] - sum(row.get(f"time_{k}", 0.0)
+                                                                  for k in ("wait", "train", "sync")))
+            evaluator.submit(it, row)
+        evaluator.drain()
+    finally:
+        evaluator.stop()
+        producer.stop()

@@ -93,3 +93,16 @@ def test_pairs_without_sampler_ids_are_refused_by_name(tmp_path):
                                         chosen="c", rejected="r", chosen_score=1.0, rejected_score=0.0, judge="j")])
     with pytest.raises(ValueError, match="without sampler token ids .*prompt_token_ids.*start a new run_dir"):
         training_rows(store.read_table([1]))
+
+
+def test_an_iteration_without_pairs_gives_zero_training_rows(tmp_path):
+    """Every prompt a tie (or every pair too stale): the loop trains on nothing rather than
+    failing in pyarrow (an empty list made a null-typed mask that 'and' has no kernel for)."""
+    from raydpo.data.store import training_rows
+
+    store = PreferenceStore(tmp_path / "s")
+    store.write_chunk(1, 0, [], counts={"pairs": 0, "ties": 4})
+    for truncated in ("keep", "drop"):
+        rows, counts = training_rows(store.read_table([1]), truncated, max_length=64)
+        assert rows.num_rows == 0 and counts.rows == 0 and counts.over_length_dropped == 0
+        assert rows.column_names == ["pair_id", "prompt_ids", "chosen_ids", "rejected_ids"]

@@ -201,7 +201,7 @@ def training_rows(table: pa.Table, truncated: str = "keep", max_length: int | No
     cut = pc.or_(pc.equal(table.column("chosen_finish_reason"), "length"),
                  pc.equal(table.column("rejected_finish_reason"), "length"))
     counts.truncated = int(pc.sum(cut).as_py() or 0)
-    keep = pc.invert(cut) if truncated == "drop" else pa.array([True] * table.num_rows)
+    keep = pc.invert(cut) if truncated == "drop" else pa.array([True] * table.num_rows, pa.bool_())
     if truncated == "drop":
         counts.truncated_dropped = counts.truncated
     if max_length is not None:

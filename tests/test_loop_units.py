@@ -69,6 +69,8 @@ class RecordingPool:
     (lambda ck: ResumePoint(3, 2, ck(2)), [(2, 2)], [(2, 2)]),
     # evaluated 0 only, nothing trained: the samplers stay on the starting policy
     (lambda ck: ResumePoint(1, 0, None), [], []),
+    # max_staleness > 0: 2 and 3 trained, neither evaluated: 2's weights now, 3's when the loop reaches it
+    (lambda ck: ResumePoint(2, 3, ck(3)), [(2, 2)], [(2, 2)]),
 ])
 def test_catch_up_publishes_the_weights_the_resumed_loop_needs(tmp_path, point, pool_calls, policy_calls):
     ck = lambda it: iteration_checkpoint(tmp_path, it)  # noqa: E731
@@ -174,3 +176,74 @@ def test_the_style_demonstrations_are_as_many_as_the_stage_trains_on(tmp_path):
     assert len(open(sft_demonstrations(small, tmp_path / "a")).readlines()) == 960
     demo = load_config(None, [f"run_dir={tmp_path / 'b'}"])  # 1000 steps x 64: epochs over the capped set
     assert len(open(sft_demonstrations(demo, tmp_path / "b")).readlines()) == STYLE_DEMONSTRATIONS
+
+
+def test_publish_trained_brings_the_samplers_to_a_trained_iteration_once(tmp_path):
+    from raydpo.online.resume import publish_trained
+
+    pool, policy = RecordingPool(version=2), RecordingPool(version=2)
+    publish_trained(3, tmp_path, pool, policy)
+    publish_trained(3, tmp_path, pool, policy)  # already there: nothing again
+    ck = str(iteration_checkpoint(tmp_path, 3))
+    assert pool.published == [(3, ck)] and policy.published == [(3, ck)]
+
+
+def versioned(it, versions):
+    return [StoredPair(f"{it}-{i}", it, v, "online", "p", "c", "r", 1.0, 0.0, "rule", (5, 6), (7, 8, 2),
+                       (9, 10, 2), "stop", "stop", (-0.1, -0.2, -0.3), (-0.4, -0.5, -0.6))
+            for i, v in enumerate(versions)]
+
+
+@pytest.mark.parametrize("k, kept, hist", [(0, ["5-0", "5-3"], [2]), (1, ["5-0", "5-1", "5-3"], [2, 1]),
+                                           (2, ["5-0", "5-1", "5-2", "5-3"], [2, 1, 1])])
+def test_a_pair_staler_than_max_staleness_is_not_trained_on_and_is_counted(tmp_path, k, kept, hist):
+    """Iteration 5 trains version 4 into 5: pairs of versions 4, 3, 2, 4 are 0, 1, 2, 0 behind."""
+    store = PreferenceStore(tmp_path / "preferences")
+    store.write_chunk(5, 0, versioned(5, [4, 3, 2, 4]))
+    cfg = load_config(None, [f"run_dir={tmp_path}", f"loop.max_staleness={k}"])
+    rows, stats = training_table(cfg, store, 5)
+    assert rows.column("pair_id").to_pylist() == kept
+    assert stats["stale_dropped"] == 4 - len(kept) and stats["staleness_hist"] == hist
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["loop.max_staleness=1", "loop.pairs_from=start"], "needs loop.pairs_from='current'"),
+    (["loop.max_staleness=1", "loop.reference_policy=previous"], "needs loop.reference_policy='fixed'"),
+    (["cluster.judge.cpu_ids=[0]"], "only cluster.trainer and cluster.sampler are pinned"),
+    (["cluster.sampler.cpu_ids=[1,1]"], "must be distinct CPU ids"),
+    (["loop.max_staleness=9"], "max_staleness"),
+])
+def test_overlapped_loop_settings_that_cannot_work_are_refused_by_name(overrides, message):
+    from raydpo.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, overrides)
+
+
+def test_pin_cpus_refuses_cpus_this_process_may_not_use():
+    import os
+
+    from raydpo.cluster import pin_cpus
+    from raydpo.errors import ConfigError
+
+    before = os.sched_getaffinity(0)
+    with pytest.raises(ConfigError, match=r"cluster.sampler.cpu_ids=\[4096\]: .* may only run on CPUs"):
+        pin_cpus([4096], "sampler")
+    pin_cpus(None, "sampler")
+    assert os.sched_getaffinity(0) == before
+
+
+def test_pin_cpus_pins_every_thread_of_the_process():
+    import subprocess
+    import sys
+
+    code = ("import os, threading, time\n"
+            "from raydpo.cluster import pin_cpus\n"
+            "t = threading.Thread(target=time.sleep, args=(3,)); t.start()  # a thread started before pinning\n"
+            "cpu = min(os.sched_getaffinity(0))\n"
+            "pin_cpus([cpu], 'trainer')\n"
+            "tids = [int(x) for x in os.listdir('/proc/self/task')]\n"
+            "assert len(tids) >= 2 and all(os.sched_getaffinity(tid) == {cpu} for tid in tids), tids\n"
+            "print('pinned', len(tids))\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and r.stdout.startswith("pinned"), r.stdout + r.stderr

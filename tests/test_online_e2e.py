@@ -205,16 +205,19 @@ def test_relative_run_dir_and_a_cluster_too_small_fail_in_seconds(cluster, tmp_p
 
 
 def test_loop_stopped_and_resumed_as_submitted_jobs(cluster, tmp_path):
-    """Also the shortened main job: the embedded demo with SFT 300 steps, 3 iterations of
-    64 prompts and 64 eval prompts. The full demo reaches >= 0.65 (printed by `make demo`);
-    here the policy must clearly beat its start: iteration 0 (the starting policy against
-    its own fixed samples) sits near 0.5 with a few points of noise."""
+    """Also the shortened main job, sampling ahead (loop.max_staleness=1; the synchronous
+    loop's kill and resume is the test above): the embedded demo with SFT 300 steps, 3
+    iterations of 64 prompts and 64 eval prompts. The policy must clearly beat its start:
+    iteration 0 (the starting policy against its own fixed samples) sits near 0.5 with a few
+    points of noise. The stop lands while pairs of the next iteration may already be stored:
+    after the resume every judged pair is in the store exactly once."""
     env = cluster["authed"]
     run_dir, serve_port = tmp_path / "run", free_port()
     args = ["python", "jobs/online_dpo.py",
             *small_config(run_dir, serve_port, **{"loop.iterations": 3, "loop.prompts_per_iteration": 64,
                                                   "loop.chunk_prompts": 16, "loop.eval_prompts": 64,
-                                                  "trainer.sft_steps": 300, "trainer.sft_batch_size": 64})]
+                                                  "trainer.sft_steps": 300, "trainer.sft_batch_size": 64,
+                                                  "loop.max_staleness": 1})]
     r = submit(env, *args, wait=False, submission_id="first")
     assert "submitted successfully" in r.stdout + r.stderr, (r.stdout + r.stderr)[-2000:]
     # stop once iteration 1 has judged its first chunk. An iteration takes a few seconds here,
@@ -222,8 +225,9 @@ def test_loop_stopped_and_resumed_as_submitted_jobs(cluster, tmp_path):
     # land after the last iteration (it did once in CI): freeze the driver first, then stop
     # the job; Ray's SIGTERM waits on the frozen process and its SIGKILL 3 s later ends it
     target = run_dir / "preferences" / "iteration=000001" / "chunk-00000.parquet"
+    metrics = run_dir / "online_metrics.jsonl"  # iteration 0's row: evaluated beside the first sampling
     deadline, checked = time.time() + 900, 0.0
-    while not target.exists():
+    while not (target.exists() and metrics.exists() and metrics.read_text().count("\n") >= 1):
         if time.time() - checked > 10:
             status, checked = job_status(env, "first"), time.time()
             assert "RUNNING" in status or "PENDING" in status, status
@@ -238,12 +242,17 @@ def test_loop_stopped_and_resumed_as_submitted_jobs(cluster, tmp_path):
     assert "was stopped" in job_status(env, "first")
     done = [json.loads(line)["iteration"] for line in (run_dir / "online_metrics.jsonl").read_text().splitlines()]
     assert done == list(range(len(done))) and 1 <= len(done) <= 3, done  # stopped mid-run
+    kept = {f: pq.read_table(f).column("pair_id").to_pylist()
+            for f in (run_dir / "preferences").glob("iteration=*/chunk-*.parquet")}  # some perhaps sampled ahead
 
     r = submit(env, *args, "--resume", submission_id="second")  # the Serve apps of the first job are still up
     assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
     assert f"resuming at iteration {len(done)}" in r.stdout and "final win rate vs the starting policy" in r.stdout
     assert f"run_dir: {run_dir}" in r.stdout  # absolute, printed at the start and the end
-    raw = check_run(run_dir, iterations=3, prompts=64, chunks=4)
+    raw = check_run(run_dir, iterations=3, prompts=64, chunks=4, max_staleness=1)
+    for f, ids in kept.items():  # judged before the stop: kept as they were, not sampled or judged again
+        assert pq.read_table(f).column("pair_id").to_pylist() == ids
+    assert sum(r["staleness_hist"][1] for r in raw[2:]) > 0  # iterations 2-3 were sampled while 1-2 trained
     assert 0.35 <= raw[0]["win_rate"] <= 0.65  # the starting policy against itself
     assert raw[-1]["win_rate"] >= 0.65 and raw[-1]["win_rate"] > raw[0]["win_rate"] + 0.15, raw
     assert raw[-1]["judge_score"] > raw[0]["judge_score"]

@@ -248,3 +248,100 @@ def test_a_load_that_fails_part_way_leaves_no_mixed_or_mislabelled_engine(pool, 
     for actor in pool.actors:  # each engine, alone, gives the current version's greedy output
         got = ray.get(actor.generate.remote(PROMPTS, 0, GREEDY, v))
         assert ids(got) == ids(before) and {s.policy_version for s in got} == {v}
+
+
+def test_samples_carry_the_version_that_produced_them_across_a_mid_run_update(pool, base_dir):
+    """A publish while a stream runs: the new weights go in between an actor's calls, so each
+    chunk is one version, tagged with it, and its ids are exactly that version's greedy ids.
+    A held version keeps a publish waiting until it is released (evaluation beside training)."""
+    model, _ = trained(base_dir, seed=2)
+    state = model.state_dict()
+    v = pool.version
+    before = ids(pool.sample(PROMPTS, GREEDY))
+    held = pool.hold()
+    published = threading.Event()
+    t = threading.Thread(target=lambda: (pool.publish(v + 1, state_dict=state), published.set()))
+    t.start()
+    time.sleep(1.5)
+    assert not published.is_set() and pool.version == v  # waiting for the hold, not loading
+    assert ids(pool.sample(PROMPTS, GREEDY, min_version=v)) == before  # and the samplers still serve v
+    pool.release(held)
+    t.join(120)
+    assert published.is_set() and pool.version == v + 1
+    after = ids(pool.sample(PROMPTS, GREEDY))
+    assert after != before
+
+    chunks, prompts = [], PROMPTS * 4  # 24 chunks of 4 over 2 actors
+
+    def consume():
+        for chunk in pool.stream(prompts, GREEDY, min_version=v + 1, chunk_size=4):
+            chunks.append(chunk)
+
+    reader = threading.Thread(target=consume)
+    reader.start()
+    while len(chunks) < 3:
+        time.sleep(0.01)
+    pool.publish(v + 2, state_dict=trained(base_dir, seed=3)[0].state_dict())
+    reader.join(300)
+    newest = ids(pool.sample(PROMPTS, GREEDY))
+    assert newest != after
+    versions = [{s.policy_version for s in c} for c in chunks]
+    assert all(len(vs) == 1 for vs in versions)  # no chunk mixes versions
+    assert {vs.pop() for vs in versions} == {v + 1, v + 2}  # the update landed mid-stream
+    expected = {v + 1: after, v + 2: newest}
+    for c in chunks:
+        for s in c:
+            assert s.token_ids == expected[s.policy_version][s.prompt_index % len(PROMPTS)], s
+
+
+class RuleJudge:
+    """The style task's rule, scored in-process (the Serve deployment of it runs in test_judge)."""
+    name, invalid = "rule:raydpo.tasks.style:score", 0
+
+    def rank(self, groups):
+        return [[style.score(p, t) for p, t in g] for g in groups]
+
+
+class Window:
+    def window(self, it, n):
+        return [PROMPTS[(it * n + i) % len(PROMPTS)] for i in range(n)]
+
+
+def test_a_producer_ahead_of_a_slow_trainer_never_hands_it_a_pair_staler_than_k(pool, base_dir, tmp_path):
+    """The overlapped loop's producer with the real pool and store, k=1, and a trainer that
+    takes 2 s per iteration: it samples ahead, but never from a version more than k behind
+    the one that trains on the pairs; a resumed trainer with k=0 drops the 1-behind ones,
+    counted."""
+    from types import SimpleNamespace
+
+    from raydpo.config import load_config
+    from raydpo.data.store import PreferenceStore
+    from raydpo.online.overlapped import Producer
+    from raydpo.online.training_data import training_table
+
+    cfg = load_config(None, [f"run_dir={tmp_path}", "loop.max_staleness=1", "loop.prompts_per_iteration=8",
+                             "loop.chunk_prompts=4", "sampler.samples_per_prompt=2", "sampler.max_new_tokens=8"])
+    r = SimpleNamespace(prompts=Window(), pool=pool, judge=RuleJudge(), store=PreferenceStore(tmp_path / "prefs"))
+    state = trained(base_dir, seed=4)[0].state_dict()
+    v0 = pool.version  # iteration i trains version i-1 into i, so iterations start at v0+1
+    its = range(v0 + 1, v0 + 5)
+    producer = Producer(cfg, r, its[0], its[-1])
+    hists = []
+    try:
+        for it in its:
+            counts, _ = producer.pairs(it, 300)
+            time.sleep(2.0)  # the slow trainer
+            rows, stats = training_table(cfg, r.store, it)
+            versions = r.store.read_table([it]).column("policy_version").to_pylist()
+            assert versions and all(it - 2 <= v <= it - 1 for v in versions)  # k = 1
+            assert stats["stale_dropped"] == 0 and sum(stats["staleness_hist"]) == rows.num_rows == counts.pairs
+            hists.append(stats["staleness_hist"])
+            pool.publish(it, state_dict=state)
+    finally:
+        producer.stop()
+    assert sum(h[1] for h in hists) > 0  # sampled ahead: from one version behind
+    tight = load_config(None, [f"run_dir={tmp_path}", "loop.max_staleness=0"])
+    last = its[-1]
+    behind = r.store.read_table([last]).column("policy_version").to_pylist().count(last - 2)
+    rows, stats = training_table(tight, r.store, last)
+    assert stats["stale_dropped"] == behind > 0 and rows.num_rows == len(r.store.read_table([last])) - behind

@@ -14,7 +14,7 @@ def small_config(run_dir: Path, serve_port: int, **extra) -> list[str]:
     return [f"{k}={v}" for k, v in args.items()]
 
 
-def check_run(run_dir: Path, iterations: int, prompts: int, chunks: int) -> list[dict]:
+def check_run(run_dir: Path, iterations: int, prompts: int, chunks: int, max_staleness: int = 0) -> list[dict]:
     """What every finished run must hold, consistent across store, checkpoints, metrics and report."""
     raw = [json.loads(line) for line in (run_dir / "online_metrics.jsonl").read_text().splitlines()]
     assert [r["iteration"] for r in raw] == list(range(iterations + 1))  # each iteration once, in order
@@ -23,7 +23,10 @@ def check_run(run_dir: Path, iterations: int, prompts: int, chunks: int) -> list
     assert len({r["pair_id"] for r in rows}) == len(rows) > 0  # no duplicates
     for it in range(1, iterations + 1):
         mine = [r for r in rows if r["iteration"] == it]
-        assert all(r["policy_version"] == it - 1 for r in mine)  # sampled by the previous iteration's weights
+        # sampled by the previous iteration's weights, or with max_staleness k, by one at most k before it
+        assert all(it - 1 - max_staleness <= r["policy_version"] <= it - 1 for r in mine)
+        assert raw[it]["stale_dropped"] == 0 and len(raw[it]["staleness_hist"]) == max_staleness + 1
+        assert sum(raw[it]["staleness_hist"]) == raw[it]["trained_pairs"]  # the histogram counts what trained
         assert len(mine) == raw[it]["pairs"]  # the metrics count what the store holds
         assert raw[it]["pairs"] <= prompts  # best vs worst: at most one pair per prompt
         files = sorted((run_dir / "preferences" / f"iteration={it:06d}").glob("chunk-*.parquet"))

@@ -345,3 +345,23 @@ def test_a_producer_ahead_of_a_slow_trainer_never_hands_it_a_pair_staler_than_k(
     behind = r.store.read_table([last]).column("policy_version").to_pylist().count(last - 2)
     rows, stats = training_table(tight, r.store, last)
     assert stats["stale_dropped"] == behind > 0 and rows.num_rows == len(r.store.read_table([last])) - behind
+
+
+def test_a_dead_actor_seen_by_two_threads_is_replaced_once_and_never_after_shutdown():
+    """The producer's stream and a publish can both see one actor die; the second replace
+    must not throw away the first one's fresh engine. After shutdown nothing restarts."""
+    from raydpo.errors import SamplerError
+    from raydpo.sampler.pool import PoolStats, SamplerPool
+
+    pool = SamplerPool.__new__(SamplerPool)  # the slot bookkeeping only: no engines
+    pool._lock, pool.closed, pool.stats, pool._weights = threading.RLock(), False, PoolStats(), None
+    started = []
+    pool._start = lambda i: started.append(i) or f"engine-{len(started)}"
+    pool._wait_ready = lambda indices: None
+    pool.actors = ["engine-0"]
+    pool._replace(0, "engine-0")
+    pool._replace(0, "engine-0")  # the other thread, a moment later
+    assert pool.actors == ["engine-1"] and pool.stats.restarts == 1
+    pool.closed = True
+    with pytest.raises(SamplerError, match="shut down"):
+        pool._replace(0, "engine-1")

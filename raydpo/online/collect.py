@@ -12,12 +12,13 @@ from raydpo.online.resume import stored_counts
 
 
 def collect_pairs(cfg: RunConfig, it: int, prompts, pool, judge, store, timer, version: int,
-                  oldest: int | None = None) -> PairCounts:
+                  oldest: int | None = None, check=None) -> PairCounts:
     """Steps 1-5 for iteration `it`, sampling from policy `version`, or with `oldest` from any
     version in [oldest, version] (the loop with loop.max_staleness: the samplers pick up newer
     weights between chunks, and each chunk's samples carry the version that produced them).
     Returns the PairCounts of the chunks done now plus those found already stored (a resumed
-    iteration, or one pre-sampled by the offline baseline)."""
+    iteration, or one pre-sampled by the offline baseline). `check`: called before each chunk
+    is judged, to stop between chunks by raising (the overlapped loop shutting down)."""
     oldest = version if oldest is None else oldest
     n, k, size = cfg.loop.prompts_per_iteration, cfg.sampler.samples_per_prompt, cfg.loop.chunk_prompts
     with timer("sample"):
@@ -40,6 +41,8 @@ def collect_pairs(cfg: RunConfig, it: int, prompts, pool, judge, store, timer, v
             chunk = next(stream, None)  # the pool keeps sampling the next chunk meanwhile
         if chunk is None:
             break
+        if check is not None:
+            check()
         j = starts.index(min(s.prompt_index for s in chunk))
         ci = todo[j][0]
         chunk.sort(key=lambda s: (s.prompt_index, s.sample_index))

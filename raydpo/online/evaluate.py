@@ -56,10 +56,11 @@ def baseline_samples(cfg: RunConfig, run_dir: Path, pool, prompts: list[str]) ->
 
 
 def evaluate(cfg: RunConfig, it: int, pool, judge, trainer, prompts: list[str],
-             baseline: list[list[str]]) -> dict:
+             baseline: list[list[str]], sampler_logps: bool = False) -> dict:
     """Win rate of the current policy against the starting policy's fixed samples
     (both orders, ties half), mean judge score and length, and KL to the reference."""
-    return score_eval(cfg, it, judge, trainer, prompts, baseline, *draw_eval(cfg, it, pool, prompts))
+    return score_eval(cfg, it, judge, trainer, prompts, baseline, *draw_eval(cfg, it, pool, prompts),
+                      sampler_logps=sampler_logps)
 
 
 def draw_eval(cfg: RunConfig, it: int, pool, prompts: list[str]) -> tuple[list, list]:
@@ -89,8 +90,10 @@ def score_eval(cfg: RunConfig, it: int, judge, trainer, prompts: list[str], base
            "response_tokens": statistics.mean(len(s.token_ids) for s in samples)}
     if hot:
         # the sampler's own ids: the trainer scores exactly the context and tokens that were sampled
+        # beside training, the request queues behind up to a train command: wait as long as one may take
         out["kl"] = trainer.kl([list(s.prompt_token_ids) for s in hot], [list(s.token_ids) for s in hot],
-                               policy_logps=[float(sum(s.logprobs)) for s in hot] if sampler_logps else None).kl
+                               policy_logps=[float(sum(s.logprobs)) for s in hot] if sampler_logps else None,
+                               timeout_s=4200 if sampler_logps else 600).kl
     elif it == 0:
         out["kl"] = 0.0
     return out

@@ -115,7 +115,10 @@ def iteration(cfg: RunConfig, it: int, r: Run, point: ResumePoint, run_dir: Path
         row.update(trained_row(cfg, r.store, run_dir, it))
     # 8: evaluate against the starting policy
     with timer("eval"):
-        row.update(evaluate(cfg, it, r.pool, r.judge, r.trainer, r.eval_prompts, r.baseline))
+        # after an overlapped run resumed with k=0 the trainer may hold a later version than `it`:
+        # then log pi comes from the sampler, as in the overlapped loop
+        row.update(evaluate(cfg, it, r.pool, r.judge, r.trainer, r.eval_prompts, r.baseline,
+                            sampler_logps=it < point.trained_upto))
     return {**row, **timer.row()}
 
 

@@ -67,7 +67,7 @@ class Producer:
                 self._wait_for_version(oldest)
                 timer = self._timer()
                 counts = collect_pairs(self.cfg, it, self.r.prompts, self.r.pool, self.r.judge, self.r.store, timer,
-                                       version=it - 1, oldest=oldest)
+                                       version=it - 1, oldest=oldest, check=self._check)
                 fut.set_result((counts, timer.spent))
             except BaseException as e:  # handed to the trainer thread, which raises it
                 for later in self.results.values():
@@ -75,10 +75,13 @@ class Producer:
                         later.set_exception(e)
                 return
 
+    def _check(self) -> None:
+        if self._stop.is_set():
+            raise Stopped("producer stopped")
+
     def _wait_for_version(self, version: int) -> None:
         while self.r.pool.version < version:
-            if self._stop.is_set():
-                raise Stopped("producer stopped")
+            self._check()
             time.sleep(POLL_S)
 
     def pairs(self, it: int, timeout_s: float | None) -> tuple[object, dict]:
@@ -150,7 +153,10 @@ class Evaluator:
         self._todo.join()
         self.check()
 
-    def stop(self) -> None:
+    def stop(self, abort: bool = False) -> None:
+        """Finish the evaluations handed in (or with `abort`, only release their held versions)."""
+        if abort and self.error is None:
+            self.error = Stopped("evaluator stopped")
         self._todo.put(None)
         self._thread.join(120)
 
@@ -191,6 +197,9 @@ def run_iterations(cfg: RunConfig, r, point: ResumePoint, run_dir: Path, log_row
                                                                   for k in ("wait", "train", "sync")))
             evaluator.submit(it, row)
         evaluator.drain()
-    finally:
-        evaluator.stop()
-        producer.stop()
+    except BaseException:
+        producer.stop()  # between chunks: nothing half-judged is stored
+        evaluator.stop(abort=True)
+        raise
+    producer.stop()
+    evaluator.stop()

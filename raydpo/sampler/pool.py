@@ -59,6 +59,8 @@ class SamplerPool:
         self._lock = threading.RLock()
         self._holds: Counter[int] = Counter()
         self._released = threading.Condition(self._lock)
+        self._streams = 0  # streams running now (other threads' chunks a load may queue behind)
+        self.closed = False
         self.actors = [self._start(i) for i in range(num_engines)]
         self._wait_ready(range(num_engines))
 
@@ -83,21 +85,32 @@ class SamplerPool:
         except ray.exceptions.GetTimeoutError:
             raise SamplerError(f"sampler engines did not start within {self.start_timeout_s}s") from None
 
-    def _replace(self, index: int) -> None:
-        """Start a new actor in slot `index` and bring it to the current weights."""
+    def _replace(self, index: int, dead=None) -> None:
+        """Start a new actor in slot `index` and bring it to the current weights. `dead`: the
+        handle seen dying; if another thread has replaced it meanwhile, nothing to do."""
         with self._lock:
+            if self.closed:
+                raise SamplerError("the sampler pool is shut down")
+            if dead is not None and self.actors[index] is not dead:
+                return
             self.stats.restarts += 1
             self.actors[index] = self._start(index)
             self._wait_ready([index])
             if self._weights:
                 self._sync_one(index, *self._weights)
 
+    def _sync_budget(self) -> float:
+        """Seconds a load may take: while another thread streams, it queues behind that
+        stream's running chunk (an actor runs one call at a time), so add a chunk's budget."""
+        return self.sync_timeout_s + (self.request_timeout_s if self._streams else 0)
+
     def _await_sync(self, index: int, ref) -> None:
         """Wait for one actor's load_weights; SamplerError names the sampler and the cause."""
+        budget = self._sync_budget()
         try:
-            ray.get(ref, timeout=self.sync_timeout_s)
+            ray.get(ref, timeout=budget)
         except ray.exceptions.GetTimeoutError:
-            raise SamplerError(f"sampler {index}: timed out after {self.sync_timeout_s}s") from None
+            raise SamplerError(f"sampler {index}: timed out after {budget:g}s") from None
         except ray.exceptions.RayTaskError as e:
             raise SamplerError(f"sampler {index}: {e.cause if e.cause else e}") from None
 
@@ -126,9 +139,10 @@ class SamplerPool:
     def _wait_for_holds(self, version: int) -> None:
         t = time.perf_counter()
         with self._lock:
-            if not self._released.wait_for(lambda: all(v >= version for v in self._holds), self.request_timeout_s):
+            # a held version is waiting for its eval samples: two streams, each within request_timeout_s
+            if not self._released.wait_for(lambda: all(v >= version for v in self._holds), 2 * self.request_timeout_s):
                 raise SamplerError(f"publishing version {version}: version(s) {sorted(self._holds)} still held "
-                                   f"after {self.request_timeout_s}s (sampler.request_timeout_s)")
+                                   f"after {2 * self.request_timeout_s}s (2 x sampler.request_timeout_s)")
         self.stats.held_s += time.perf_counter() - t
 
     def publish(self, version: int, *, state_dict: dict | ray.ObjectRef | None = None, path: str | None = None) -> float:
@@ -157,14 +171,15 @@ class SamplerPool:
             state_ref = state_dict
         else:
             state_ref = ray.put({k: v.detach().cpu().numpy() for k, v in state_dict.items()}) if state_dict is not None else None
-        refs = [a.load_weights.remote(version, state_ref, path) for a in self.actors]
+        actors = list(self.actors)
+        refs = [a.load_weights.remote(version, state_ref, path) for a in actors]
         errors, loaded = [], []
         for i, ref in enumerate(refs):
             try:
                 try:
                     self._await_sync(i, ref)
                 except ray.exceptions.RayActorError:
-                    self._replace(i)  # comes back on the previous weights; load this version into it
+                    self._replace(i, actors[i])  # comes back on the previous weights; load this version into it
                     self._await_sync(i, self.actors[i].load_weights.remote(version, state_ref, path))
                 loaded.append(i)
             except SamplerError as e:
@@ -218,7 +233,7 @@ class SamplerPool:
         # runs one call at a time), small enough that a dead actor costs half its share.
         chunk_size = chunk_size or max(1, -(-len(prompts) // (2 * n_act)))
         todo = deque(range(0, len(prompts), chunk_size))
-        inflight: dict[ray.ObjectRef, tuple[int, int]] = {}  # ref -> (actor slot, chunk start)
+        inflight: dict[ray.ObjectRef, tuple] = {}  # ref -> (actor slot, chunk start, actor)
         idle = deque(range(n_act))
         deadline = time.monotonic() + self.request_timeout_s
 
@@ -228,35 +243,42 @@ class SamplerPool:
                 part = None if seeds is None else list(seeds[start:start + chunk_size])
                 ref = self.actors[slot].generate.remote(prompts[start:start + chunk_size], start, settings, min_version,
                                                         part)
-                inflight[ref] = (slot, start)
+                inflight[ref] = (slot, start, self.actors[slot])
 
-        dispatch()
-        while inflight:
-            remaining = deadline - time.monotonic()
-            done, _ = ray.wait(list(inflight), num_returns=1, timeout=max(0.0, remaining))
-            if not done:
-                slots = sorted({s for s, _ in inflight.values()})
-                raise SamplerError(f"sampling timed out after {self.request_timeout_s}s; samplers {slots} still busy")
-            slot, start = inflight.pop(done[0])
-            out = None
-            try:
-                out = ray.get(done[0])
-            except ray.exceptions.RayActorError:
-                self.stats.retried_chunks += 1
-                self._replace(slot)
-                todo.appendleft(start)
-            else:
-                if isinstance(out, int):  # the actor was below min_version
-                    self.stats.stale_rejections += 1
-                    if not self._weights or self._weights[0] < min_version:
-                        raise SamplerError(f"min_version {min_version} was never published (pool at {self.version})")
-                    self._sync_one(slot, *self._weights)
+        with self._lock:
+            self._streams += 1
+        try:
+            dispatch()
+            while inflight:
+                remaining = deadline - time.monotonic()
+                done, _ = ray.wait(list(inflight), num_returns=1, timeout=max(0.0, remaining))
+                if not done:
+                    slots = sorted({v[0] for v in inflight.values()})
+                    raise SamplerError(f"sampling timed out after {self.request_timeout_s}s; samplers {slots} still busy")
+                slot, start, actor = inflight.pop(done[0])
+                out = None
+                try:
+                    out = ray.get(done[0])
+                except ray.exceptions.RayActorError:
+                    self.stats.retried_chunks += 1
+                    self._replace(slot, actor)
                     todo.appendleft(start)
-                    out = None
-            idle.append(slot)
-            dispatch()  # keep the actors busy before handing results to the caller
-            if out is not None:
-                yield out
+                else:
+                    if isinstance(out, int):  # the actor was below min_version
+                        self.stats.stale_rejections += 1
+                        if not self._weights or self._weights[0] < min_version:
+                            raise SamplerError(f"min_version {min_version} was never published "
+                                               f"(pool at {self.version})")
+                        self._sync_one(slot, *self._weights)
+                        todo.appendleft(start)
+                        out = None
+                idle.append(slot)
+                dispatch()  # keep the actors busy before handing results to the caller
+                if out is not None:
+                    yield out
+        finally:
+            with self._lock:
+                self._streams -= 1
 
     def sample(self, prompts: Sequence[str], settings: SamplingSettings, min_version: int | None = None,
                chunk_size: int | None = None, seeds: Sequence[int] | None = None) -> list[Sample]:
@@ -265,5 +287,6 @@ class SamplerPool:
         return sorted(out, key=lambda s: (s.prompt_index, s.sample_index))
 
     def shutdown(self) -> None:
+        self.closed = True  # a thread still sampling gets errors, not freshly started engines
         for a in self.actors:
             ray.kill(a)

@@ -181,7 +181,8 @@ def run_iterations(cfg: RunConfig, r, point: ResumePoint, run_dir: Path, log_row
             else:
                 timer = Timer()
                 with timer("wait"):
-                    counts, spent = producer.pairs(it, None)  # every sampler and judge call has its own timeout
+                    # no timeout here: sampler calls time out themselves (JudgeClient calls do not yet)
+                    counts, spent = producer.pairs(it, None)
                 row.update(counts_row(counts))
                 held = r.pool.stats.held_s
                 row.update(train_and_publish(cfg, it, r, timer, run_dir))

@@ -36,6 +36,7 @@ from raydpo.config import RunConfig
 from raydpo.errors import RaydpoError
 from raydpo.online.collect import collect_pairs
 from raydpo.online.evaluate import draw_eval, score_eval
+from raydpo.online.loop import Timer, train_and_publish  # loop imports this module only inside run()
 from raydpo.online.pairs import counts_row
 from raydpo.online.resume import ResumePoint, publish_trained, trained_row
 from raydpo.report import TIME_KEYS, append_metrics
@@ -51,11 +52,8 @@ class Producer:
     """Iterations first..last's pairs into the store, each as early as the staleness bound allows."""
 
     def __init__(self, cfg: RunConfig, r, first: int, last: int):
-        from raydpo.online.loop import Timer
-
         self.cfg, self.r, self.k = cfg, r, cfg.loop.max_staleness
         self.results = {it: Future() for it in range(first, last + 1)}
-        self._timer = Timer
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="raydpo-producer", daemon=True)
         self._thread.start()
@@ -65,7 +63,7 @@ class Producer:
             try:
                 oldest = max(0, it - 1 - self.k)
                 self._wait_for_version(oldest)
-                timer = self._timer()
+                timer = Timer()
                 counts = collect_pairs(self.cfg, it, self.r.prompts, self.r.pool, self.r.judge, self.r.store, timer,
                                        version=it - 1, oldest=oldest, check=self._check)
                 fut.set_result((counts, timer.spent))
@@ -163,8 +161,6 @@ class Evaluator:
 
 def run_iterations(cfg: RunConfig, r, point: ResumePoint, run_dir: Path, log_row) -> None:
     """Iterations point.first..N with sampling ahead and evaluation beside training."""
-    from raydpo.online.loop import Timer, train_and_publish
-
     last = cfg.loop.iterations
     producer = Producer(cfg, r, max(point.first, point.trained_upto + 1, 1), last)
     evaluator = Evaluator(cfg, r, run_dir, log_row)
@@ -189,8 +185,7 @@ def run_iterations(cfg: RunConfig, r, point: ResumePoint, run_dir: Path, log_row
                 row["time_sync_held"] = r.pool.stats.held_s - held  # the publish waited for version it-1's eval samples
                 for phase in ("sample", "judge", "store"):  # the producer's, overlapping the trainer's
                     row[f"time_{phase}"] = spent[phase]
-                row.update(time_wait=timer.spent["wait"], time_train=timer.spent["train"],
-                           time_sync=timer.spent["sync"])
+                row.update({f"time_{k}": timer.spent[k] for k in ("wait", "train", "sync")})
             now = time.perf_counter()
             # the iteration's wall time on the trainer's path: from the previous publish to this one
             row["time_total"], t_prev = now - t_prev, now

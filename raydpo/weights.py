@@ -82,18 +82,21 @@ def checkpoint_shapes(model_dir: str | Path) -> dict[str, tuple[int, ...]]:
 
 def engine_tied_keys(model_dir: str | Path, expected: dict[str, tuple[int, ...]],
                      trust_remote_code: bool = False) -> dict[str, str]:
-    """The tied head keys (`raydpo.weights.tied_weight_keys`) the folder's files leave out."""
+    """The model's tied head keys (`raydpo.weights.tied_weight_keys`): an update may leave
+    them out, whether or not the engine's own folder has them (raydpo's checkpoints write
+    the head, `save_pretrained` drops it)."""
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
-    return {o: i for o, i in tied_weight_keys(config).items() if o not in expected}
+    return tied_weight_keys(config)
 
 
 def check_update(expected: dict[str, tuple[int, ...]], got: dict[str, tuple[int, ...]],
                  tied: dict[str, str]) -> None:
-    """Raise WeightsError unless `got` covers every expected tensor with its shape."""
+    """Raise WeightsError unless `got` covers every expected tensor with its shape
+    (a tied head counts as covered by its embedding)."""
     extra = set(got) - set(expected) - set(tied)
-    missing = set(expected) - set(got)
+    missing = set(expected) - set(got) - {o for o, i in tied.items() if i in got}
     bad = [f"{k}: {got[k]} != {expected[k]}" for k in set(got) & set(expected) if tuple(got[k]) != expected[k]]
     problems = []
     if missing:

@@ -44,3 +44,39 @@ def test_untied_and_reward_models_have_no_tied_keys():
     assert tied_weight_keys(AutoModelForSequenceClassification.from_config(cfg)) == {}
     state = {"a": torch.zeros(1)}
     assert with_tied_head(state, {}) == state
+
+
+def test_update_without_the_tied_head_fits_an_engine_started_with_it(tmp_path):
+    """An engine started from a folder that stores the tied head (raydpo's checkpoints do)
+    takes an update saved by `save_pretrained`, which leaves the head out: the head is put
+    back from the embedding. It used to be refused as 'missing lm_head.weight'."""
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from raydpo.errors import WeightsError
+    from raydpo.weights import checked_update, checkpoint_shapes, engine_tied_keys
+
+    cfg = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                      num_attention_heads=2, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg)
+    engine_dir, update_dir = tmp_path / "engine", tmp_path / "update"
+    model.save_pretrained(engine_dir)
+    full = with_tied_head(load_file(str(engine_dir / "model.safetensors")), tied_weight_keys(model))
+    save_file({k: v.clone() for k, v in full.items()}, str(engine_dir / "model.safetensors"))  # head stored
+    expected = checkpoint_shapes(engine_dir)
+    assert "lm_head.weight" in expected
+    tied = engine_tied_keys(engine_dir, expected)
+
+    with torch.no_grad():
+        model.model.embed_tokens.weight.add_(1.0)
+    model.save_pretrained(update_dir)  # head left out
+    items = dict(checked_update(expected, tied, path=str(update_dir)))
+    assert "lm_head.weight" not in load_file(str(update_dir / "model.safetensors"))
+    assert torch.equal(items["lm_head.weight"], model.model.embed_tokens.weight)  # the new head, not the old one
+    assert set(items) == set(expected)
+
+    state = dict(items)
+    del state["model.embed_tokens.weight"], state["lm_head.weight"]  # neither the head nor its source: refused
+    with pytest.raises(WeightsError, match="missing .*model.embed_tokens.weight"):
+        checked_update(expected, tied, state=state)

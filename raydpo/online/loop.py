@@ -32,7 +32,7 @@ from raydpo.online.evaluate import baseline_samples, evaluate
 from raydpo.online.pairs import counts_row
 from raydpo.online.resume import (ResumePoint, catch_up, check_run_dir, iteration_checkpoint, publish_trained,
                                   resume_point, trained_row)
-from raydpo.online.training_data import dpo_metrics, pairs_version, training_data
+from raydpo.online.training_data import dpo_metrics, pairs_version, training_data, warm_up_ray_data
 from raydpo.report import TIME_KEYS, append_metrics, read_metrics, table, write_report
 
 
@@ -74,6 +74,7 @@ class Run:
     eval_prompts: list[str]
     baseline: list[list[str]]  # fixed samples of the starting policy per eval prompt
     first_row: dict  # iteration 0's extra columns
+    warm: object = None  # the thread warming Ray Data up (`training_data.warm_up_ray_data`)
 
 
 def run(cfg: RunConfig, resume: bool = False) -> int:
@@ -176,8 +177,9 @@ def start(cfg: RunConfig, run_dir: Path, resume: bool, t_start: float) -> tuple[
         log(f"skipped prompt record: {bad}")
     first_row = {"eval_train_overlap": warn_overlap(eval_prompts, prompts.all()), "skipped_prompt_records": prompts.bad}
     point = resume_point(run_dir, resume)
+    warm = warm_up_ray_data()
     r = start_roles(cfg, run_dir, str(start_path), tokenizer.pad_token_id, point, t_start)
-    r.prompts, r.eval_prompts, r.first_row = prompts, eval_prompts, first_row
+    r.prompts, r.eval_prompts, r.first_row, r.warm = prompts, eval_prompts, first_row, warm
     log(f"judge '{r.judge.name}' on Serve; {prompts.size} training prompts ({prompts.bad} unusable skipped), "
         f"{len(eval_prompts)} eval prompts")
     return r, point
@@ -191,6 +193,7 @@ def prepare(cfg: RunConfig, run_dir: Path, r: Run, point: ResumePoint) -> None:
         c = offline_baseline.presample(cfg, r.prompts, r.pool, r.judge, r.store, point.first)
         log(f"offline baseline: {c.pairs} pairs from the starting policy for iterations 2..{cfg.loop.iterations}")
     catch_up(point, run_dir, r.pool, r.policy)
+    r.warm.join()
     if point.first > 0:
         log(f"resuming at iteration {point.first} (trained through {point.trained_upto}; "
             f"{r.store.count()} pairs stored)")

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from raydpo import console
-from raydpo.errors import ConfigError, RaydpoError, exit_code
+from raydpo.errors import RaydpoError, exit_code
 
 
 def parser(description: str, prog: str | None = None, resume: bool = False) -> argparse.ArgumentParser:
@@ -56,15 +56,17 @@ def run_job(main: Callable, description: str, argv: list[str] | None = None, *, 
         return exit_code(e)
 
 
-def base_model(cfg) -> Path:
-    """model.path, or the tiny model built (once) into <run_dir>/base_model."""
+def base_model(cfg, sampled: bool = False) -> Path:
+    """model.path, checked (`raydpo.model_check`), or the tiny model built (once) into
+    <run_dir>/base_model. `sampled`: vLLM engines will run it (the online loop)."""
     from raydpo.cluster import outliving_path
+    from raydpo.model_check import check_model_folder
 
     if cfg.model.path:
         # absolute: the policy app, which outlives a submitted job, serves it from its own directory
         p = outliving_path(cfg.model.path, "model.path")
-        if not (p / "config.json").exists():
-            raise ConfigError(f"model.path: {p} is not a Hugging Face model folder (no config.json)")
+        check_model_folder(p, sampled_on_cpu=sampled and not cfg.cluster.sampler.gpus,
+                           trust_remote_code=cfg.model.trust_remote_code)
         return p
     from raydpo.tasks import style
     from raydpo.tiny_model import build_tiny_model

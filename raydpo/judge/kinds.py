@@ -52,6 +52,10 @@ def build(cfg):
         require(cfg, "judge.model_path", by=f"judge.kind={j.kind}")
         # the judge app outlives this job, and its replicas run elsewhere: an absolute path
         j = j.model_copy(update={"model_path": str(outliving_path(j.model_path, "judge.model_path"))})
+        from raydpo.model_check import check_model_folder
+
+        check_model_folder(j.model_path, sampled_on_cpu=j.kind == "llm" and not res.gpus,
+                           trust_remote_code=cfg.model.trust_remote_code, key="judge.model_path")
     module, _, fn = kind.app.partition(":")
     builder = getattr(importlib.import_module(module), fn)
     return builder({**kind.app_args(cfg, j), "num_cpus": res.cpus, **res.serve_scaling()})

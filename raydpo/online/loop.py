@@ -163,7 +163,7 @@ def start(cfg: RunConfig, run_dir: Path, resume: bool, t_start: float) -> tuple[
     from raydpo.online.prompts import PromptSource, task_prompts, warn_overlap
     from raydpo.train.staged import sft_stage
 
-    base = base_model(cfg)
+    base = base_model(cfg, sampled=True)
     train_prompts, eval_prompts_path = task_prompts(cfg, run_dir)
     # the long-lived roles, and a CPU for the Ray Data tasks that read the store while they are up
     init_ray(cfg, roles=("trainer", "sampler", "judge") + (("policy",) if cfg.loop.serve_policy else ()), data_cpus=1)

@@ -51,6 +51,20 @@ def test_chat_pair_rendered_with_template(tiny_tokenizer):
     assert tok.decode(out["rejected_ids"][0]) == "5<|im_end|>\n"
 
 
+def test_chat_records_without_a_chat_template_are_refused_by_name(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    from raydpo.errors import DataError
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tok.chat_template = None
+    b = batch_of((json.dumps([{"role": "user", "content": "2+2?"}]), json.dumps([{"role": "assistant", "content": "4"}]),
+                  json.dumps([{"role": "assistant", "content": "5"}])), chat=True)
+    with pytest.raises(DataError, match="need a chat template.*tokenizer.chat_template"):
+        tokenize_batch(b, tok, max_prompt_length=64, max_length=128)
+    tokenize_batch(batch_of(("a", "b", "c")), tok, max_prompt_length=8, max_length=16)  # plain text needs none
+
+
 def test_prompt_longer_than_total_is_refused(tiny_tokenizer):
     with pytest.raises(ValueError, match="must be below max_length"):
         tokenize_batch(batch_of(("a", "b", "c")), tiny_tokenizer, max_prompt_length=8, max_length=8)

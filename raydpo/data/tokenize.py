@@ -80,6 +80,10 @@ def tokenize_batch(batch: Mapping[str, Sequence[Any]], tokenizer, max_prompt_len
     if max_prompt_length >= max_length:
         raise ValueError(f"max_prompt_length ({max_prompt_length}) must be below max_length ({max_length})")
     n = len(batch["prompt"])
+    if any(batch["is_chat"]) and not getattr(tokenizer, "chat_template", None):
+        raise DataError(f"chat records (messages) need a chat template, and the tokenizer "
+                        f"{getattr(tokenizer, 'name_or_path', '')!r} has none: set tokenizer.chat_template and "
+                        f"tokenizer.save_pretrained(folder), or give plain-text prompt / chosen / rejected")
     prompts, chosens, rejecteds = [], [], []
     for i in range(n):
         if batch["is_chat"][i]:

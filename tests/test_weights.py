@@ -80,3 +80,42 @@ def test_update_without_the_tied_head_fits_an_engine_started_with_it(tmp_path):
     del state["model.embed_tokens.weight"], state["lm_head.weight"]  # neither the head nor its source: refused
     with pytest.raises(WeightsError, match="missing .*model.embed_tokens.weight"):
         checked_update(expected, tied, state=state)
+
+
+def test_shipped_weights_use_the_checkpoint_names_the_engine_expects(tmp_path):
+    """transformers 5 loads GPT-NeoX's `embed_out` as `lm_head` and saves it back as
+    `embed_out`: an engine started from the folder expects the saved name, so the trainer's
+    in-memory state dict is renamed before it ships (it was refused as 'missing embed_out')."""
+    from transformers import AutoModelForCausalLM, GPTNeoXConfig
+
+    from raydpo.errors import WeightsError
+    from raydpo.weights import checked_update, checkpoint_shapes, checkpoint_state, engine_tied_keys
+
+    cfg = GPTNeoXConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                        num_attention_heads=2, max_position_embeddings=32)
+    model = AutoModelForCausalLM.from_config(cfg)
+    model.save_pretrained(tmp_path)
+    expected = checkpoint_shapes(tmp_path)
+    tied = engine_tied_keys(tmp_path, expected)
+    in_memory = model.state_dict()
+    assert "lm_head.weight" in in_memory and "embed_out.weight" in expected
+    with pytest.raises(WeightsError, match="missing .*embed_out.weight"):
+        checked_update(expected, tied, state=dict(in_memory))
+    shipped = checkpoint_state(model, dict(in_memory))
+    assert shipped["embed_out.weight"] is in_memory["lm_head.weight"]  # renamed, not copied
+    assert dict(checked_update(expected, tied, state=shipped)).keys() == expected.keys()
+
+
+def test_a_tied_head_the_engine_lacks_is_never_sent():
+    """vLLM's Gemma 2 has no lm_head module (logits come from the embedding): a head in the
+    update, or put back from the embedding, would fail the load part-way."""
+    from raydpo.weights import checked_update
+
+    expected = {"model.embed_tokens.weight": (8, 4), "model.norm.weight": (4,)}
+    tied = {"lm_head.weight": "model.embed_tokens.weight"}
+    state = {"model.embed_tokens.weight": torch.ones(8, 4), "model.norm.weight": torch.ones(4)}
+    assert "lm_head.weight" in dict(checked_update(expected, tied, state=state))  # the engine has one: sent
+    skip = {"lm_head.weight"}
+    assert dict(checked_update(expected, tied, state=state, skip=skip)).keys() == expected.keys()
+    with_head = {**state, "lm_head.weight": torch.ones(8, 4)}
+    assert dict(checked_update(expected, tied, state=with_head, skip=skip)).keys() == expected.keys()

@@ -95,13 +95,14 @@ class PolicyServer:
                  max_model_len: int = 256, kv_cache_gib: float = 1.0, dtype: str = "float32", seed: int = 0,
                  trust_remote_code: bool = False, max_batch_size: int = 32, poll_s: float = 0.5):
         from raydpo.sampler.engine import make_llm
-        from raydpo.weights import checkpoint_shapes, engine_tied_keys
+        from raydpo.weights import checkpoint_shapes, engine_heads_missing, engine_tied_keys
 
         self.llm = make_llm(model_path, max_model_len=max_model_len, kv_cache_gib=kv_cache_gib, dtype=dtype,
                             seed=seed, in_process=True, trust_remote_code=trust_remote_code)
         self.tokenizer = self.llm.get_tokenizer()
         self.expected = checkpoint_shapes(model_path)
         self.tied = engine_tied_keys(model_path, self.expected, trust_remote_code)
+        self.skip = engine_heads_missing(self.llm, self.tied)
         self.model_name, self.max_model_len = model_name, max_model_len
         self.version = 0
         self.engine_lock = threading.Lock()  # vLLM's LLM is not thread-safe: generate and reload take turns
@@ -139,7 +140,8 @@ class PolicyServer:
                         except ray.exceptions.RayError:  # its owner (the job's trainer) is gone
                             if path is None:
                                 raise
-                    items = checked_update(self.expected, self.tied, state, None if state is not None else path)
+                    items = checked_update(self.expected, self.tied, state, None if state is not None else path,
+                                           skip=self.skip)
                     with self.engine_lock:
                         try:
                             self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": items})

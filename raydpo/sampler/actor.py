@@ -16,7 +16,7 @@ import ray
 
 from raydpo.errors import SamplerError
 from raydpo.records import Sample, SamplingSettings, derive_seed
-from raydpo.weights import checked_update, checkpoint_shapes, engine_tied_keys
+from raydpo.weights import checked_update, checkpoint_shapes, engine_heads_missing, engine_tied_keys
 
 
 def _failing_after(items: list, n: int):
@@ -42,6 +42,7 @@ class SamplerActor:
         self.llm = make_llm(model_path, max_model_len=max_model_len, kv_cache_gib=kv_cache_gib, dtype=dtype,
                             seed=seed, in_process=True, device=device, trust_remote_code=trust_remote_code,
                             tensor_parallel_size=tensor_parallel_size)
+        self.skip = engine_heads_missing(self.llm, self.tied)
         from transformers import AutoTokenizer
 
         from raydpo.data.tokenize import special_prefix
@@ -60,7 +61,7 @@ class SamplerActor:
         the engine keeps its version. A failure *during* the load leaves a mix of two
         versions, so the actor labels itself broken (version None) and refuses to sample
         until the pool replaces it; it never serves mixed weights under either label."""
-        items = checked_update(self.expected, self.tied, state, path)
+        items = checked_update(self.expected, self.tied, state, path, skip=self.skip)
         if self._fault_after is not None:
             items, self._fault_after = _failing_after(items, self._fault_after), None
         try:

@@ -203,7 +203,9 @@ class _WorkerState:
         """The full state dict in the object store (rank 0's ref; every rank must call: ZeRO-3 gathers)."""
         import ray
 
-        full = self.learner.state_dict()
+        from raydpo.weights import checkpoint_state
+
+        full = checkpoint_state(self.learner.unwrapped, self.learner.state_dict())  # the engines' names
         return ray.put({k: v.numpy() for k, v in full.items()}) if self.learner.rank == 0 else None
 
     def _train(self, cmd: TrainRequest) -> TrainResult:

@@ -65,8 +65,8 @@ def base_model(cfg, sampled: bool = False) -> Path:
     if cfg.model.path:
         # absolute: the policy app, which outlives a submitted job, serves it from its own directory
         p = outliving_path(cfg.model.path, "model.path")
-        check_model_folder(p, sampled_on_cpu=sampled and not cfg.cluster.sampler.gpus,
-                           trust_remote_code=cfg.model.trust_remote_code)
+        on_cpu = not cfg.cluster.sampler.gpus or (cfg.loop.serve_policy and not cfg.cluster.policy.gpus)
+        check_model_folder(p, sampled_on_cpu=sampled and on_cpu, trust_remote_code=cfg.model.trust_remote_code)
         return p
     from raydpo.tasks import style
     from raydpo.tiny_model import build_tiny_model

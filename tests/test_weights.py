@@ -119,3 +119,38 @@ def test_a_tied_head_the_engine_lacks_is_never_sent():
     assert dict(checked_update(expected, tied, state=state, skip=skip)).keys() == expected.keys()
     with_head = {**state, "lm_head.weight": torch.ones(8, 4)}
     assert dict(checked_update(expected, tied, state=with_head, skip=skip)).keys() == expected.keys()
+
+
+def test_restoring_a_saved_gpt_neox_uses_its_in_memory_names(tmp_path):
+    """A checkpoint folder has the names save_pretrained writes (GPT-NeoX: embed_out); restoring
+    it into a freshly built policy (--resume, a Ray Train restart) used to fail with
+    'Missing key(s) lm_head.weight. Unexpected key(s) embed_out.weight'."""
+    from transformers import AutoModelForCausalLM, GPTNeoXConfig
+
+    from raydpo.train.learner import restore_weights
+
+    cfg = GPTNeoXConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                        num_attention_heads=2, max_position_embeddings=32)
+    torch.manual_seed(0)
+    saved = AutoModelForCausalLM.from_config(cfg)
+    saved.save_pretrained(tmp_path)
+    assert "embed_out.weight" in load_file(str(tmp_path / "model.safetensors"))
+    torch.manual_seed(1)
+    fresh = AutoModelForCausalLM.from_config(cfg)
+    restore_weights(fresh, tmp_path, lora=False)
+    for (k, a), b in zip(saved.state_dict().items(), fresh.state_dict().values()):
+        assert torch.equal(a, b), k
+
+
+def test_a_lora_runs_adapter_file_is_not_read_as_model_weights(tmp_path):
+    """raydpo's LoRA checkpoints keep adapter.safetensors beside the merged model: publishing or
+    starting from that folder must not take the adapter's keys for model weights (it was refused
+    as 'unknown ...lora_A.weight')."""
+    from safetensors.torch import save_file
+
+    from raydpo.weights import checkpoint_shapes, read_safetensors
+
+    save_file({"w": torch.ones(2)}, str(tmp_path / "model.safetensors"))
+    save_file({"base_model.model.w.lora_A.weight": torch.ones(1, 2)}, str(tmp_path / "adapter.safetensors"))
+    assert set(read_safetensors(tmp_path)) == {"w"}
+    assert set(checkpoint_shapes(tmp_path)) == {"w"}

@@ -55,7 +55,8 @@ def build(cfg):
         from raydpo.model_check import check_model_folder
 
         check_model_folder(j.model_path, sampled_on_cpu=j.kind == "llm" and not res.gpus,
-                           trust_remote_code=cfg.model.trust_remote_code, key="judge.model_path")
+                           trust_remote_code=cfg.model.trust_remote_code, key="judge.model_path",
+                           needs_pad=j.kind != "llm")  # an LLM judge generates; it pads nothing
     module, _, fn = kind.app.partition(":")
     builder = getattr(importlib.import_module(module), fn)
     return builder({**kind.app_args(cfg, j), "num_cpus": res.cpus, **res.serve_scaling()})

@@ -21,7 +21,7 @@ from raydpo.data.collate import layout
 from raydpo.train.checkpoints import OPTIMIZER_FILE, STATE_FILE, write_manifest
 from raydpo.train.spec import TrainSpec
 from raydpo.train.step import batch_tokens, dpo_step_loss, precision, reward_step_loss, sft_loss
-from raydpo.weights import read_safetensors, tied_weight_keys, with_tied_head
+from raydpo.weights import memory_state, read_safetensors, tied_weight_keys, with_tied_head
 
 
 def accumulation_steps(batch_size: int, micro_batch_size: int, world: int) -> int:
@@ -90,7 +90,8 @@ def restore_weights(model, folder: str | Path, lora: bool) -> None:
     could not place is an error.
     """
     if not lora:
-        model.load_state_dict(with_tied_head(read_safetensors(folder), tied_weight_keys(model)))
+        # the folder has the names save_pretrained writes; the model may name some keys otherwise
+        model.load_state_dict(with_tied_head(memory_state(model, read_safetensors(folder)), tied_weight_keys(model)))
         return
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file

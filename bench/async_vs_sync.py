@@ -21,24 +21,10 @@ Ends with `RESULT sync_s=... async_s=... ratio=... sync_win=... async_win=...`
 import argparse
 import json
 import statistics
-import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-PLACEMENT = ["cluster.trainer.cpus=1", "cluster.trainer.cpu_ids=[0]", "cluster.sampler.cpus=1",
-             "cluster.sampler.cpu_ids=[1]"]
-
-
-def run(cmd: list[str], what: str) -> float:
-    t = time.time()
-    print(f"[bench] {what} ...", flush=True)
-    r = subprocess.run([sys.executable, *cmd], cwd=REPO, capture_output=True, text=True)
-    if r.returncode != 0:
-        sys.exit(f"{what} failed:\n{(r.stdout + r.stderr)[-3000:]}")
-    return time.time() - t
+from common import PLACEMENT, run_script as run
 
 
 def loop(run_dir: Path, sft: Path, seed: int, iterations: int, staleness: int) -> dict:

@@ -1,8 +1,28 @@
 """Helpers shared by the bench scripts (run as `python bench/X.py`, so this folder is on sys.path)."""
 
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import torch
+
+
+REPO = Path(__file__).resolve().parents[1]
+# the trainer worker on CPU 0 with one thread, the sampler engine on CPU 1: separate pools on one machine
+PLACEMENT = ["cluster.trainer.cpus=1", "cluster.trainer.cpu_ids=[0]", "cluster.sampler.cpus=1",
+             "cluster.sampler.cpu_ids=[1]"]
+
+
+def run_script(cmd: list[str], what: str) -> float:
+    """`python <cmd>` from the repository root, its output kept; exits with its tail on failure.
+    Returns the wall seconds."""
+    t = time.time()
+    print(f"[bench] {what} ...", flush=True)
+    r = subprocess.run([sys.executable, *cmd], cwd=REPO, capture_output=True, text=True)
+    if r.returncode != 0:
+        sys.exit(f"{what} failed:\n{(r.stdout + r.stderr)[-3000:]}")
+    return time.time() - t
 
 
 def matmul_peak_flops(sizes: tuple[int, ...] = (1024, 2048), trials: int = 3, reps: int = 5) -> float:

@@ -43,23 +43,14 @@ reaches --target, the target becomes TRL's best win rate, and the script says so
 import argparse
 import json
 import math
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-PLACEMENT = ["cluster.trainer.cpus=1", "cluster.trainer.cpu_ids=[0]", "cluster.sampler.cpus=1",
-             "cluster.sampler.cpu_ids=[1]"]
+from common import PLACEMENT, run_script as run
+
 PAIRS_PER_STEP = 16
-
-
-def run(cmd: list[str], what: str) -> None:
-    print(f"[bench] {what} ...", flush=True)
-    r = subprocess.run([sys.executable, *cmd], cwd=REPO, capture_output=True, text=True)
-    if r.returncode != 0:
-        sys.exit(f"{what} failed:\n{(r.stdout + r.stderr)[-3000:]}")
 
 
 # ------------------------------------------------------------------ raydpo

@@ -96,6 +96,7 @@ def vm_kib(pid: int, field: str) -> int:
 
 def measure(folder: Path, state: dict, engines: int, repeats: int) -> dict:
     import ray
+    from safetensors.torch import save_file
 
     from raydpo.sampler.pool import SamplerPool
 
@@ -117,8 +118,6 @@ def measure(folder: Path, state: dict, engines: int, repeats: int) -> dict:
         del ref
         out = folder.parent / f"{folder.name}-update"
         t = time.perf_counter()
-        from safetensors.torch import save_file
-
         shutil.rmtree(out, ignore_errors=True)
         out.mkdir()
         save_file({k: v for k, v in state.items() if k != "lm_head.weight"}, str(out / "model.safetensors"))

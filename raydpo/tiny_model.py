@@ -50,7 +50,6 @@ LLAMA3_CHAT_TEMPLATE = (
 )
 
 
-
 def train_tokenizer(corpus: Iterable[str], vocab_size: int, style: str = "chatml"):
     """Train a byte-level BPE on `corpus`; return a transformers fast tokenizer.
     `style`: "chatml" (no BOS, ChatML template) or "llama3" (adds BOS, Llama 3 template)."""

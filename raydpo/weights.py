@@ -131,8 +131,7 @@ def _modules_present(worker, keys: list[str]) -> list[str]:
     return [k for k in keys if k.rpartition(".")[0] in modules]
 
 
-def engine_tied_keys(model_dir: str | Path, expected: dict[str, tuple[int, ...]],
-                     trust_remote_code: bool = False) -> dict[str, str]:
+def engine_tied_keys(model_dir: str | Path, trust_remote_code: bool = False) -> dict[str, str]:
     """The model's tied head keys (`raydpo.weights.tied_weight_keys`): an update may leave
     them out, whether or not the engine's own folder has them (raydpo's checkpoints write
     the head, `save_pretrained` drops it)."""

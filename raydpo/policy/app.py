@@ -101,7 +101,7 @@ class PolicyServer:
                             seed=seed, in_process=True, trust_remote_code=trust_remote_code)
         self.tokenizer = self.llm.get_tokenizer()
         self.expected = checkpoint_shapes(model_path)
-        self.tied = engine_tied_keys(model_path, self.expected, trust_remote_code)
+        self.tied = engine_tied_keys(model_path, trust_remote_code)
         self.skip = engine_heads_missing(self.llm, self.tied)
         self.model_name, self.max_model_len = model_name, max_model_len
         self.version = 0

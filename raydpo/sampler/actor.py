@@ -37,7 +37,7 @@ class SamplerActor:
 
         self.index = index
         self.expected = checkpoint_shapes(model_path)
-        self.tied = engine_tied_keys(model_path, self.expected, trust_remote_code)
+        self.tied = engine_tied_keys(model_path, trust_remote_code)
         self._fault_after: int | None = None
         self.llm = make_llm(model_path, max_model_len=max_model_len, kv_cache_gib=kv_cache_gib, dtype=dtype,
                             seed=seed, in_process=True, device=device, trust_remote_code=trust_remote_code,

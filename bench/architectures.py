@@ -214,6 +214,9 @@ def main() -> None:
     ap.add_argument("--skip-train", action="store_true", help="leave out the Ray Train jobs (sft_step, dpo_step)")
     ap.add_argument("--out", default=None, help="keep folders and job logs here (default: a temporary folder)")
     args = ap.parse_args()
+    unknown = [a for a in args.archs.split(",") if a not in architectures()]
+    if unknown:
+        ap.error(f"--archs: unknown {unknown}; choose from {', '.join(architectures())}")
     import ray
 
     from common import start_local_ray

@@ -142,6 +142,9 @@ def main() -> None:
     ap.add_argument("--engines-1b", type=int, default=1, help="most engines for the 1B model (memory)")
     ap.add_argument("--out", default=None, help="where the models are built (default: a temporary folder, removed)")
     args = ap.parse_args()
+    unknown = [s for s in args.sizes.split(",") if s not in SIZES]
+    if unknown:
+        ap.error(f"--sizes: unknown {unknown}; choose from {', '.join(SIZES)}")
     import ray
 
     from raydpo.tasks import style

@@ -49,6 +49,11 @@ def check_model_folder(path: str | Path, *, sampled_on_cpu: bool = False, trust_
                 f"AutoModelForCausalLM.from_pretrained(folder).save_pretrained(folder) writes model.safetensors")
         raise ConfigError(f"{where}: no *.safetensors weights in the folder")
     try:
+        config = AutoConfig.from_pretrained(p, trust_remote_code=trust_remote_code)
+    except Exception as e:
+        raise ConfigError(f"{where}: config.json cannot be read ({type(e).__name__}: "
+                          f"{str(e).splitlines()[0][:300]})") from None
+    try:
         tokenizer = AutoTokenizer.from_pretrained(p, trust_remote_code=trust_remote_code)
     except Exception as e:  # transformers says which file it missed; keep its message
         raise ConfigError(f"{where}: no usable tokenizer ({type(e).__name__}: {str(e).splitlines()[0][:300]}); "
@@ -59,7 +64,6 @@ def check_model_folder(path: str | Path, *, sampled_on_cpu: bool = False, trust_
             f"loss). Set one and save it, e.g. tokenizer.pad_token = tokenizer.eos_token (or add a '<|pad|>' "
             f"token and resize the embeddings); tokenizer.save_pretrained(folder)")
     if sampled_on_cpu:
-        config = AutoConfig.from_pretrained(p, trust_remote_code=trust_remote_code)
         hs = head_size(config)
         if hs is not None and hs not in CPU_HEAD_SIZES:
             raise ConfigError(

@@ -34,6 +34,12 @@ def test_pickled_weights_only_are_refused_naming_the_conversion(folder):
         check_model_folder(folder)
 
 
+def test_an_unreadable_config_is_named_as_such(folder):
+    (folder / "config.json").write_text("{")
+    with pytest.raises(ConfigError, match="model.path=.*config.json cannot be read"):
+        check_model_folder(folder)
+
+
 def test_a_folder_without_a_tokenizer_is_refused(folder):
     for f in folder.iterdir():
         if f.name.startswith("tokenizer") or f.name in ("chat_template.jinja", "special_tokens_map.json"):

@@ -58,3 +58,27 @@ def test_a_state_file_without_weights_is_not_a_checkpoint(tmp_path):
     (folder / STATE_FILE).write_text(json.dumps({"iteration": 1}))  # what the old check accepted
     assert checkpoint_problem(folder) is not None
     assert latest_checkpoint(tmp_path, "online", pattern="iter-*", key="iteration") is None
+
+
+def test_a_restart_reads_ray_trains_checkpoint_in_place(tmp_path, monkeypatch):
+    """After a worker restart the learner reads Ray Train's checkpoint where it is stored;
+    no copy of it (weights and optimizer state) is left behind in the temp folder."""
+    import tempfile
+    from types import SimpleNamespace
+
+    import ray.train
+
+    from raydpo.train.checkpoints import resume_directory
+
+    folder = _checkpoint(tmp_path, 4)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setattr(ray.train, "get_checkpoint", lambda: ray.train.Checkpoint.from_directory(str(folder)))
+    with resume_directory(SimpleNamespace(resume_from=None)) as resume_dir:
+        assert json.loads((Path(resume_dir) / STATE_FILE).read_text())["iteration"] == 4
+        assert Path(resume_dir) == folder
+    assert list((tmp_path / "tmp").iterdir()) == []
+
+    monkeypatch.setattr(ray.train, "get_checkpoint", lambda: None)
+    with resume_directory(SimpleNamespace(resume_from="/runs/x/dpo-step-000002")) as resume_dir:
+        assert resume_dir == "/runs/x/dpo-step-000002"

@@ -3,9 +3,11 @@ and finding the newest complete one to resume from."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from pathlib import Path
+from typing import Iterator
 
 from raydpo.files import atomic_write
 
@@ -54,14 +56,21 @@ def checkpoint_problem(folder: str | Path) -> str | None:
     return None
 
 
-def resume_directory(spec) -> str | None:
-    """Ray Train's checkpoint (set when it restarts failed workers), else spec.resume_from."""
+@contextlib.contextmanager
+def resume_directory(spec) -> Iterator[str | None]:
+    """Ray Train's checkpoint (set when it restarts failed workers), else spec.resume_from.
+
+    A context: Ray's `as_directory` reads a checkpoint on local or shared storage in place
+    and deletes a downloaded copy on exit (`to_directory` left a full copy, optimizer
+    state included, in the temp folder at every restart)."""
     import ray.train
 
     ckpt = ray.train.get_checkpoint()
-    if ckpt is not None:
-        return ckpt.to_directory()
-    return spec.resume_from
+    if ckpt is None:
+        yield spec.resume_from
+        return
+    with ckpt.as_directory() as folder:
+        yield folder
 
 
 def latest_checkpoint(storage: str | Path, name: str, pattern: str = "*-step-*",

@@ -144,7 +144,8 @@ def online_loop_per_worker(config: dict) -> None:
     pin_cpus(config.get("cpu_ids"), "trainer")
     torch.set_num_threads(max(1, int(config.get("cpus_per_worker", 1))))  # see raydpo.train.staged
     torch.manual_seed(spec.seed)
-    learner = Learner(spec, config, total_steps=1 << 30, resume_dir=resume_directory(spec))
+    with resume_directory(spec) as resume_dir:
+        learner = Learner(spec, config, total_steps=1 << 30, resume_dir=resume_dir)
     state = _WorkerState(learner, config.get("fault") or {})
     if learner.rank == 0:
         state.log = MetricsLog(spec.run_dir, total=None, initial=state.step, prefix=spec.metrics_prefix)

@@ -63,7 +63,8 @@ def train_loop_per_worker(config: dict) -> None:
     if total_steps == 0:
         raise ValueError(f"{config['total_rows']} training rows make no full global batch of {spec.batch_size}")
 
-    trainer = Learner(spec, config, total_steps, resume_directory(spec))
+    with resume_directory(spec) as resume_dir:
+        trainer = Learner(spec, config, total_steps, resume_dir)
     step = trainer.state.get("step", 0)
     log = MetricsLog(spec.run_dir, total_steps, step, spec.metrics_prefix) if trainer.rank == 0 else None
     shard = ray.train.get_dataset_shard("train")

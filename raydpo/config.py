@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from raydpo.errors import ConfigError
 
@@ -199,6 +199,16 @@ class ClusterConfig(_Section):
     judge: Resources = Field(default_factory=lambda: Resources(count=1, cpus=0.5), description="judge Serve replicas")
     policy: Resources = Field(default_factory=lambda: Resources(count=1, cpus=1), description="policy endpoint Serve replicas (one vLLM engine each), when loop.serve_policy")
     host: str = Field("127.0.0.1", description="address Serve HTTP binds to; loopback unless you mean to expose it")
+
+    @field_validator("trainer", "sampler", "judge", "policy", mode="before")
+    @classmethod
+    def _role_defaults(cls, v: Any, info: ValidationInfo) -> Any:
+        """A role given in part (``cluster.trainer.count=2``, or ``judge: {count: 2}`` in YAML)
+        keeps that role's own defaults for the keys it leaves out (the trainer's 2 CPUs, the
+        judge's 0.5), not Resources' class defaults."""
+        if isinstance(v, dict):
+            return {**cls.model_fields[info.field_name].default_factory().model_dump(exclude_unset=True), **v}
+        return v
     port: int = Field(8000, ge=1, le=65535, description="Serve HTTP port")
 
 

@@ -132,6 +132,21 @@ def test_serve_roles_scale_fixed_or_autoscaled():
         "autoscaling": {"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 8}}
 
 
+def test_a_role_given_in_part_keeps_that_roles_defaults(tmp_path):
+    """`cluster.trainer.count=4` (the README's scale-out line) used to reset each worker
+    to Resources' class default of 1 CPU instead of the trainer's 2, and the judge's
+    0.5 CPU to 1, silently."""
+    cfg = load_config(None, ["cluster.trainer.count=4", "trainer.micro_batch_size=4", "cluster.judge.count=2"])
+    assert (cfg.cluster.trainer.count, cfg.cluster.trainer.cpus) == (4, 2.0)
+    assert (cfg.cluster.judge.count, cfg.cluster.judge.cpus) == (2, 0.5)
+    p = tmp_path / "c.yaml"
+    p.write_text("cluster:\n  trainer: {gpus: 1}\n  judge: {cpus: 3}\n")
+    cfg = load_config(p)
+    assert (cfg.cluster.trainer.count, cfg.cluster.trainer.cpus, cfg.cluster.trainer.gpus) == (1, 2.0, 1.0)
+    assert cfg.cluster.judge.cpus == 3.0  # what is given wins
+    assert load_config(None).cluster.trainer.cpus == 2.0
+
+
 def test_a_renamed_key_on_the_command_line_names_its_new_name():
     with pytest.raises(ConfigError, match=r"loop.reference was renamed to loop.reference_policy"):
         load_config(None, ["loop.reference=previous"])

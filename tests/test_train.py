@@ -44,7 +44,8 @@ def run(tmp_path, name, ds, model_dir, pad_id, *overrides, precomputed=False):
     from raydpo.train.staged import fit
 
     cfg = load_config(None, [f"run_dir={tmp_path}", f"trainer.batch_size={BATCH}", "trainer.reference_logps=live",
-                             f"trainer.max_steps={STEPS}", "trainer.epochs=4", *overrides])
+                             f"trainer.max_steps={STEPS}", "trainer.epochs=4",
+                             "cluster.trainer.cpus=1", *overrides])  # 1 CPU each: 2 workers fit the 4-CPU test Ray
     ckpt = fit(make_spec(cfg, "dpo", str(model_dir), str(tmp_path / name)), ds, cfg, name, pad_id,
                precomputed_reference=precomputed)
     rows = [json.loads(l) for l in open(tmp_path / name / "metrics.jsonl")]

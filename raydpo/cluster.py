@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import socket
 from pathlib import Path
+from typing import NamedTuple
 
 from raydpo.config import RunConfig
 from raydpo.errors import ConfigError
@@ -47,28 +48,76 @@ def outliving_path(value: str, key: str = "run_dir", cwd: str | None = None) -> 
     return path
 
 
-def role_needs(cfg: RunConfig, roles: tuple[str, ...]) -> list[tuple[str, int, float, float]]:
-    """(role, count, CPUs each, GPUs each) for the cluster.* roles that run together."""
-    return [(r, getattr(cfg.cluster, r).count, getattr(cfg.cluster, r).cpus, getattr(cfg.cluster, r).gpus)
+def require_shared(path: str, role: str) -> None:
+    """In a role's process: `path`, which the driver wrote under run_dir (or was given), must
+    exist here. On a multi-node cluster it does only if it is on storage every node sees; a
+    node's own disk would show the trainer's checkpoints to the trainer alone, and the other
+    roles would fail later on a missing folder, or wait for one."""
+    if not os.path.exists(path):
+        import ray
+
+        node = ray.get_runtime_context().get_node_id()[:12] if ray.is_initialized() else "?"
+        raise ConfigError(f"{role}: {path} does not exist on {socket.gethostname()} (Ray node {node}). "
+                          f"On a multi-node cluster, run_dir (and model.path, judge.model_path) must be on storage "
+                          f"every node sees at the same path: a shared filesystem such as NFS, or a volume "
+                          f"mounted on every node")
+
+
+def on_this_node() -> dict:
+    """Actor options that place an actor on this process's node: for the driver's small
+    helpers (the trainer's mailbox, the policy's weight registry), which take no CPU and so
+    could land on any node. On a worker node they would die with it, and take down what
+    depends on them (measured: a mailbox on the sampler's node, killed with it, ended the
+    trainer workers that wait on it, and the weights they owned)."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    return {"scheduling_strategy": NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)}
+
+
+class RoleNeed(NamedTuple):
+    """What one cluster.<role> asks of the cluster: `count` of it, each reserving `cpus`,
+    `gpus` and the custom Ray `resources` that place it (see Resources.resources)."""
+    role: str
+    count: int
+    cpus: float
+    gpus: float
+    resources: dict[str, float]
+
+
+def role_needs(cfg: RunConfig, roles: tuple[str, ...]) -> list[RoleNeed]:
+    """What the cluster.* `roles` that run together need."""
+    return [RoleNeed(r, getattr(cfg.cluster, r).count, getattr(cfg.cluster, r).cpus, getattr(cfg.cluster, r).gpus,
+                     dict(getattr(cfg.cluster, r).resources))
             for r in roles if getattr(cfg.cluster, r).count > 0]
 
 
-def needed_cpus(needs: list[tuple[str, int, float, float]], data_cpus: float = 0.0) -> float:
-    return sum(c * cpu for _, c, cpu, _ in needs) + data_cpus
+def needed_cpus(needs: list[RoleNeed], data_cpus: float = 0.0) -> float:
+    return sum(n.count * n.cpus for n in needs) + data_cpus
 
 
-def check_cluster_fits(needs: list[tuple[str, int, float, float]], nodes: list[dict], data_cpus: float = 0.0) -> None:
+def _shape(n: RoleNeed) -> str:
+    parts = [f"{n.cpus:g} CPU"] + ([f"{n.gpus:g} GPU"] if n.gpus else []) + [f"{v:g} {k}" for k, v in n.resources.items()]
+    return " + ".join(parts)
+
+
+def check_cluster_fits(needs: list[RoleNeed], nodes: list[dict], data_cpus: float = 0.0) -> None:
     """Fail in seconds, with the numbers and the knobs, when the roles that must be up
     together can never be placed: a Ray Train worker group or an actor that does not
     fit waits forever (Ray keeps the request pending for an autoscaler), and the job
     would hang. `nodes` is ray.nodes(); only alive nodes count. `data_cpus`: what Ray
-    Data tasks need beside the actors while they run (the online loop reads its store)."""
+    Data tasks need beside the actors while they run (the online loop reads its store).
+
+    Roles placed by custom resources (cluster.<role>.resources) are also checked
+    against the nodes that have them: their count of the resource, and those nodes'
+    CPUs and GPUs. Placement is not solved as bin packing: roles that share such nodes
+    are summed, which can only over-count what a node must hold."""
     alive = [n.get("Resources", {}) for n in nodes if n.get("Alive")]
     have_cpu = sum(r.get("CPU", 0.0) for r in alive)
     have_gpu = sum(r.get("GPU", 0.0) for r in alive)
     need_cpu = needed_cpus(needs, data_cpus)
-    need_gpu = sum(c * gpu for _, c, _, gpu in needs)
-    shown = ", ".join(f"{r} {c} x {cpu:g} CPU" + (f" + {gpu:g} GPU" if gpu else "") for r, c, cpu, gpu in needs)
+    need_gpu = sum(n.count * n.gpus for n in needs)
+    shown = ", ".join(f"{n.role} {n.count} x {_shape(n)}" for n in needs)
     where = (f"the Ray cluster has {have_cpu:g} CPUs and {have_gpu:g} GPUs on {len(alive)} node(s) "
              f"(largest node: {max((r.get('CPU', 0.0) for r in alive), default=0):g} CPUs)")
     knobs = ("Lower cluster.<role>.count or .cpus/.gpus, give the cluster more logical CPUs "
@@ -80,9 +129,23 @@ def check_cluster_fits(needs: list[tuple[str, int, float, float]], nodes: list[d
         problems.append(f"the roles that run together need {need_cpu:g} CPUs ({shown}{data})")
     if need_gpu > have_gpu + 1e-9:
         problems.append(f"they need {need_gpu:g} GPUs ({shown})")
-    for role, _, cpu, gpu in needs:  # one worker, engine or replica must fit on one node
-        if not any(r.get("CPU", 0.0) + 1e-9 >= cpu and r.get("GPU", 0.0) + 1e-9 >= gpu for r in alive):
-            problems.append(f"no node can hold one {role} ({cpu:g} CPU" + (f" + {gpu:g} GPU" if gpu else "") + ")")
+    for n in needs:  # one worker, engine or replica must fit on one node
+        shape = {"CPU": n.cpus, "GPU": n.gpus, **n.resources}
+        if not any(all(r.get(k, 0.0) + 1e-9 >= v for k, v in shape.items() if v) for r in alive):
+            problems.append(f"no node can hold one {n.role} ({_shape(n)})")
+    for key in sorted({k for n in needs for k in n.resources}):
+        users = [n for n in needs if n.resources.get(key)]
+        holders = [r for r in alive if r.get(key, 0.0) > 0]
+        if not holders:
+            problems.append(f"no node has the custom resource {key!r} that cluster.{users[0].role}.resources asks for "
+                            f"(start the node with `ray start ... --resources='{{\"{key}\": N}}'`)")
+            continue
+        for what, need, have in ((key, sum(n.count * n.resources[key] for n in users), sum(r[key] for r in holders)),
+                                 ("CPUs", sum(n.count * n.cpus for n in users), sum(r.get("CPU", 0.0) for r in holders)),
+                                 ("GPUs", sum(n.count * n.gpus for n in users), sum(r.get("GPU", 0.0) for r in holders))):
+            if need > have + 1e-9:
+                problems.append(f"{' and '.join(n.role for n in users)} need {need:g} {what} on the nodes with {key!r}, "
+                                f"which have {have:g}")
     if problems:
         raise ConfigError(f"{where}, but " + "; ".join(problems) + ". " + knobs)
 

@@ -93,6 +93,7 @@ class SamplerConfig(_Section):
     max_model_len: int = Field(256, ge=16, description="vLLM context length")
     tensor_parallel_size: int = Field(1, ge=1, description="GPUs per engine (GPU only, not run here; must be 1 on CPU)")
     sync_timeout_s: float = Field(120.0, gt=0, description="seconds a weight sync may take before it fails")
+    start_timeout_s: float = Field(300.0, gt=0, description="seconds an engine may take to start, or to be placed (a replacement waits for a node with its resources) before the run fails")
     request_timeout_s: float = Field(600.0, gt=0, description="seconds one sampling request may take before it fails")
 
 
@@ -180,7 +181,18 @@ class Resources(_Section):
     cpus: float = Field(1.0, ge=0.0, description="CPUs each one reserves")
     gpus: float = Field(0.0, ge=0.0, description="GPUs each one reserves (0 on CPU clusters)")
     max_count: int = Field(0, ge=0, description="Serve roles (judge, policy): autoscale between count and this many replicas when above count (0: fixed count)")
+    resources: dict[str, float] = Field(default_factory=dict, description="custom Ray resources each one reserves, which place it: e.g. {trainer_node: 1} puts it only on nodes started with `ray start --resources='{\"trainer_node\": N}'` (CPU and GPU go in cpus and gpus)")
     cpu_ids: list[int] | None = Field(None, description="trainer and sampler only: pin the role's processes to these CPU ids of their node (Linux sched_setaffinity), e.g. trainer [0] and sampler [1] to model separate pools on one machine; null: no pinning")
+
+    @field_validator("resources")
+    @classmethod
+    def _custom_only(cls, v: dict[str, float]) -> dict[str, float]:
+        for key, amount in v.items():
+            if key in ("CPU", "GPU", "memory", "object_store_memory"):
+                raise ValueError(f"{key!r} is not a custom resource: use cpus/gpus for CPU and GPU")
+            if amount <= 0:
+                raise ValueError(f"{key}: {amount} must be > 0")
+        return v
 
     def serve_scaling(self, target_ongoing_requests: int = 8) -> dict:
         """Serve deployment args: a fixed replica count, or an autoscaling config."""
@@ -203,9 +215,7 @@ class ClusterConfig(_Section):
     @field_validator("trainer", "sampler", "judge", "policy", mode="before")
     @classmethod
     def _role_defaults(cls, v: Any, info: ValidationInfo) -> Any:
-        """A role given in part (``cluster.trainer.count=2``, or ``judge: {count: 2}`` in YAML)
-        keeps that role's own defaults for the keys it leaves out (the trainer's 2 CPUs, the
-        judge's 0.5), not Resources' class defaults."""
+        """A role given in part keeps its own defaults (the trainer's 2 CPUs), not Resources'."""
         if isinstance(v, dict):
             return {**cls.model_fields[info.field_name].default_factory().model_dump(exclude_unset=True), **v}
         return v
@@ -391,18 +401,6 @@ def save_config(cfg: BaseModel, run_dir: str | os.PathLike) -> Path:
     from raydpo.files import atomic_write
 
     return atomic_write(Path(run_dir) / "config.yaml", yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
-
-
-def changed_keys(saved: dict[str, Any], new: dict[str, Any], prefix: str = "") -> dict[str, tuple[Any, Any]]:
-    """{dotted key: (saved value, new value)} for every leaf that differs between two config dumps."""
-    out: dict[str, tuple[Any, Any]] = {}
-    for k in sorted(set(saved) | set(new)):
-        a, b = saved.get(k), new.get(k)
-        if isinstance(a, dict) and isinstance(b, dict):
-            out.update(changed_keys(a, b, f"{prefix}{k}."))
-        elif a != b:
-            out[f"{prefix}{k}"] = (a, b)
-    return out
 
 
 def read_saved_config(run_dir: str | os.PathLike) -> dict[str, Any] | None:

@@ -87,6 +87,18 @@ def check_args(args: dict, known: set[str], app: str) -> None:
         raise ValueError(f"{app} app: unknown args {sorted(unknown)}; known: {sorted(known)}")
 
 
+def replica_options(args: dict, cpus: float) -> dict:
+    """A replica's ray_actor_options from app args: ``num_cpus`` (default `cpus`),
+    ``num_gpus`` and ``resources`` (custom Ray resources that place it, e.g. on the head)."""
+    options = {"num_cpus": float(args.get("num_cpus", cpus)), "num_gpus": float(args.get("num_gpus", 0))}
+    resources = args.get("resources") or {}
+    if not isinstance(resources, dict) or not all(isinstance(v, (int, float)) for v in resources.values()):
+        raise ValueError(f"args.resources must map custom resource names to amounts, got {resources!r}")
+    if resources:
+        options["resources"] = {str(k): float(v) for k, v in resources.items()}
+    return options
+
+
 def serve_scale(args: dict) -> dict:
     """Deployment options from app args: ``autoscaling`` (min_replicas, max_replicas,
     target_ongoing_requests) replaces ``num_replicas``."""

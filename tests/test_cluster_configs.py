@@ -16,7 +16,7 @@ import ray.autoscaler
 import yaml
 
 from raydpo.config import ConfigError, load_config
-from raydpo.cluster import check_cluster_fits, role_needs
+from raydpo.cluster import RoleNeed, check_cluster_fits, role_needs
 
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER = REPO / "cluster"
@@ -121,7 +121,8 @@ def test_sizing_the_rayservice_apps_fit_their_workers():
             scale = a.get("autoscaling")
             count = (scale["min_replicas"] if at == "minReplicas" else scale["max_replicas"]) if scale \
                 else a.get("num_replicas", 1)
-            needs.append((app["name"], count, float(a.get("num_cpus", 1)), float(a.get("num_gpus", 0))))
+            needs.append(RoleNeed(app["name"], count, float(a.get("num_cpus", 1)), float(a.get("num_gpus", 0)),
+                                  dict(a.get("resources", {}))))
         check_cluster_fits(needs, nodes(spec, at))
     policy = next(a["args"] for a in apps if a["name"] == "policy")
     mounted = spec["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]["volumeMounts"][0]["mountPath"]

@@ -6,18 +6,19 @@ from pathlib import Path
 import pytest
 
 from raydpo.config import ConfigError, load_config
-from raydpo.cluster import check_cluster_fits, outliving_path, role_needs
+from raydpo.cluster import RoleNeed, check_cluster_fits, outliving_path, role_needs
 
 ROLES = ("trainer", "sampler", "judge", "policy")
 
 
-def node(cpu, gpu=0.0, alive=True):
-    return {"Alive": alive, "Resources": {"CPU": cpu, **({"GPU": gpu} if gpu else {})}}
+def node(cpu, gpu=0.0, alive=True, **custom):
+    return {"Alive": alive, "Resources": {"CPU": cpu, **({"GPU": gpu} if gpu else {}), **custom}}
 
 
 def test_demo_roles_need_six_cpus_with_the_data_cpu():
     needs = role_needs(load_config(None, []), ROLES)
-    assert needs == [("trainer", 1, 2.0, 0.0), ("sampler", 1, 1.0, 0.0), ("judge", 1, 0.5, 0.0), ("policy", 1, 1.0, 0.0)]
+    assert needs == [RoleNeed("trainer", 1, 2.0, 0.0, {}), RoleNeed("sampler", 1, 1.0, 0.0, {}),
+                     RoleNeed("judge", 1, 0.5, 0.0, {}), RoleNeed("policy", 1, 1.0, 0.0, {})]
     check_cluster_fits(needs, [node(6)], data_cpus=1)  # cluster/local.sh's head on a 2-core machine
     with pytest.raises(ConfigError) as e:
         check_cluster_fits(needs, [node(2)], data_cpus=1)  # `ray start --head` on 2 cores, as the README had it
@@ -47,6 +48,51 @@ def test_gpus_are_counted():
     check_cluster_fits(needs, [node(8, gpu=2)])
 
 
+PLACED = ["cluster.trainer.resources={trainer_node: 1}", "cluster.sampler.resources={sampler_node: 1}",
+          "cluster.judge.resources={head_node: 0.5}", "cluster.policy.resources={head_node: 0.5}"]
+
+
+def test_roles_placed_by_custom_resources_fit_the_nodes_that_have_them():
+    needs = role_needs(load_config(None, PLACED), ROLES)
+    assert needs[0] == RoleNeed("trainer", 1, 2.0, 0.0, {"trainer_node": 1.0})
+    cluster = [node(3, head_node=1), node(2, trainer_node=1), node(1, sampler_node=1)]  # bench/multinode.py's
+    check_cluster_fits(needs, cluster, data_cpus=1)
+
+
+def test_a_custom_resource_no_node_has_is_named_with_the_ray_start_flag():
+    needs = role_needs(load_config(None, PLACED), ROLES)
+    with pytest.raises(ConfigError) as e:
+        check_cluster_fits(needs, [node(3, head_node=1), node(2, trainer_node=1), node(1)], data_cpus=1)
+    msg = str(e.value)
+    assert "no node has the custom resource 'sampler_node' that cluster.sampler.resources asks for" in msg
+    assert """--resources='{"sampler_node": N}'""" in msg
+    assert "trainer_node" not in msg.split("but ", 1)[1].split(". ")[0]  # the trainer's node is fine
+
+
+def test_the_nodes_with_a_custom_resource_must_hold_the_roles_it_places():
+    needs = role_needs(load_config(None, PLACED), ROLES)
+    # the trainer's node has 1 CPU for a 2-CPU worker, though the cluster has 7 CPUs in all
+    with pytest.raises(ConfigError) as e:
+        check_cluster_fits(needs, [node(4, head_node=1), node(1, trainer_node=1), node(2, sampler_node=1)])
+    assert "no node can hold one trainer (2 CPU + 1 trainer_node)" in str(e.value)
+    # judge and policy each fit the head alone, but not together: 1.5 CPUs on a 1-CPU head
+    with pytest.raises(ConfigError) as e:
+        check_cluster_fits(needs, [node(1, head_node=1), node(2, trainer_node=1), node(1, sampler_node=1), node(4)])
+    assert "judge and policy need 1.5 CPUs on the nodes with 'head_node', which have 1" in str(e.value)
+    # two trainer workers need 2 trainer_node where there is one
+    two = role_needs(load_config(None, PLACED + ["cluster.trainer.count=2", "trainer.micro_batch_size=8"]), ("trainer",))
+    with pytest.raises(ConfigError, match="trainer need 2 trainer_node on the nodes with 'trainer_node', which have 1"):
+        check_cluster_fits(two, [node(8, trainer_node=1)])
+    check_cluster_fits(two, [node(2, trainer_node=1), node(2, trainer_node=1)])
+
+
+def test_custom_resources_refuse_built_in_names_and_non_positive_amounts():
+    with pytest.raises(ConfigError, match="cluster.trainer.resources: 'CPU' is not a custom resource"):
+        load_config(None, ["cluster.trainer.resources={CPU: 1}"])
+    with pytest.raises(ConfigError, match="cluster.sampler.resources: sampler_node: 0.0 must be > 0"):
+        load_config(None, ["cluster.sampler.resources={sampler_node: 0}"])
+
+
 def test_zero_count_roles_need_nothing():
     assert [r for r, *_ in role_needs(load_config(None, ["cluster.policy.count=0"]), ROLES)] == ["trainer", "sampler", "judge"]
 
@@ -62,3 +108,13 @@ def test_relative_run_dir_in_rays_working_dir_copy_is_refused(tmp_path):
         outliving_path("rm", "judge.model_path", cwd=str(copy))
     assert outliving_path("runs/demo", cwd=str(tmp_path)) == tmp_path / "runs" / "demo"  # a plain checkout
     assert outliving_path("x") == Path.cwd() / "x"
+
+
+def test_serve_replicas_take_their_placement_from_app_args():
+    from raydpo.http import replica_options
+
+    assert replica_options({}, 0.5) == {"num_cpus": 0.5, "num_gpus": 0.0}
+    assert replica_options({"num_cpus": 1, "resources": {"head_node": 0.5}}, 0.5) == {
+        "num_cpus": 1.0, "num_gpus": 0.0, "resources": {"head_node": 0.5}}
+    with pytest.raises(ValueError, match="args.resources must map custom resource names to amounts"):
+        replica_options({"resources": ["head_node"]}, 1)

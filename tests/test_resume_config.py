@@ -54,11 +54,12 @@ def test_keys_a_saved_config_predates_count_as_their_default(tmp_path):
 
 
 def test_resume_allows_more_iterations_and_other_resources():
-    from raydpo.config import changed_keys
-    from raydpo.online.resume import RESUME_MAY_CHANGE
+    from raydpo.online.resume import RESUME_MAY_CHANGE, changed_keys
 
     a = load_config(None, []).model_dump(mode="json")
-    b = load_config(None, ["loop.iterations=20", "cluster.sampler.count=2", "sampler.request_timeout_s=900"]
+    b = load_config(None, ["loop.iterations=20", "cluster.sampler.count=2", "sampler.request_timeout_s=900",
+                           "sampler.start_timeout_s=900", "cluster.sampler.resources={sampler_node: 1}"]
                     ).model_dump(mode="json")
-    assert set(changed_keys(a, b)) == {"loop.iterations", "cluster.sampler.count", "sampler.request_timeout_s"}
+    assert set(changed_keys(a, b)) == {"loop.iterations", "cluster.sampler.count", "sampler.request_timeout_s",
+                                       "sampler.start_timeout_s", "cluster.sampler.resources.sampler_node"}
     assert all(k.startswith(RESUME_MAY_CHANGE) for k in changed_keys(a, b))

@@ -365,3 +365,71 @@ def test_a_dead_actor_seen_by_two_threads_is_replaced_once_and_never_after_shutd
     pool.closed = True
     with pytest.raises(SamplerError, match="shut down"):
         pool._replace(0, "engine-1")
+
+
+def test_an_engine_no_alive_node_can_place_fails_naming_what_it_reserves(ray_local, base_dir):
+    """A replacement whose node died waits to be placed; after sampler.start_timeout_s the
+    error names the resources no alive node has, and the way back (a node, then --resume)."""
+    from raydpo.config import load_config
+    from raydpo.errors import SamplerError
+    from raydpo.sampler.pool import SamplerPool
+
+    cfg = load_config(None, ["cluster.sampler.resources={sampler_node: 1}", "sampler.start_timeout_s=3"])
+    t = time.time()
+    with pytest.raises(SamplerError) as e:
+        SamplerPool.from_config(cfg, str(base_dir))
+    assert time.time() - t < 30
+    msg = str(e.value)
+    assert msg.startswith("sampler engines did not start within 3s (sampler.start_timeout_s): no alive node has "
+                          "what one engine reserves (1 CPU, 1 sampler_node)")
+    assert "--resources=" in msg and "--resume" in msg
+
+
+def test_an_engine_that_dies_with_its_node_while_starting_is_started_again(ray_local):
+    """Ray places a replacement on a node it has not yet seen die (until heartbeats are
+    missed); that engine dies unstarted and is started again. One whose own start-up
+    raises is not retried: the error names it."""
+    import ray
+
+    from raydpo.errors import SamplerError
+    from raydpo.sampler.pool import PoolStats, SamplerPool
+
+    @ray.remote(num_cpus=0)
+    class Engine:
+        def __init__(self, fail: bool = False):
+            if fail:
+                raise RuntimeError("no such model")
+
+        def get_version(self):
+            return 0
+
+    pool = SamplerPool.__new__(SamplerPool)
+    pool.start_timeout_s, pool.stats, pool._opts = 60, PoolStats(), {"num_cpus": 0, "num_gpus": 0}
+    started = []
+
+    def start(i):
+        started.append(i)
+        return Engine.remote()
+
+    pool._start = start
+    pool.actors = [Engine.remote(), Engine.remote()]
+    ray.kill(pool.actors[0])  # dies before it answers, as if with its node
+    pool._wait_ready([0, 1])
+    assert started == [0] and ray.get(pool.actors[0].get_version.remote()) == 0
+    pool.actors = [Engine.remote(fail=True)]
+    with pytest.raises(SamplerError, match="(?s)sampler 0 failed to start: .*RuntimeError: no such model"):
+        pool._wait_ready([0])
+    assert started == [0]
+
+
+def test_a_model_folder_a_node_cannot_see_names_shared_storage(ray_local, tmp_path):
+    """On a multi-node cluster, a run_dir on the driver's own disk is missing on the other
+    nodes: the engine fails at once saying so, instead of later on a missing folder."""
+    from raydpo.errors import SamplerError
+    from raydpo.sampler.pool import SamplerPool
+
+    with pytest.raises(SamplerError) as e:
+        SamplerPool(str(tmp_path / "run" / "base_model"), cpus=0)
+    msg = str(e.value)
+    assert msg.startswith("sampler 0 failed to start") and f"sampler 0: {tmp_path}/run/base_model does not exist on" in msg
+    assert "must be on storage every node sees" in msg

@@ -27,7 +27,7 @@ from ray import serve
 
 from raydpo.errors import JudgeError
 from raydpo.http import (HTTPProblem, StrictBody, absolute_path_arg, api_key, check_args, judge_error, read_request,
-                         serve_scale)
+                         replica_options, serve_scale)
 from raydpo.judge.rules import compare_scores, load_rule
 from raydpo.records import JudgeInfo, Judgement
 
@@ -156,15 +156,16 @@ class ScoringJudge:
 
 
 KNOWN_ARGS = {"rule", "tie_margin", "num_replicas", "num_cpus", "max_batch_size", "autoscaling", "reward_model",
-              "max_prompt_length", "max_length"}
+              "max_prompt_length", "max_length", "resources"}
 
 
 def build_app(args: dict):
     """Application builder for `serve run serve/judge_rule.yaml` (and `serve.run` from Python)."""
     check_args(args, KNOWN_ARGS, "judge")
     absolute_path_arg(args, "reward_model", "judge")
-    cpus = float(args.get("num_cpus", 0.5))
-    return ScoringJudge.options(ray_actor_options={"num_cpus": cpus}, **serve_scale(args)).bind(
+    options = replica_options(args, 0.5)
+    cpus = options["num_cpus"]
+    return ScoringJudge.options(ray_actor_options=options, **serve_scale(args)).bind(
         args.get("rule", "raydpo.tasks.style:score"), float(args.get("tie_margin", 0.0)),
         int(args.get("max_batch_size", 64)), args.get("reward_model"), int(args.get("max_prompt_length", 128)),
         int(args.get("max_length", 192)), max(1, int(cpus)))

@@ -59,7 +59,8 @@ def build(cfg):
                            needs_pad=j.kind != "llm")  # an LLM judge generates; it pads nothing
     module, _, fn = kind.app.partition(":")
     builder = getattr(importlib.import_module(module), fn)
-    return builder({**kind.app_args(cfg, j), "num_cpus": res.cpus, **res.serve_scaling()})
+    return builder({**kind.app_args(cfg, j), "num_cpus": res.cpus, "resources": dict(res.resources),
+                    **res.serve_scaling()})
 
 
 def deploy(cfg):
@@ -70,5 +71,7 @@ def deploy(cfg):
 
     console.quiet("ray.serve")  # a line per start-up and per application otherwise
     app = build(cfg)
-    serve.start(http_options={"host": cfg.cluster.host, "port": cfg.cluster.port})
+    # one HTTP proxy, on the head: the endpoints' URLs name cluster.host, and proxies on
+    # every node (Serve's default) would fight over one port when nodes share a machine
+    serve.start(http_options={"host": cfg.cluster.host, "port": cfg.cluster.port}, proxy_location="HeadOnly")
     return serve.run(app, name="judge", route_prefix="/judge")

@@ -28,7 +28,8 @@ from fastapi import FastAPI, Request
 from ray import serve
 
 from raydpo.errors import JudgeError
-from raydpo.http import HTTPProblem, absolute_path_arg, api_key, check_args, judge_error, read_request, serve_scale
+from raydpo.http import (HTTPProblem, absolute_path_arg, api_key, check_args, judge_error, read_request, replica_options,
+                         serve_scale)
 from raydpo.judge.apps import API_KEY_ENV, CompareRequest, ScoreRequest
 from raydpo.judge.rules import (DEFAULT_ANSWER_PATTERN, DEFAULT_TEMPLATE, check_template, combine_both_orders,
                                 parse_verdict, render_judge_prompt)
@@ -133,7 +134,7 @@ class LLMJudge:
 
 
 KNOWN_ARGS = {"model_path", "template", "answer_pattern", "answers", "max_new_tokens", "max_model_len", "kv_cache_gib",
-              "num_replicas", "num_cpus", "max_batch_size", "autoscaling", "trust_remote_code"}
+              "num_replicas", "num_cpus", "max_batch_size", "autoscaling", "trust_remote_code", "resources"}
 
 
 def build_app(args: dict):
@@ -143,7 +144,7 @@ def build_app(args: dict):
         raise ValueError("LLM judge app: args.model_path (an HF folder of a generative model) is required")
     absolute_path_arg(args, "model_path", "LLM judge")
     check_template(args.get("template") or DEFAULT_TEMPLATE)
-    return LLMJudge.options(ray_actor_options={"num_cpus": float(args.get("num_cpus", 1))}, **serve_scale(args)).bind(
+    return LLMJudge.options(ray_actor_options=replica_options(args, 1), **serve_scale(args)).bind(
         str(args["model_path"]), args.get("template"), str(args.get("answer_pattern", DEFAULT_ANSWER_PATTERN)),
         args.get("answers"), int(args.get("max_new_tokens", 8)), int(args.get("max_model_len", 512)),
         float(args.get("kv_cache_gib", 1.0)), int(args.get("max_batch_size", 32)),

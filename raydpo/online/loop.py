@@ -243,7 +243,8 @@ def stop(r: Run) -> None:
 def finish(run_dir: Path, r: Run, t_start: float) -> None:
     rows = read_metrics(run_dir)
     md = write_report(run_dir, {"wall time": f"{time.time() - t_start:.0f}s",
-                                "sampler restarts": str(r.pool.stats.restarts)})
+                                "sampler restarts": str(r.pool.stats.restarts),
+                                "nodes holding the last weights": str(r.pool.stats.weights_nodes)})
     print("\n" + table(rows))
     print(f"\nfinal win rate vs the starting policy: {rows[-1]['win_rate']:.3f} "
           f"(iteration 0, the noise floor: {rows[0]['win_rate']:.3f})")

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import json
 import statistics
+from typing import Any
 from dataclasses import dataclass
 from pathlib import Path
 
-from raydpo.config import RunConfig, changed_keys, read_saved_config
+from raydpo.config import RunConfig, read_saved_config
 from raydpo.errors import ConfigError
 from raydpo.files import atomic_write
 from raydpo.online.pairs import PairCounts, counts_row
@@ -71,13 +72,26 @@ def publish_trained(it: int, run_dir: Path, pool, policy) -> None:
             policy.publish(it, path=path)
 
 
+def changed_keys(saved: dict[str, Any], new: dict[str, Any], prefix: str = "") -> dict[str, tuple[Any, Any]]:
+    """{dotted key: (saved value, new value)} for every leaf that differs between two config dumps."""
+    out: dict[str, tuple[Any, Any]] = {}
+    for k in sorted(set(saved) | set(new)):
+        a, b = saved.get(k), new.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out.update(changed_keys(a, b, f"{prefix}{k}."))
+        elif a != b:
+            out[f"{prefix}{k}"] = (a, b)
+    return out
+
+
+
 # Keys a resumed run may change: they alter neither what is sampled, judged and stored
 # for an iteration nor how it is trained, so the store's exactly-once guarantee and the
 # run's meaning hold (loop.max_staleness: stored pairs staler than the new bound are
 # counted as stale_dropped and not trained on, never sampled again). Every other key must match the run's saved config.yaml. The trainer's
 # worker count is not among them: DeepSpeed shards and DDP's split of a batch depend on it.
 RESUME_MAY_CHANGE = ("loop.iterations", "loop.serve_policy", "loop.max_staleness", "trainer.stall_timeout_s", "trainer.max_failures",
-                     "sampler.sync_timeout_s", "sampler.request_timeout_s", "sampler.kv_cache_gib", "cluster.")
+                     "sampler.sync_timeout_s", "sampler.request_timeout_s", "sampler.start_timeout_s", "sampler.kv_cache_gib", "cluster.")
 
 
 RESUME_MUST_KEEP = ("cluster.trainer.count", "cluster.trainer.gpus")

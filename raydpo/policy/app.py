@@ -42,7 +42,7 @@ from pydantic import Field
 from ray import serve
 
 from raydpo.http import (HTTPProblem, StrictBody, absolute_path_arg, api_key, check_args, read_request,
-                         serve_scale)
+                         replica_options, serve_scale)
 from raydpo.policy.registry import REGISTRY_NAMESPACE
 
 MAX_PROMPTS = 64
@@ -279,7 +279,7 @@ class PolicyServer:
 
 
 KNOWN_ARGS = {"model_path", "model_name", "registry", "num_replicas", "num_cpus", "num_gpus", "max_model_len",
-              "kv_cache_gib", "dtype", "seed", "trust_remote_code", "max_batch_size", "autoscaling"}
+              "kv_cache_gib", "dtype", "seed", "trust_remote_code", "max_batch_size", "autoscaling", "resources"}
 
 
 def build_app(args: dict):
@@ -293,7 +293,7 @@ def build_app(args: dict):
         raise ValueError("policy app: args.model_path (an HF safetensors folder) is required")
     absolute_path_arg(args, "model_path", "policy")
     return PolicyServer.options(
-        ray_actor_options={"num_cpus": float(args.get("num_cpus", 1)), "num_gpus": float(args.get("num_gpus", 0))},
+        ray_actor_options=replica_options(args, 1),
         **serve_scale(args),
     ).bind(str(args["model_path"]), str(args.get("model_name", "policy")), args.get("registry"),
            int(args.get("max_model_len", 256)), float(args.get("kv_cache_gib", 1.0)), str(args.get("dtype", "float32")),

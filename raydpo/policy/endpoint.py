@@ -8,6 +8,7 @@ import time
 import ray
 from ray import serve
 
+from raydpo.cluster import on_this_node
 from raydpo.policy.app import build_app
 from raydpo.policy.registry import REGISTRY_NAMESPACE, PolicyRegistry
 
@@ -21,12 +22,13 @@ class PolicyEndpoint:
         # detached, like the app: on a long-lived cluster a later (resumed) run finds the
         # app and its registry from an earlier job, takes both over and resets the versions
         self.registry = ray.remote(num_cpus=0)(PolicyRegistry).options(
-            name=self.registry_name, namespace=REGISTRY_NAMESPACE, lifetime="detached", get_if_exists=True).remote()
+            name=self.registry_name, namespace=REGISTRY_NAMESPACE, lifetime="detached", get_if_exists=True,
+            **on_this_node()).remote()
         ray.get(self.registry.reset.remote())
         r = cfg.cluster.policy
         self.replicas = r.count
         args = {"model_path": model_path, "registry": self.registry_name, **r.serve_scaling(), "num_cpus": r.cpus,
-                "num_gpus": r.gpus, "max_model_len": cfg.sampler.max_model_len, "kv_cache_gib": cfg.sampler.kv_cache_gib,
+                "num_gpus": r.gpus, "resources": dict(r.resources), "max_model_len": cfg.sampler.max_model_len, "kv_cache_gib": cfg.sampler.kv_cache_gib,
                 "dtype": cfg.model.dtype, "seed": cfg.seed, "trust_remote_code": cfg.model.trust_remote_code}
         serve.run(build_app(args), name=name, route_prefix=route_prefix)
         self.url = f"http://{cfg.cluster.host}:{cfg.cluster.port}{route_prefix}/v1"

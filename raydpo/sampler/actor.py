@@ -30,9 +30,10 @@ class SamplerActor:
     def __init__(self, model_path: str, index: int, max_model_len: int, kv_cache_gib: float, dtype: str,
                  seed: int, device: str, trust_remote_code: bool, tensor_parallel_size: int = 1,
                  cpu_ids: list[int] | None = None):
-        from raydpo.cluster import pin_cpus
+        from raydpo.cluster import pin_cpus, require_shared
         from raydpo.sampler.engine import make_llm
 
+        require_shared(model_path, f"sampler {index}")
         pin_cpus(cpu_ids, "sampler")  # before the engine starts its threads
 
         self.index = index

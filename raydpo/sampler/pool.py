@@ -37,6 +37,7 @@ class PoolStats:
     retried_chunks: int = 0  # chunks re-run after their actor died
     stale_rejections: int = 0  # chunks refused by an actor below min_version
     held_s: float = 0.0  # seconds publishes waited for holds on the previous version (see SamplerPool.hold)
+    weights_nodes: int = 0  # nodes holding the last published weights object (>1: it crossed nodes)
 
 
 class SamplerPool:
@@ -45,9 +46,10 @@ class SamplerPool:
     def __init__(self, model_path: str, num_engines: int = 1, *, cpus: float = 1, gpus: float = 0,
                  max_model_len: int = 256, kv_cache_gib: float = 1.0, dtype: str = "float32", seed: int = 0,
                  trust_remote_code: bool = False, tensor_parallel_size: int = 1, start_timeout_s: float = 300,
-                 request_timeout_s: float = 600, sync_timeout_s: float = 120, cpu_ids: list[int] | None = None):
+                 request_timeout_s: float = 600, sync_timeout_s: float = 120, cpu_ids: list[int] | None = None,
+                 resources: dict[str, float] | None = None):
         self.model_path = str(Path(model_path).resolve())
-        self._opts = dict(num_cpus=cpus, num_gpus=gpus)
+        self._opts = dict(num_cpus=cpus, num_gpus=gpus, **({"resources": dict(resources)} if resources else {}))
         self._args = (max_model_len, kv_cache_gib, dtype, seed, "cuda" if gpus else "cpu", trust_remote_code,
                       tensor_parallel_size, cpu_ids)
         self.start_timeout_s, self.request_timeout_s, self.sync_timeout_s = start_timeout_s, request_timeout_s, sync_timeout_s
@@ -62,7 +64,12 @@ class SamplerPool:
         self._streams = 0  # streams running now (other threads' chunks a load may queue behind)
         self.closed = False
         self.actors = [self._start(i) for i in range(num_engines)]
-        self._wait_ready(range(num_engines))
+        try:
+            self._wait_ready(range(num_engines))
+        except SamplerError:
+            for actor in self.actors:  # a pending one would otherwise wait for its resources forever
+                ray.kill(actor)
+            raise
 
     @classmethod
     def from_config(cls, cfg, model_path: str) -> SamplerPool:
@@ -71,7 +78,8 @@ class SamplerPool:
         return cls(model_path, r.count, cpus=r.cpus, gpus=r.gpus, max_model_len=s.max_model_len,
                    kv_cache_gib=s.kv_cache_gib, dtype=cfg.model.dtype, seed=cfg.seed,
                    trust_remote_code=cfg.model.trust_remote_code, tensor_parallel_size=s.tensor_parallel_size,
-                   request_timeout_s=s.request_timeout_s, sync_timeout_s=s.sync_timeout_s, cpu_ids=r.cpu_ids)
+                   request_timeout_s=s.request_timeout_s, sync_timeout_s=s.sync_timeout_s, cpu_ids=r.cpu_ids,
+                   resources=r.resources, start_timeout_s=s.start_timeout_s)
 
     # ---------------------------------------------------------------- actors
 
@@ -79,11 +87,36 @@ class SamplerPool:
         return SamplerActor.options(**self._opts).remote(self.model_path, index, *self._args)
 
     def _wait_ready(self, indices: Iterable[int]) -> None:
-        refs = {self.actors[i].get_version.remote(): i for i in indices}
-        try:
-            ray.get(list(refs), timeout=self.start_timeout_s)
-        except ray.exceptions.GetTimeoutError:
-            raise SamplerError(f"sampler engines did not start within {self.start_timeout_s}s") from None
+        """Until the engines in `indices` answer (they start in parallel). One that dies before
+        it is ready, not by an error of its own but with its process or node, is started again
+        within sampler.start_timeout_s: Ray sees a node lost only after missed heartbeats, and
+        until then places new actors on it (measured: a replacement started 1 s after its
+        node was killed went to that node, and died with it)."""
+        deadline = time.monotonic() + self.start_timeout_s
+        for i in indices:
+            while True:
+                try:
+                    ray.get(self.actors[i].get_version.remote(), timeout=max(0.0, deadline - time.monotonic()))
+                    break
+                except ray.exceptions.GetTimeoutError:
+                    raise SamplerError(f"sampler engines did not start within {self.start_timeout_s:g}s "
+                                       f"(sampler.start_timeout_s){self._unplaceable()}") from None
+                except ray.exceptions.RayActorError as e:
+                    if e.actor_init_failed or time.monotonic() >= deadline:
+                        raise SamplerError(f"sampler {i} failed to start: {e}") from None
+                    self.actors[i] = self._start(i)
+
+    def _unplaceable(self) -> str:
+        """Why an engine may be waiting to be placed: the alive nodes lack what it reserves
+        (its node died and has not come back, or the cluster never had it)."""
+        per_node = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+        shape = {"CPU": self._opts["num_cpus"], "GPU": self._opts["num_gpus"], **self._opts.get("resources", {})}
+        if any(all(r.get(k, 0.0) + 1e-9 >= v for k, v in shape.items() if v) for r in per_node):
+            return ""
+        wanted = ", ".join(f"{v:g} {k}" for k, v in shape.items() if v)
+        return (f": no alive node has what one engine reserves ({wanted}); if its node died, start a node "
+                f"with those resources (`ray start --address=... --resources=...`), then rerun with --resume: "
+                f"every judged pair so far is kept")
 
     def _replace(self, index: int, dead=None) -> None:
         """Start a new actor in slot `index` and bring it to the current weights. `dead`: the
@@ -190,6 +223,8 @@ class SamplerPool:
                                + f"; every sampler is back on version {self.version}")
         self.version = version
         self._weights = (version, state_ref, path)
+        if state_ref is not None:
+            self.stats.weights_nodes = len(ray.experimental.get_object_locations([state_ref])[state_ref]["node_ids"])
         return time.perf_counter() - t
 
     def _roll_back(self, loaded: list[int]) -> None:

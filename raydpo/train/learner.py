@@ -185,6 +185,9 @@ class Learner:
         import ray.train
         import ray.train.torch
 
+        from raydpo.cluster import require_shared
+
+        require_shared(spec.model_path, "trainer worker")
         ctx = ray.train.get_context()
         self.spec = spec
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()

@@ -30,6 +30,7 @@ class TrainerClient:
         tests only, fault injection in the workers (`raydpo.train.online`)."""
         import ray
 
+        from raydpo.cluster import on_this_node
         from raydpo.train.online import Mailbox, online_loop_per_worker
         from raydpo.train.ray_train import build_trainer
         from raydpo.train.spec import make_spec
@@ -40,7 +41,7 @@ class TrainerClient:
         if cfg.loop.rpo_alpha is not None:  # the loop's own default (see LoopConfig.rpo_alpha)
             spec = dataclasses.replace(spec, loss=dataclasses.replace(spec.loss, rpo_alpha=cfg.loop.rpo_alpha))
         self.storage = Path(run_dir, "ray_train").resolve()
-        self.mailbox = ray.remote(num_cpus=0)(Mailbox).remote()
+        self.mailbox = ray.remote(num_cpus=0)(Mailbox).options(**on_this_node()).remote()
         self._trainer = build_trainer(online_loop_per_worker, {"spec": spec.to_dict(), "mailbox": self.mailbox,
                                                                "pad_id": pad_id, "fault": fault},
                                       cfg, name, self.storage, keep=None)

@@ -27,6 +27,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from raydpo.errors import ConfigError
+from raydpo.presets import PRESETS
 
 # Keys that were renamed: the old name fails with an error naming the new one (a saved
 # config.yaml of an older run is read with the new names, see read_saved_config).
@@ -64,7 +65,17 @@ class ModelConfig(_Section):
     path: str | None = Field(None, description="HF model folder (safetensors); None builds the tiny model into <run_dir>/base_model")
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="compute dtype; bfloat16 only pays off on GPU")
     trust_remote_code: bool = Field(False, description="allow model code from the model folder; off by default for safety")
-    tiny: TinyModelConfig = Field(default_factory=TinyModelConfig, description="shape used when path is None")
+    preset: Literal["tiny", "small", "medium"] = Field("tiny", description="shape of the model built when path is None: tiny ~0.4M parameters (the demo), small ~26M, medium ~100M; model.tiny.* keys given explicitly win")
+    tiny: TinyModelConfig = Field(default_factory=TinyModelConfig, description="shape used when path is None (model.preset fills it)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _preset_shape(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("preset") in PRESETS:
+            given = data.get("tiny")
+            given = given.model_dump(exclude_unset=True) if isinstance(given, BaseModel) else dict(given or {})
+            data = {**data, "tiny": {**PRESETS[data["preset"]], **given}}
+        return data
 
 
 class DataConfig(_Section):

@@ -79,3 +79,26 @@ def test_cli_builds_model(tmp_path):
     assert r.returncode == 2 and "bad.txt:2: not UTF-8" in r.stderr
     r = run_py(["-m", "raydpo.cli", "tiny-model", "--out", tmp_path / "m3", "--corpus", tmp_path / "missing.txt"], timeout=120)
     assert r.returncode == 2 and "missing.txt: No such file or directory" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("preset,low,high", [("tiny", 0.3e6, 0.5e6), ("small", 24e6, 28e6), ("medium", 95e6, 105e6)])
+def test_model_presets_build_the_sizes_they_name(tmp_path, style_corpus, preset, low, high):
+    """model.preset=small|medium: ~26M and ~100M parameters, heads vLLM's CPU attention takes."""
+    from raydpo.config import load_config
+    from raydpo.tiny_model import build_model, train_tokenizer
+
+    shape = load_config(None, [f"model.preset={preset}"]).model.tiny
+    assert shape.hidden_size // shape.num_attention_heads in (32, 64)
+    tokenizer = train_tokenizer(style_corpus, shape.vocab_size, "chatml")
+    with torch.device("meta"):  # shapes only: 100M random weights would cost seconds
+        model = build_model(tokenizer, shape, seed=0)
+    assert low < count_parameters(model) < high
+
+
+def test_explicit_shape_keys_win_over_the_preset():
+    from raydpo.config import ConfigError, load_config
+
+    shape = load_config(None, ["model.preset=small", "model.tiny.num_hidden_layers=2"]).model.tiny
+    assert (shape.hidden_size, shape.num_hidden_layers) == (512, 2)
+    with pytest.raises(ConfigError, match="model.preset"):
+        load_config(None, ["model.preset=huge"])

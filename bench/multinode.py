@@ -29,6 +29,7 @@ import argparse
 import json
 import os
 import shutil
+import secrets
 import signal
 import subprocess
 import sys
@@ -86,7 +87,11 @@ class LocalCluster:
         from raydpo.cluster import local_ray_env
 
         self.env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
-        self.env.update({"RAY_AUTH_MODE": "token", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"})
+        # the cluster's own token, in the environment of its nodes, drivers and state queries:
+        # `ray start` with token auth refuses to start without one, and a clean machine has no
+        # ~/.ray/auth_token (cluster/local.sh writes one; this leaves the user's alone)
+        self.env.update({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32),
+                         "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"})
         self._dash = free_port()
         self.env.update(local_ray_env(self._dash))  # the same Ray settings as a raydpo local Ray
         # the GCS declares a node dead after `threshold` failed health checks `period` apart:
@@ -206,9 +211,7 @@ class LocalCluster:
             except ProcessLookupError:
                 pass
             self.kill(name)
-        from ray._common.utils import reset_ray_address
-
-        reset_ray_address()  # `ray start --head` named itself in /tmp/ray/ray_current_cluster
+        # `ray start --temp-dir` wrote its ray_current_cluster there, not in /tmp/ray: nothing else to undo
         for temp in self.temps:  # sessions' logs and spilled objects; the nodes' own logs stay in root
             shutil.rmtree(temp, ignore_errors=True)
 
@@ -245,22 +248,22 @@ def run_killing_a_node(cluster: LocalCluster, args: list[str], run_dir: Path, no
                                   stdout=out, stderr=subprocess.STDOUT, text=True)
         target = run_dir / "preferences" / "iteration=000002" / "chunk-00000.parquet"
         deadline, events = time.time() + timeout, {}
-        while not target.exists():
-            if driver.poll() is not None or time.time() > deadline:
-                driver.kill()
-                raise RuntimeError(f"the run ended or stalled before iteration 2: {log.read_text()[-3000:]}")
-            time.sleep(0.05)
-        events["killed_processes"] = cluster.kill(node)
-        events["killed_at"] = time.time()
-        if return_after is not None:
-            time.sleep(return_after)
-            cluster.restart(node)
-            events["returned_at"] = time.time()
         try:
+            while not target.exists():
+                if driver.poll() is not None or time.time() > deadline:
+                    raise RuntimeError(f"the run ended or stalled before iteration 2: {log.read_text()[-3000:]}")
+                time.sleep(0.05)
+            events["killed_processes"] = cluster.kill(node)
+            events["killed_at"] = time.time()
+            if return_after is not None:
+                time.sleep(return_after)
+                cluster.restart(node)
+                events["returned_at"] = time.time()
             driver.wait(timeout=max(1.0, deadline - time.time()))
-        except subprocess.TimeoutExpired:
-            driver.kill()
-            driver.wait()
+        finally:  # a stall, a node that would not start, or a timeout: the driver goes too
+            if driver.poll() is None:
+                driver.kill()
+                driver.wait()
     text = log.read_text()
     return subprocess.CompletedProcess(driver.args, driver.returncode, text, ""), events
 

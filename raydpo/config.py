@@ -71,10 +71,12 @@ class ModelConfig(_Section):
     @model_validator(mode="before")
     @classmethod
     def _preset_shape(cls, data: Any) -> Any:
-        if isinstance(data, dict) and data.get("preset") in PRESETS:
+        preset = data.get("preset") if isinstance(data, dict) else None
+        if isinstance(preset, str) and preset in PRESETS:  # anything else: the type check names it
             given = data.get("tiny")
-            given = given.model_dump(exclude_unset=True) if isinstance(given, BaseModel) else dict(given or {})
-            data = {**data, "tiny": {**PRESETS[data["preset"]], **given}}
+            given = given.model_dump(exclude_unset=True) if isinstance(given, BaseModel) else given
+            if given is None or isinstance(given, dict):
+                data = {**data, "tiny": {**PRESETS[preset], **(given or {})}}
         return data
 
 

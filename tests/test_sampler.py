@@ -421,6 +421,22 @@ def test_an_engine_that_dies_with_its_node_while_starting_is_started_again(ray_l
         pool._wait_ready([0])
     assert started == [0]
 
+    @ray.remote(num_cpus=0)
+    class Crashing:  # its process dies every time (as out of memory would): not retried forever
+        def __init__(self):
+            import os
+            os._exit(1)
+
+        def get_version(self):
+            return 0
+
+    started.clear()
+    pool._start = lambda i: started.append(i) or Crashing.remote()
+    pool.actors = [Crashing.remote()]
+    with pytest.raises(SamplerError, match=f"sampler 0 failed to start \\(started {SamplerPool.START_ATTEMPTS} times\\)"):
+        pool._wait_ready([0])
+    assert started == [0] * (SamplerPool.START_ATTEMPTS - 1)  # the first one, then restarts
+
 
 def test_a_model_folder_a_node_cannot_see_names_shared_storage(ray_local, tmp_path):
     """On a multi-node cluster, a run_dir on the driver's own disk is missing on the other

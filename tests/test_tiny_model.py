@@ -102,3 +102,7 @@ def test_explicit_shape_keys_win_over_the_preset():
     assert (shape.hidden_size, shape.num_hidden_layers) == (512, 2)
     with pytest.raises(ConfigError, match="model.preset"):
         load_config(None, ["model.preset=huge"])
+    with pytest.raises(ConfigError, match="model.preset: Input should be"):  # was a raw TypeError
+        load_config(None, ["model.preset=[small]"])
+    with pytest.raises(ConfigError, match="model.tiny: Input should be a valid dictionary"):
+        load_config(None, ["model.preset=small", "model.tiny=3"])

@@ -43,6 +43,8 @@ class PoolStats:
 class SamplerPool:
     """N sampler actors behind one `sample()` and one `publish()`."""
 
+    START_ATTEMPTS = 3  # an engine that dies before it is ready is started again, at most this often
+
     def __init__(self, model_path: str, num_engines: int = 1, *, cpus: float = 1, gpus: float = 0,
                  max_model_len: int = 256, kv_cache_gib: float = 1.0, dtype: str = "float32", seed: int = 0,
                  trust_remote_code: bool = False, tensor_parallel_size: int = 1, start_timeout_s: float = 300,
@@ -94,7 +96,7 @@ class SamplerPool:
         node was killed went to that node, and died with it)."""
         deadline = time.monotonic() + self.start_timeout_s
         for i in indices:
-            while True:
+            for attempt in range(1, self.START_ATTEMPTS + 1):
                 try:
                     ray.get(self.actors[i].get_version.remote(), timeout=max(0.0, deadline - time.monotonic()))
                     break
@@ -102,8 +104,10 @@ class SamplerPool:
                     raise SamplerError(f"sampler engines did not start within {self.start_timeout_s:g}s "
                                        f"(sampler.start_timeout_s){self._unplaceable()}") from None
                 except ray.exceptions.RayActorError as e:
-                    if e.actor_init_failed or time.monotonic() >= deadline:
-                        raise SamplerError(f"sampler {i} failed to start: {e}") from None
+                    # its own error, or dying every time (out of memory, a crash): not a lost node
+                    if e.actor_init_failed or attempt == self.START_ATTEMPTS or time.monotonic() >= deadline:
+                        tries = f" (started {attempt} times)" if attempt > 1 else ""
+                        raise SamplerError(f"sampler {i} failed to start{tries}: {e}") from None
                     self.actors[i] = self._start(i)
 
     def _unplaceable(self) -> str:
@@ -128,7 +132,11 @@ class SamplerPool:
                 return
             self.stats.restarts += 1
             self.actors[index] = self._start(index)
-            self._wait_ready([index])
+            try:
+                self._wait_ready([index])
+            except SamplerError:
+                ray.kill(self.actors[index])  # else it stays pending for its resources
+                raise
             if self._weights:
                 self._sync_one(index, *self._weights)
 
@@ -223,8 +231,12 @@ class SamplerPool:
                                + f"; every sampler is back on version {self.version}")
         self.version = version
         self._weights = (version, state_ref, path)
-        if state_ref is not None:
-            self.stats.weights_nodes = len(ray.experimental.get_object_locations([state_ref])[state_ref]["node_ids"])
+        if state_ref is not None:  # a statistic: it must not fail a publish that worked
+            try:
+                where = ray.experimental.get_object_locations([state_ref], timeout_ms=5000).get(state_ref)
+                self.stats.weights_nodes = len(where["node_ids"]) if where else 0
+            except Exception:  # noqa: BLE001  (the owner gone, a timeout)
+                self.stats.weights_nodes = 0
         return time.perf_counter() - t
 
     def _roll_back(self, loaded: list[int]) -> None:

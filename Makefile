@@ -5,7 +5,7 @@ VENV  := .venv
 PY    := $(VENV)/bin/python
 STAMP := $(VENV)/.raydpo-setup
 
-.PHONY: setup demo test test-fast clean
+.PHONY: setup demo test test-fast test-multinode clean
 
 $(STAMP): pyproject.toml scripts/setup.sh
 	bash scripts/setup.sh
@@ -22,10 +22,14 @@ demo: $(STAMP)
 # Modules are handed out in the order tests/conftest.py (MODULE_ORDER) gives, not by test
 # count: that order started the longest module (e2e) near the end, leaving one worker idle.
 test: $(STAMP)
-	$(PY) -m pytest -q -n 2 --dist loadscope --no-loadscope-reorder --durations=15 $(ARGS)
+	$(PY) -m pytest -q -n 2 --dist loadscope --no-loadscope-reorder --durations=15 -m "not multinode" $(ARGS)
+
+# The 3-node cluster test (tests/test_multinode.py): ~4 minutes, beyond the suite's budget.
+test-multinode: $(STAMP)
+	$(PY) -m pytest -q -m multinode $(ARGS)
 
 # The inner loop: every test not marked `slow` (no Ray, vLLM or Serve start-up, no training run).
-# CI and `make test` run everything.
+# CI and `make test` run everything but `multinode`.
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -n 2 -m "not slow" $(ARGS)
 

@@ -24,7 +24,7 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q -n 2 --dist loadscope --no-loadscope-reorder --durations=15 -m "not multinode" $(ARGS)
 
-# The 3-node cluster test (tests/test_multinode.py): ~4 minutes, beyond the suite's budget.
+# The 3-node cluster test (tests/test_multinode.py): ~3 minutes alone, beyond the suite's budget.
 test-multinode: $(STAMP)
 	$(PY) -m pytest -q -m multinode $(ARGS)
 

@@ -6,7 +6,7 @@ pairs (ids, texts, token ids, log-probs) and the metrics the same rows as the si
 run: every sample's seed depends on what it is, not on when or where it ran, and the chunk
 the dead engine was sampling is sampled again, once.
 
-Marked `multinode` and left out of `make test`: its two runs (~4 minutes alone, more beside
+Marked `multinode` and left out of `make test`: its two runs (175 s alone, more beside
 the rest) do not fit the suite's 20-minute budget on 2 cores. `make test-multinode` runs it."""
 
 import json

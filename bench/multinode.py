@@ -28,8 +28,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
@@ -39,6 +39,8 @@ from pathlib import Path
 
 import psutil
 
+from raydpo.cluster import free_port, local_ray_env
+
 REPO = Path(__file__).resolve().parents[1]
 PLACED = {"trainer": "trainer_node", "sampler": "sampler_node", "judge": "head_node", "policy": "head_node"}
 # the nodes: CPUs and custom resources (judge 0.5 + policy 0.5 of head_node)
@@ -46,14 +48,6 @@ NODES = {"head": (3, {"head_node": 1}), "trainer": (2, {"trainer_node": 1}), "sa
 # Ray's actor class names for each role, as the state API lists them
 ACTORS = {"trainer": "RayTrainWorker", "sampler": "SamplerActor", "judge": "ServeReplica:judge",
           "policy": "ServeReplica:policy"}
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 _STATE_QUERY = """
@@ -84,8 +78,6 @@ class LocalCluster:
         self.temps: list[str] = []
         self.specs: dict[str, tuple[int, dict]] = {}
         self.gcs_port = self.dashboard_port = 0
-        from raydpo.cluster import local_ray_env
-
         self.env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
         # the cluster's own token, in the environment of its nodes, drivers and state queries:
         # `ray start` with token auth refuses to start without one, and a clean machine has no
@@ -287,14 +279,13 @@ def store_pairs(run_dir: Path) -> list[dict]:
 
 
 def compare_stores(got: list[dict], want: list[dict]) -> tuple[int, int, int]:
-    """(duplicate, lost, differing) pairs of `got` against the baseline `want`, by pair id;
+    """(duplicate, lost or extra, differing) pairs of `got` against the baseline `want`, by pair id;
     a pair that differs in anything but where it ran (token ids, log-probs, scores) counts."""
-    ids = [r["pair_id"] for r in got]
-    duplicate = len(ids) - len(set(ids))
     by_id = {r["pair_id"]: r for r in got}
-    lost = sum(1 for r in want if r["pair_id"] not in by_id)
+    want_ids = {r["pair_id"] for r in want}
+    missing_or_extra = len(want_ids - by_id.keys()) + len(by_id.keys() - want_ids)
     differing = sum(1 for r in want if r["pair_id"] in by_id and by_id[r["pair_id"]] != r)
-    return duplicate, lost + sum(1 for i in by_id if i not in {r["pair_id"] for r in want}), differing
+    return len(got) - len(by_id), missing_or_extra, differing
 
 
 def report_value(run_dir: Path, key: str) -> str:

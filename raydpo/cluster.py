@@ -96,6 +96,12 @@ def needed_cpus(needs: list[RoleNeed], data_cpus: float = 0.0) -> float:
     return sum(n.count * n.cpus for n in needs) + data_cpus
 
 
+def fits_one_node(shape: dict[str, float], alive: list[dict]) -> bool:
+    """Whether one of the `alive` nodes' resources (ray.nodes()' "Resources") holds `shape`
+    ({"CPU": .., "GPU": .., custom: ..}) whole: what one worker, engine or replica needs."""
+    return any(all(r.get(k, 0.0) + 1e-9 >= v for k, v in shape.items() if v) for r in alive)
+
+
 def _shape(n: RoleNeed) -> str:
     parts = [f"{n.cpus:g} CPU"] + ([f"{n.gpus:g} GPU"] if n.gpus else []) + [f"{v:g} {k}" for k, v in n.resources.items()]
     return " + ".join(parts)
@@ -130,8 +136,7 @@ def check_cluster_fits(needs: list[RoleNeed], nodes: list[dict], data_cpus: floa
     if need_gpu > have_gpu + 1e-9:
         problems.append(f"they need {need_gpu:g} GPUs ({shown})")
     for n in needs:  # one worker, engine or replica must fit on one node
-        shape = {"CPU": n.cpus, "GPU": n.gpus, **n.resources}
-        if not any(all(r.get(k, 0.0) + 1e-9 >= v for k, v in shape.items() if v) for r in alive):
+        if not fits_one_node({"CPU": n.cpus, "GPU": n.gpus, **n.resources}, alive):
             problems.append(f"no node can hold one {n.role} ({_shape(n)})")
     for key in sorted({k for n in needs for k in n.resources}):
         users = [n for n in needs if n.resources.get(key)]

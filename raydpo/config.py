@@ -224,6 +224,7 @@ class ClusterConfig(_Section):
     judge: Resources = Field(default_factory=lambda: Resources(count=1, cpus=0.5), description="judge Serve replicas")
     policy: Resources = Field(default_factory=lambda: Resources(count=1, cpus=1), description="policy endpoint Serve replicas (one vLLM engine each), when loop.serve_policy")
     host: str = Field("127.0.0.1", description="address Serve HTTP binds to; loopback unless you mean to expose it")
+    port: int = Field(8000, ge=1, le=65535, description="Serve HTTP port")
 
     @field_validator("trainer", "sampler", "judge", "policy", mode="before")
     @classmethod
@@ -232,7 +233,6 @@ class ClusterConfig(_Section):
         if isinstance(v, dict):
             return {**cls.model_fields[info.field_name].default_factory().model_dump(exclude_unset=True), **v}
         return v
-    port: int = Field(8000, ge=1, le=65535, description="Serve HTTP port")
 
 
 class RunConfig(_Section):

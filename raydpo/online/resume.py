@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import json
 import statistics
-from typing import Any
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from raydpo.config import RunConfig, read_saved_config
 from raydpo.errors import ConfigError
@@ -82,7 +82,6 @@ def changed_keys(saved: dict[str, Any], new: dict[str, Any], prefix: str = "") -
         elif a != b:
             out[f"{prefix}{k}"] = (a, b)
     return out
-
 
 
 # Keys a resumed run may change: they alter neither what is sampled, judged and stored

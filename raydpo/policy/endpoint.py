@@ -28,8 +28,9 @@ class PolicyEndpoint:
         r = cfg.cluster.policy
         self.replicas = r.count
         args = {"model_path": model_path, "registry": self.registry_name, **r.serve_scaling(), "num_cpus": r.cpus,
-                "num_gpus": r.gpus, "resources": dict(r.resources), "max_model_len": cfg.sampler.max_model_len, "kv_cache_gib": cfg.sampler.kv_cache_gib,
-                "dtype": cfg.model.dtype, "seed": cfg.seed, "trust_remote_code": cfg.model.trust_remote_code}
+                "num_gpus": r.gpus, "resources": dict(r.resources), "max_model_len": cfg.sampler.max_model_len,
+                "kv_cache_gib": cfg.sampler.kv_cache_gib, "dtype": cfg.model.dtype, "seed": cfg.seed,
+                "trust_remote_code": cfg.model.trust_remote_code}
         serve.run(build_app(args), name=name, route_prefix=route_prefix)
         self.url = f"http://{cfg.cluster.host}:{cfg.cluster.port}{route_prefix}/v1"
 

@@ -113,9 +113,10 @@ class SamplerPool:
     def _unplaceable(self) -> str:
         """Why an engine may be waiting to be placed: the alive nodes lack what it reserves
         (its node died and has not come back, or the cluster never had it)."""
-        per_node = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+        from raydpo.cluster import fits_one_node
+
         shape = {"CPU": self._opts["num_cpus"], "GPU": self._opts["num_gpus"], **self._opts.get("resources", {})}
-        if any(all(r.get(k, 0.0) + 1e-9 >= v for k, v in shape.items() if v) for r in per_node):
+        if fits_one_node(shape, [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]):
             return ""
         wanted = ", ".join(f"{v:g} {k}" for k, v in shape.items() if v)
         return (f": no alive node has what one engine reserves ({wanted}); if its node died, start a node "

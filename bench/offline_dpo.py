@@ -89,7 +89,7 @@ def run_raydpo(model_dir: str, data: str, run_dir: str, batch: int, lr: float, e
                shared_prefix: bool) -> dict[str, float]:
     from transformers import AutoTokenizer
 
-    from raydpo.config import load_config
+    from raydpo.config_io import load_config
     from raydpo.data.pipeline import read_pairs
     from raydpo.train.reference import precompute_reference
     from raydpo.train.spec import make_spec

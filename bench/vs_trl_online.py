@@ -145,7 +145,7 @@ def evaluate_snapshots(folder: Path, sft: Path, raydpo_dir: Path, steps: list[in
     import ray
 
     from common import start_local_ray
-    from raydpo.config import load_config
+    from raydpo.config_io import load_config
     from raydpo.judge import kinds
     from raydpo.judge.client import JudgeClient
     from raydpo.online.evaluate import baseline_samples, draw_eval, score_eval

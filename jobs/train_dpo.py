@@ -19,7 +19,7 @@ def main(cfg, args) -> int:
     from transformers import AutoTokenizer
 
     from raydpo.cluster import init_ray
-    from raydpo.config import require
+    from raydpo.config_io import require
     from raydpo.data.formats import list_files
     from raydpo.data.pipeline import read_tokenized, read_validated
     from raydpo.losses import LossSettings

@@ -16,7 +16,7 @@ import sys
 
 import yaml
 
-from raydpo.config import describe, load_config
+from raydpo.config_io import describe, load_config
 from raydpo.errors import ConfigError, RaydpoError, exit_code
 
 

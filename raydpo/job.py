@@ -34,7 +34,7 @@ def run_job(main: Callable, description: str, argv: list[str] | None = None, *, 
     is the exit status. `before_save(cfg, args)` runs before the config is written (the
     online loop checks there that run_dir may be continued)."""
     from raydpo.cluster import outliving_path
-    from raydpo.config import load_config, save_config
+    from raydpo.config_io import load_config, save_config
 
     prog = prog or Path(sys.argv[0]).stem
     args = parser(description, prog, resume).parse_args(argv)

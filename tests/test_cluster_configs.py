@@ -15,7 +15,8 @@ import pytest
 import ray.autoscaler
 import yaml
 
-from raydpo.config import ConfigError, load_config
+from raydpo.config import ConfigError
+from raydpo.config_io import load_config
 from raydpo.cluster import RoleNeed, check_cluster_fits, role_needs
 
 REPO = Path(__file__).resolve().parents[1]

@@ -5,7 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from raydpo.config import ConfigError, load_config
+from raydpo.config import ConfigError
+from raydpo.config_io import load_config
 from raydpo.cluster import RoleNeed, check_cluster_fits, outliving_path, role_needs
 
 ROLES = ("trainer", "sampler", "judge", "policy")

@@ -4,7 +4,8 @@ gives one clear error that names the key."""
 import pytest
 import yaml
 
-from raydpo.config import ConfigError, RunConfig, load_config, require, save_config
+from raydpo.config import ConfigError, RunConfig
+from raydpo.config_io import load_config, require, save_config
 from tests.helpers.proc import run_py
 
 
@@ -154,7 +155,7 @@ def test_a_renamed_key_on_the_command_line_names_its_new_name():
 
 def test_a_saved_config_of_an_older_run_is_read_under_the_new_names(tmp_path):
     """--resume of a run started before the rename: its config.yaml keeps the old keys."""
-    from raydpo.config import read_saved_config
+    from raydpo.config_io import read_saved_config
 
     (tmp_path / "config.yaml").write_text("trainer:\n  reference: live\nloop:\n  reference: previous\n")
     saved = read_saved_config(tmp_path)
@@ -162,7 +163,7 @@ def test_a_saved_config_of_an_older_run_is_read_under_the_new_names(tmp_path):
 
 
 def test_a_malformed_saved_config_is_named_not_a_traceback(tmp_path):
-    from raydpo.config import read_saved_config
+    from raydpo.config_io import read_saved_config
 
     (tmp_path / "config.yaml").write_text("trainer: 3\n")
     with pytest.raises(ConfigError, match=r"trainer: Input should be a valid dictionary"):

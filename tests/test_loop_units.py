@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from raydpo.config import load_config
+from raydpo.config_io import load_config
 from raydpo.data.store import PreferenceStore, StoredPair
 from raydpo.online import offline_baseline
 from raydpo.online.resume import ResumePoint, catch_up, iteration_checkpoint, resume_point, trained_row

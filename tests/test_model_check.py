@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from raydpo.config import load_config
+from raydpo.config_io import load_config
 from raydpo.errors import ConfigError
 from raydpo.model_check import CPU_HEAD_SIZES, check_model_folder, head_size
 

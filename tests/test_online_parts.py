@@ -170,7 +170,7 @@ def test_an_iteration_trained_before_a_kill_gets_the_row_an_uninterrupted_run_wr
     written: the resumed run rebuilds that row from what was saved with the pairs and the
     weights (judging counts in the chunks' metadata, the reply in the checkpoint), with the
     same values an uninterrupted run wrote. Before the fix it held only `pairs`."""
-    from raydpo.config import load_config
+    from raydpo.config_io import load_config
     from raydpo.data.store import PreferenceStore, StoredPair
     from raydpo.online.pairs import counts_row
     from raydpo.online.resume import trained_row

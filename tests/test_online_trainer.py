@@ -12,7 +12,7 @@ import re
 import numpy as np
 import pytest
 
-from raydpo.config import load_config
+from raydpo.config_io import load_config
 from raydpo.weights import read_safetensors
 
 pytestmark = pytest.mark.slow  # starts Ray, vLLM or Serve, or trains: `make test-fast` leaves it out

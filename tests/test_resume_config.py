@@ -3,7 +3,7 @@ a refused run keeps its own config.yaml."""
 
 import json
 
-from raydpo.config import load_config, read_saved_config, save_config
+from raydpo.config_io import load_config, read_saved_config, save_config
 from raydpo.online.loop import main
 from raydpo.report import METRICS_FILE
 

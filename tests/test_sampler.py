@@ -27,7 +27,7 @@ def base_dir(tmp_path_factory, style_corpus):
 
 @pytest.fixture(scope="module")
 def pool(ray_local, base_dir):
-    from raydpo.config import load_config
+    from raydpo.config_io import load_config
     from raydpo.sampler.pool import SamplerPool
 
     cfg = load_config(None, ["cluster.sampler.count=2", "cluster.sampler.cpus=1", "sampler.sync_timeout_s=60"])
@@ -87,7 +87,7 @@ def test_sync_makes_pool_equal_transformers_of_the_trained_weights(pool, base_di
 
 
 def test_settings_from_config():
-    from raydpo.config import load_config
+    from raydpo.config_io import load_config
 
     cfg = load_config(None, ["sampler.samples_per_prompt=3", "sampler.stop=[x]", "sampler.seed=5"])
     assert SamplingSettings.from_config(cfg.sampler) == SamplingSettings(n=3, temperature=1.0, top_p=1.0,
@@ -314,7 +314,7 @@ def test_a_producer_ahead_of_a_slow_trainer_never_hands_it_a_pair_staler_than_k(
     counted."""
     from types import SimpleNamespace
 
-    from raydpo.config import load_config
+    from raydpo.config_io import load_config
     from raydpo.data.store import PreferenceStore
     from raydpo.online.overlapped import Producer
     from raydpo.online.training_data import training_table
@@ -370,7 +370,7 @@ def test_a_dead_actor_seen_by_two_threads_is_replaced_once_and_never_after_shutd
 def test_an_engine_no_alive_node_can_place_fails_naming_what_it_reserves(ray_local, base_dir):
     """A replacement whose node died waits to be placed; after sampler.start_timeout_s the
     error names the resources no alive node has, and the way back (a node, then --resume)."""
-    from raydpo.config import load_config
+    from raydpo.config_io import load_config
     from raydpo.errors import SamplerError
     from raydpo.sampler.pool import SamplerPool
 

@@ -84,7 +84,7 @@ def test_cli_builds_model(tmp_path):
 @pytest.mark.parametrize("preset,low,high", [("tiny", 0.3e6, 0.5e6), ("small", 24e6, 28e6), ("medium", 95e6, 105e6)])
 def test_model_presets_build_the_sizes_they_name(tmp_path, style_corpus, preset, low, high):
     """model.preset=small|medium: ~26M and ~100M parameters, heads vLLM's CPU attention takes."""
-    from raydpo.config import load_config
+    from raydpo.config_io import load_config
     from raydpo.tiny_model import build_model, train_tokenizer
 
     shape = load_config(None, [f"model.preset={preset}"]).model.tiny
@@ -96,7 +96,8 @@ def test_model_presets_build_the_sizes_they_name(tmp_path, style_corpus, preset,
 
 
 def test_explicit_shape_keys_win_over_the_preset():
-    from raydpo.config import ConfigError, load_config
+    from raydpo.config import ConfigError
+    from raydpo.config_io import load_config
 
     shape = load_config(None, ["model.preset=small", "model.tiny.num_hidden_layers=2"]).model.tiny
     assert (shape.hidden_size, shape.num_hidden_layers) == (512, 2)

@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 
-from raydpo.config import load_config
+from raydpo.config_io import load_config
 from raydpo.tasks import style
 
 pytestmark = pytest.mark.slow  # starts Ray, vLLM or Serve, or trains: `make test-fast` leaves it out

@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from raydpo.config import RunConfig, read_saved_config
+from raydpo.config import RunConfig
+from raydpo.config_io import read_saved_config
 from raydpo.errors import ConfigError
 from raydpo.files import atomic_write
 from raydpo.online.pairs import PairCounts, counts_row

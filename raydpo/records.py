@@ -71,6 +71,13 @@ class Judgement:
     score_b: float | None = None
     answers: tuple[str, ...] = ()  # pairwise judges: what the judge model wrote, in (a, b) then (b, a) order
     parsed: tuple[str, ...] = ()  # ... and what each answer was read as
+    # remote judges (judge.kind=openai): what the verdict cost
+    calls: int = 0  # orders answered by a request (retries not counted)
+    cached: int = 0  # orders answered from the verdict cache
+    retries: int = 0
+    prompt_tokens: int = 0  # as the endpoint's `usage` counted them; cached orders count 0
+    completion_tokens: int = 0
+    cost: float = 0.0  # by judge.remote.price_*_per_1k
 
 
 @dataclass(frozen=True)

@@ -67,6 +67,29 @@ def table(rows: list[dict]) -> str:
     return "\n".join([head, sep, *body])
 
 
+def _judge_sum(row: dict, key: str) -> float:
+    return (row.get(f"judge_{key}") or 0) + (row.get(f"eval_judge_{key}") or 0)
+
+
+def judge_table(rows: list[dict]) -> str:
+    """The judge per iteration: its position consistency, tie and invalid rates on the eval's
+    comparisons (both orders, every judge kind), and for a remote judge what it cost
+    (ranking and eval together)."""
+    remote = any(_judge_sum(r, "calls") or _judge_sum(r, "cache_hits") for r in rows)
+    head = "| iter | consistency | tie rate | invalid rate |" + (" requests | cache hits | retries | tokens | cost |"
+                                                                 if remote else "")
+    lines = [head, "|" + "---:|" * head.count(" |")]
+    for r in rows:
+        cells = [str(r["iteration"])] + [_fmt(r, f"eval_judge_{k}", "{:.3f}")
+                                         for k in ("consistency", "tie_rate", "invalid_rate")]
+        if remote:
+            cells += [f"{_judge_sum(r, k):.0f}" for k in ("calls", "cache_hits", "retries")]
+            cells += [f"{_judge_sum(r, 'prompt_tokens') + _judge_sum(r, 'completion_tokens'):.0f}",
+                      f"{_judge_sum(r, 'cost'):.4f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def time_table(rows: list[dict]) -> str:
     trained = [r for r in rows if r["iteration"] > 0]
     if not trained:
@@ -137,10 +160,14 @@ def write_report(run_dir: str | Path, extra: dict[str, str] | None = None) -> Pa
                  f"**{_fmt(last, 'win_rate', '{:.3f}')}** after iteration {last['iteration']}")
     lines.append(f"- mean judge score: {_fmt(first, 'judge_score', '{:.3f}')} -> {_fmt(last, 'judge_score', '{:.3f}')}")
     lines.append(f"- judged pairs stored: {sum(r.get('pairs', 0) for r in rows)}")
+    if any(_judge_sum(r, "calls") for r in rows):
+        lines.append(f"- judge requests: {sum(_judge_sum(r, 'calls') for r in rows):.0f}, "
+                     f"{sum(_judge_sum(r, 'cache_hits') for r in rows):.0f} answered from the cache, "
+                     f"cost {sum(_judge_sum(r, 'cost') for r in rows):.4f}")
     for k, v in (extra or {}).items():
         lines.append(f"- {k}: {v}")
     lines += ["", "## Per iteration", "", table(rows), "", "## Where the time went (iterations >= 1)", "",
-              time_table(rows), "", f"![metrics]({png.name})", ""]
+              time_table(rows), "", "## The judge", "", judge_table(rows), "", f"![metrics]({png.name})", ""]
     md = out / "report.md"
     md.write_text("\n".join(lines))
     return md

@@ -116,9 +116,9 @@ class StandInPool:
 
 
 class StandInJudge:
-    info, name, invalid = JudgeInfo("rule:test", "rule", pairwise=False), "rule:test", 0
+    info, name = JudgeInfo("rule:test", "rule", pairwise=False), "rule:test"
 
-    def rank(self, groups):
+    def rank(self, groups, tally=None):
         return [[float(j) for j in range(len(g))] for g in groups]
 
 

@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from raydpo.judge.client import WinRate, copeland_scores, win_rate
-from raydpo.online.pairs import PairCounts, build_pairs
-from raydpo.records import Sample
+from raydpo.judge.client import JudgeClient, JudgeTally, WinRate, copeland_scores, win_rate
+from raydpo.online.pairs import PairCounts, build_pairs, counts_row
+from raydpo.records import JudgeInfo, Judgement, Sample
 from raydpo.report import read_metrics, table, write_report
 from raydpo.tasks import style
 from raydpo.train.online import Mailbox
@@ -69,19 +69,37 @@ def test_pair_counts_add():
     assert (a.prompts, a.samples, a.pairs, a.ties, a.invalid) == (3, 12, 2, 1, 2)
 
 
-class ScoringJudge:
-    """A scoring judge asked in both orders, as JudgeClient does it, on the style rule."""
+class _Done:  # what a DeploymentHandle call returns
+    def __init__(self, value):
+        self.value = value
+
+    def result(self):
+        return self.value
+
+
+class _Method:
+    def __init__(self, fn):
+        self.fn = fn
+
+    def remote(self, *args):
+        return _Done(self.fn(*args))
+
+
+class RuleHandle:
+    """The rule judge app's handle API, answered in place on the style rule (or always "a")."""
 
     def __init__(self, always_a=False):
-        self.always_a = always_a
+        from raydpo.judge.rules import compare_scores
 
-    def compare_both_orders(self, items):
-        from raydpo.judge.rules import combine_both_orders, compare_scores
+        self.info = _Method(lambda: JudgeInfo("rule:style", "rule", pairwise=False))
+        self.compare_items = _Method(lambda items: [
+            Judgement("a", 1.0) if always_a else compare_scores(style.score(p, a), style.score(p, b))
+            for p, a, b in items])
 
-        def verdict(p, a, b):
-            return "a" if self.always_a else compare_scores(style.score(p, a), style.score(p, b)).preferred
 
-        return [combine_both_orders(verdict(p, a, b), verdict(p, b, a)) for p, a, b in items]
+def ScoringJudge(always_a=False):
+    """JudgeClient over the rule app's handle API: asked in both orders, as in the loop."""
+    return JudgeClient(RuleHandle(always_a))
 
 
 def test_win_rate_counts_ties_half():
@@ -89,12 +107,44 @@ def test_win_rate_counts_ties_half():
     prompts = [P, P]
     # prompt 0: the good response beats bad, ties good; prompt 1: bad loses to good, ties bad
     r = win_rate(ScoringJudge(), prompts, [good, bad], [[bad, good], [good, bad]])
-    assert r == WinRate(win_rate=(1 + 0.5 + 0 + 0.5) / 4, wins=1, ties=2, losses=1, invalid=0)
+    assert r == WinRate(win_rate=(1 + 0.5 + 0 + 0.5) / 4, wins=1, ties=2, losses=1, invalid=0,
+                        tally=JudgeTally(compared=4, consistent=4, ties=2))  # scores do not depend on position
 
 
 def test_a_judge_that_always_says_a_gives_only_ties():
     r = win_rate(ScoringJudge(always_a=True), [P], [" stone"], [[" apple is fine please."] * 3])
     assert (r.wins, r.ties, r.losses, r.win_rate) == (0, 3, 0, 0.5)
+    assert (r.tally.compared, r.tally.consistent, r.tally.ties) == (3, 0, 3)  # "a" both ways: never consistent
+    assert r.tally.row("eval_judge_")["eval_judge_consistency"] == 0.0
+
+
+def test_a_pairwise_judges_quality_and_cost_are_tallied_per_chunk_and_survive_a_resume():
+    """Verdicts of a pairwise app (both orders parsed, a remote judge's usage) -> JudgeTally ->
+    PairCounts (as stored with each chunk) -> the metrics row."""
+    answers = {("x", " 1", " 2"): Judgement("a", 1.0, parsed=("a", "b"), calls=2, retries=1, prompt_tokens=40,
+                                            completion_tokens=2, cost=0.5),
+               ("x", " 1", " 3"): Judgement("tie", 0.0, parsed=("a", "a"), calls=1, cached=1, prompt_tokens=20,
+                                            completion_tokens=1, cost=0.25),
+               ("x", " 2", " 3"): Judgement("invalid", 0.0, parsed=("invalid", "b"), cached=2)}
+    handle = RuleHandle()
+    handle.info = _Method(lambda: JudgeInfo("openai:m", "openai", pairwise=True))
+    handle.compare_items = _Method(lambda items: [answers[it] for it in items])
+    tally = JudgeTally()
+    scores = JudgeClient(handle).rank([[("x", " 1"), ("x", " 2"), ("x", " 3")]], tally=tally)
+    assert scores == [[0.75, 0.0, 0.5]]  # Copeland: the invalid comparison left out for both
+    assert tally == JudgeTally(compared=3, consistent=1, ties=1, invalid=1, calls=3, cached=3, retries=1,
+                               prompt_tokens=60, completion_tokens=3, cost=0.75)
+    from dataclasses import asdict
+
+    stored = json.loads(json.dumps(asdict(PairCounts(prompts=1, invalid=1, judge=asdict(tally)))))  # chunk metadata
+    counts = PairCounts(**stored)
+    counts.add(PairCounts(**stored))
+    counts.add(PairCounts(prompts=1))  # a chunk stored before judge tallies existed
+    row = counts_row(counts)
+    assert (row["judge_consistency"], row["judge_tie_rate"], row["judge_invalid_rate"]) == (1 / 3, 1 / 3, 1 / 3)
+    assert (row["judge_calls"], row["judge_cache_hits"], row["judge_retries"], row["judge_cost"]) == (6, 6, 2, 1.5)
+    assert row["invalid_comparisons"] == 2 and row["judge_prompt_tokens"] == 120
+    assert counts_row(PairCounts())["judge_consistency"] is None  # a scoring judge ranks without comparing
 
 
 def test_mailbox_orders_commands_and_keeps_the_first_reply():
@@ -131,6 +181,22 @@ def test_report_table_plot_and_summary(tmp_path):
     assert "judged pairs stored: 120" in md
     assert "| 0 | 0 | 0.500 | 0.600 | 9.0 | 0.00 | - |" in table(got)  # a missing value prints "-"
     assert (tmp_path / "report" / "metrics.png").stat().st_size > 10_000
+    assert "| iter | consistency | tie rate | invalid rate |\n" in md  # a local judge: no cost columns
+
+
+def test_the_report_shows_the_judges_quality_and_what_a_remote_judge_cost(tmp_path):
+    rows = [{"iteration": 0, "win_rate": 0.5, "eval_judge_consistency": 0.75, "eval_judge_tie_rate": 0.25,
+             "eval_judge_invalid_rate": 0.0, "eval_judge_calls": 10, "eval_judge_cost": 0.01},
+            {"iteration": 1, "win_rate": 0.6, "pairs": 3, "eval_judge_consistency": 0.5, "eval_judge_tie_rate": 0.5,
+             "eval_judge_invalid_rate": 0.125, "eval_judge_calls": 8, "eval_judge_cache_hits": 2, "judge_calls": 30,
+             "judge_retries": 4, "judge_prompt_tokens": 900, "judge_completion_tokens": 30, "eval_judge_prompt_tokens": 70,
+             "judge_cost": 0.1, "eval_judge_cost": 0.02}]
+    with open(tmp_path / "online_metrics.jsonl", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    md = write_report(tmp_path).read_text()
+    assert "- judge requests: 48, 2 answered from the cache, cost 0.1300" in md
+    assert "| 0 | 0.750 | 0.250 | 0.000 | 10 | 0 | 0 | 0 | 0.0100 |" in md
+    assert "| 1 | 0.500 | 0.500 | 0.125 | 38 | 2 | 4 | 1000 | 0.1200 |" in md
 
 
 def test_copeland_scores_rank_samples_from_pairwise_verdicts():

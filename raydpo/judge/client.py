@@ -5,10 +5,58 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 
 from raydpo.judge.rules import combine_both_orders
-from raydpo.records import JudgeInfo
+from raydpo.records import JudgeInfo, Judgement
+
+MIRROR = {"a": "b", "b": "a", "tie": "tie"}
+
+
+@dataclass
+class JudgeTally:
+    """What judging some comparisons showed about the judge, and what it cost.
+
+    Quality, over comparisons asked in both orders: `consistent` ones got the same verdict
+    both times (A then B, B then A: "a" then "b"), `ties` were ties after combining the two
+    (for an LLM judge that is a disagreement), `invalid` had an unparseable answer.
+    Cost (remote judges): orders answered by a request or from the cache, retries, the
+    endpoint's token counts, and their price."""
+
+    compared: int = 0
+    consistent: int = 0
+    ties: int = 0
+    invalid: int = 0
+    calls: int = 0
+    cached: int = 0
+    retries: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cost: float = 0.0
+
+    def add_orders(self, first: str, swapped: str, combined: str) -> None:
+        self.compared += 1
+        self.consistent += MIRROR.get(first) == swapped
+        self.ties += combined == "tie"
+        self.invalid += combined == "invalid"
+
+    def add_cost(self, j: Judgement) -> None:
+        for name in ("calls", "cached", "retries", "prompt_tokens", "completion_tokens", "cost"):
+            setattr(self, name, getattr(self, name) + getattr(j, name))
+
+    def add(self, other: JudgeTally) -> None:
+        for f in fields(self):
+            setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
+
+    def row(self, prefix: str) -> dict:
+        """Metrics columns: rates over `compared` (None when nothing was compared both ways)."""
+        n = self.compared
+        rate = (lambda x: x / n) if n else (lambda x: None)
+        return {f"{prefix}consistency": rate(self.consistent), f"{prefix}tie_rate": rate(self.ties),
+                f"{prefix}invalid_rate": rate(self.invalid), f"{prefix}calls": self.calls,
+                f"{prefix}cache_hits": self.cached, f"{prefix}retries": self.retries,
+                f"{prefix}prompt_tokens": self.prompt_tokens, f"{prefix}completion_tokens": self.completion_tokens,
+                f"{prefix}cost": round(self.cost, 6)}
 
 
 def copeland_scores(k: int, verdicts: dict[tuple[int, int], str]) -> list[float]:
@@ -29,6 +77,21 @@ def copeland_scores(k: int, verdicts: dict[tuple[int, int], str]) -> list[float]
     return [w / n if n else float("nan") for w, n in zip(won, valid)]
 
 
+def _result(response):
+    """A judge call's result; a raydpo error raised in the replica (a JudgeError: an endpoint
+    that refuses, a tripped circuit breaker) as itself, one line, not Ray's remote traceback."""
+    import ray
+
+    from raydpo.errors import RaydpoError
+
+    try:
+        return response.result()
+    except ray.exceptions.RayTaskError as e:
+        if isinstance(e.cause, RaydpoError):
+            raise e.cause from None
+        raise
+
+
 class JudgeClient:
     """The judge app through its Serve deployment handle (no HTTP on the loop's path).
     Scoring judges (rule, reward model) score; pairwise judges (llm) compare, in both
@@ -39,11 +102,11 @@ class JudgeClient:
         self.info: JudgeInfo = handle.info.remote().result()
         self.name = self.info.name
         self.pairwise = self.info.pairwise  # a property of the judge, told by the judge
-        self.invalid = 0  # comparisons the judge answered unparseably, over this client's life
 
-    def rank(self, groups: Sequence[Sequence[tuple[str, str]]]) -> list[list[float]]:
+    def rank(self, groups: Sequence[Sequence[tuple[str, str]]], tally: JudgeTally | None = None) -> list[list[float]]:
         """A score per (prompt, response) in each group: the judge's scores, or Copeland
-        scores from comparing every pair of the group (pairwise judges)."""
+        scores from comparing every pair of the group (pairwise judges; what the comparisons
+        showed and cost goes into `tally`)."""
         if not self.pairwise:
             flat = self.score([x for g in groups for x in g])
             out, i = [], 0
@@ -57,29 +120,40 @@ class JudgeClient:
                 for j in range(i + 1, len(g)):
                     keys.append((gi, i, j))
                     items.append((g[i][0], g[i][1], g[j][1]))
-        verdicts = self._compare(items)
-        self.invalid += sum(v == "invalid" for v in verdicts)
+        verdicts = self._compare(items, tally=tally)
         per_group: list[dict] = [{} for _ in groups]
         for (gi, i, j), v in zip(keys, verdicts):
             per_group[gi][(i, j)] = v
         return [copeland_scores(len(g), per_group[gi]) for gi, g in enumerate(groups)]
 
-    def _compare(self, items: list[tuple[str, str, str]], chunk: int = 256) -> list[str]:
+    def _compare(self, items: list[tuple[str, str, str]], chunk: int = 256,
+                 tally: JudgeTally | None = None) -> list[str]:
         rs = [self.handle.compare_items.remote(list(items[s:s + chunk])) for s in range(0, len(items), chunk)]
-        return [x.preferred for r in rs for x in r.result()]
+        judgements = [x for r in rs for x in _result(r)]
+        if tally is not None:
+            for j in judgements:
+                tally.add_cost(j)
+                if len(j.parsed) == 2:  # a pairwise judge, asked both orders inside its app
+                    tally.add_orders(*j.parsed, j.preferred)
+        return [j.preferred for j in judgements]
 
     def score(self, items: Sequence[tuple[str, str]], chunk: int = 256) -> list[float]:
         # several concurrent calls: @serve.batch and several replicas get to work in parallel
         responses = [self.handle.score_items.remote(list(items[s:s + chunk])) for s in range(0, len(items), chunk)]
-        return [x for r in responses for x in r.result()]
+        return [x for r in responses for x in _result(r)]
 
-    def compare_both_orders(self, items: Sequence[tuple[str, str, str]], chunk: int = 256) -> list[str]:
+    def compare_both_orders(self, items: Sequence[tuple[str, str, str]], chunk: int = 256,
+                            tally: JudgeTally | None = None) -> list[str]:
         """'a', 'b', 'tie' or 'invalid' for each (prompt, a, b), asked as (a, b) and as (b, a)."""
         if self.pairwise:  # the LLM judge app asks both orders itself
-            return self._compare(list(items), chunk)
-        first = self._compare(list(items), chunk)
-        swapped = self._compare([(p, b, a) for p, a, b in items], chunk)
-        return [combine_both_orders(f, s) for f, s in zip(first, swapped)]
+            return self._compare(list(items), chunk, tally)
+        first = self._compare(list(items), chunk, tally)
+        swapped = self._compare([(p, b, a) for p, a, b in items], chunk, tally)
+        combined = [combine_both_orders(f, s) for f, s in zip(first, swapped)]
+        if tally is not None:
+            for f, s, c in zip(first, swapped, combined):
+                tally.add_orders(f, s, c)
+        return combined
 
 
 @dataclass
@@ -89,6 +163,7 @@ class WinRate:
     ties: int
     losses: int
     invalid: int
+    tally: JudgeTally = field(default_factory=JudgeTally)
 
 
 def win_rate(judge: JudgeClient, prompts: Sequence[str], policy: Sequence[str],
@@ -96,8 +171,9 @@ def win_rate(judge: JudgeClient, prompts: Sequence[str], policy: Sequence[str],
     """Each policy response against each fixed baseline response of its prompt,
     in both orders; ties count half; invalid verdicts are counted and left out."""
     items = [(p, r, b) for p, r, bs in zip(prompts, policy, baseline) for b in bs]
-    verdicts = Counter(judge.compare_both_orders(items))
+    tally = JudgeTally()
+    verdicts = Counter(judge.compare_both_orders(items, tally=tally))
     valid = verdicts["a"] + verdicts["b"] + verdicts["tie"]
     rate = (verdicts["a"] + 0.5 * verdicts["tie"]) / valid if valid else float("nan")
-    return WinRate(rate, verdicts["a"], verdicts["tie"], verdicts["b"], verdicts["invalid"])
+    return WinRate(rate, verdicts["a"], verdicts["tie"], verdicts["b"], verdicts["invalid"], tally)
 

@@ -6,6 +6,7 @@ from dataclasses import asdict
 
 from raydpo.config import RunConfig
 from raydpo.errors import SamplerError
+from raydpo.judge.client import JudgeTally
 from raydpo.online.evaluate import TRAIN, prompt_seeds, sampling
 from raydpo.online.pairs import PairCounts, build_pairs
 from raydpo.online.resume import stored_counts
@@ -50,13 +51,13 @@ def collect_pairs(cfg: RunConfig, it: int, prompts, pool, judge, store, timer, v
         if any(not oldest <= s.policy_version <= version for s in chunk):
             raise SamplerError(f"iteration {it}: samples from policy versions "
                                f"{sorted({s.policy_version for s in chunk})}, expected {oldest}..{version}")
+        tally = JudgeTally()
         with timer("judge"):
-            invalid_before = judge.invalid
-            ranked = judge.rank([[(s.prompt, s.text) for s in g] for g in groups])
+            ranked = judge.rank([[(s.prompt, s.text) for s in g] for g in groups], tally=tally)
         pairs, c = build_pairs(groups, ranked, iteration=it,
                                first_prompt=ci * size, judge=judge.name, mode=cfg.loop.pairs,
                                tie_margin=cfg.judge.tie_margin, pair_margin=cfg.loop.pair_margin)
-        c.invalid = judge.invalid - invalid_before
+        c.invalid, c.judge = tally.invalid, asdict(tally)
         with timer("store"):
             store.write_chunk(it, ci, pairs, counts=asdict(c))  # durable before anything else happens to them
         counts.add(c)

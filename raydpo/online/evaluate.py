@@ -86,6 +86,7 @@ def score_eval(cfg: RunConfig, it: int, judge, trainer, prompts: list[str], base
     wr = win_rate(judge, prompts, [s.text for s in samples], baseline)
     scores = [] if judge.pairwise else judge.score([(s.prompt, s.text) for s in samples])
     out = {"win_rate": wr.win_rate, "wins": wr.wins, "ties": wr.ties, "losses": wr.losses, "invalid": wr.invalid,
+           **wr.tally.row("eval_judge_"),
            "judge_score": statistics.mean(scores) if scores else float("nan"),
            "response_tokens": statistics.mean(len(s.token_ids) for s in samples)}
     if hot:

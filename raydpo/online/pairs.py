@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from raydpo.data.store import StoredPair
 from raydpo.judge.rules import TIE_EPS
@@ -21,10 +21,14 @@ class PairCounts:
     below_margin: int = 0  # pairs='all': gap above the tie margin but not above pair_margin
     invalid: int = 0  # pairwise judges: comparisons answered unparseably (left out of the ranking)
     unranked: int = 0  # samples left out of pairing: every comparison of theirs was unparseable
+    judge: dict = field(default_factory=dict)  # raydpo.judge.client.JudgeTally of ranking these prompts, as a dict
 
     def add(self, other: PairCounts) -> None:
         for k, v in other.__dict__.items():
-            setattr(self, k, getattr(self, k) + v)
+            if k == "judge":
+                self.judge = {n: self.judge.get(n, 0) + v.get(n, 0) for n in {**self.judge, **v}}
+            else:
+                setattr(self, k, getattr(self, k) + v)
 
 
 def build_pairs(groups: Sequence[Sequence[Sample]], scores: Sequence[Sequence[float]], *, iteration: int,
@@ -75,8 +79,12 @@ def build_pairs(groups: Sequence[Sequence[Sample]], scores: Sequence[Sequence[fl
 
 
 def counts_row(counts) -> dict:
-    """A metrics row's judging columns from PairCounts."""
+    """A metrics row's judging columns from PairCounts, and what ranking showed of the judge
+    (`judge_*`: raydpo.judge.client.JudgeTally.row)."""
+    from raydpo.judge.client import JudgeTally
+
     return {"pairs": counts.pairs, "ties_dropped": counts.ties, "identical_dropped": counts.identical,
             "below_margin_dropped": counts.below_margin, "invalid_comparisons": counts.invalid,
-            "unranked_samples": counts.unranked, "prompts": counts.prompts, "samples": counts.samples}
+            "unranked_samples": counts.unranked, "prompts": counts.prompts, "samples": counts.samples,
+            **JudgeTally(**counts.judge).row("judge_")}
 

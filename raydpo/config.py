@@ -106,15 +106,36 @@ class SamplerConfig(_Section):
     request_timeout_s: float = Field(600.0, gt=0, description="seconds one sampling request may take before it fails")
 
 
+class RemoteJudgeConfig(_Section):
+    """judge.kind=openai: a judge model behind any OpenAI-compatible endpoint (`raydpo.judge.remote`)."""
+
+    base_url: str | None = Field(None, description="the endpoint's base URL, e.g. https://api.openai.com/v1 or http://127.0.0.1:8001/v1")
+    model: str | None = Field(None, description="the judge model's name at that endpoint")
+    api: Literal["chat", "completions"] = Field("chat", description="POST /chat/completions (one user message) or /completions (the rendered template as the prompt)")
+    api_key_env: str | None = Field("OPENAI_API_KEY", description="NAME of the environment variable holding the API key (read on the judge replicas; the key itself is never logged or written); null: no key")
+    mode: Literal["pairwise", "pointwise"] = Field("pairwise", description="pairwise: which of two is better, in both orders (judge.template); pointwise: a rubric score per response (judge.template with {prompt} and {response}, null: raydpo.judge.remote.DEFAULT_RUBRIC)")
+    max_concurrency: int = Field(16, ge=1, description="requests in flight per judge replica")
+    requests_per_minute: float = Field(0.0, ge=0.0, description="shared by every replica on this endpoint and model (0: no limit)")
+    tokens_per_minute: float = Field(0.0, ge=0.0, description="prompt + completion tokens per minute, shared likewise (0: no limit)")
+    timeout_s: float = Field(60.0, gt=0.0, description="per request; a timeout is retried")
+    max_retries: int = Field(6, ge=0, description="retries of one request on 429, 5xx, timeouts and dropped connections (exponential backoff with jitter, or the server's Retry-After)")
+    breaker_failures: int = Field(20, ge=1, description="failed attempts in a row, over at least breaker_after_s without a success, after which the run stops with an error (continue it with --resume)")
+    breaker_after_s: float = Field(10.0, ge=0.0, description="see breaker_failures: with many requests in flight, a few quick failures in a row are not an outage")
+    price_prompt_per_1k: float = Field(0.0, ge=0.0, description="price per 1k prompt tokens, for the cost column (0: not priced)")
+    price_completion_per_1k: float = Field(0.0, ge=0.0, description="price per 1k completion tokens")
+    cache: bool = Field(True, description="keep every answer in <run_dir>/judge_cache: a resumed run or a re-judged pair never pays twice")
+
+
 class JudgeConfig(_Section):
-    kind: str = Field("rule", description="how responses are judged: a key of raydpo.judge.kinds.KINDS (rule, reward_model, llm)")
+    kind: str = Field("rule", description="how responses are judged: a key of raydpo.judge.kinds.KINDS (rule, reward_model, llm, openai)")
     rule: str = Field("raydpo.tasks.style:score", description="module:function scoring (prompt, response) -> float, for kind=rule")
     model_path: str | None = Field(None, description="reward model or LLM judge folder, for kind=reward_model/llm")
     tie_margin: float = Field(0.0, ge=0.0, description="score differences at or below this are ties")
-    template: str | None = Field(None, description="kind=llm: prompt with {prompt}, {response_a}, {response_b}; None uses raydpo.judge.DEFAULT_TEMPLATE")
-    answer_pattern: str = Field(r"\b([AB])\b", description="kind=llm: regex whose first group (or match) is looked up in `answers`")
+    template: str | None = Field(None, description="kind=llm/openai: prompt with {prompt}, {response_a}, {response_b}; None uses raydpo.judge.rules.DEFAULT_TEMPLATE")
+    answer_pattern: str = Field(r"\b([AB])\b", description="kind=llm/openai: regex whose first group (or match) is looked up in `answers`; openai pointwise: the score (the A/B default becomes raydpo.judge.remote.DEFAULT_SCORE_PATTERN)")
     answers: dict[str, Literal["a", "b"]] = Field(default_factory=lambda: {"A": "a", "B": "b"}, description="kind=llm: matched text -> side")
-    max_new_tokens: int = Field(8, ge=1, description="kind=llm: tokens the judge model may write")
+    max_new_tokens: int = Field(8, ge=1, description="kind=llm/openai: tokens the judge model may write")
+    remote: RemoteJudgeConfig = Field(default_factory=RemoteJudgeConfig, description="kind=openai: the endpoint, its limits and prices")
 
     @field_validator("kind")
     @classmethod

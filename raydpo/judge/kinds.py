@@ -34,17 +34,48 @@ def _llm_args(cfg, j) -> dict:
             "kv_cache_gib": cfg.sampler.kv_cache_gib, "trust_remote_code": cfg.model.trust_remote_code}
 
 
+def _remote_args(cfg, j) -> dict:
+    import os
+    from pathlib import Path
+
+    from raydpo.config_io import require
+    from raydpo.errors import ConfigError
+    from raydpo.judge.remote import DEFAULT_SCORE_PATTERN
+    from raydpo.judge.rules import DEFAULT_TEMPLATE, check_template
+
+    r = j.remote
+    require(cfg, "judge.remote.base_url", "judge.remote.model", by="judge.kind=openai")
+    if r.api_key_env and not os.environ.get(r.api_key_env):
+        raise ConfigError(f"judge.remote.api_key_env={r.api_key_env}: that environment variable is not set here; "
+                          f"export it (the judge replicas read it), or set judge.remote.api_key_env=null for an "
+                          f"endpoint without a key")
+    pattern = j.answer_pattern
+    if r.mode == "pairwise":
+        try:
+            check_template(j.template or DEFAULT_TEMPLATE)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+    elif pattern == type(j).model_fields["answer_pattern"].default:
+        pattern = DEFAULT_SCORE_PATTERN
+    template = j.template or (DEFAULT_TEMPLATE if r.mode == "pairwise" else None)  # pointwise: DEFAULT_RUBRIC
+    settings = {**r.model_dump(exclude={"cache"}), "template": template,
+                "answer_pattern": pattern, "answers": sorted(j.answers.items()), "max_new_tokens": j.max_new_tokens,
+                "cache_dir": str(Path(cfg.run_dir).resolve() / "judge_cache") if r.cache else None}
+    return {"settings": settings}
+
+
 KINDS: dict[str, JudgeKind] = {
     "rule": JudgeKind("raydpo.judge.apps:build_app", _rule_args),
     "reward_model": JudgeKind("raydpo.judge.apps:build_app", _reward_model_args, needs_model_path=True),
     "llm": JudgeKind("raydpo.judge.llm:build_app", _llm_args, needs_model_path=True),
+    "openai": JudgeKind("raydpo.judge.remote_app:build_app", _remote_args),
 }
 
 
 def build(cfg):
     """The Serve application of cfg.judge, sized by cluster.judge."""
     from raydpo.cluster import outliving_path
-    from raydpo.config import require
+    from raydpo.config_io import require
 
     j, res = cfg.judge, cfg.cluster.judge
     kind = KINDS[j.kind]

@@ -4,6 +4,7 @@
     raydpo config fields                                  every key with its meaning
     raydpo tiny-model --out DIR [--corpus FILE] [--config FILE] [key=value ...]
     raydpo data validate PATH... [--format F] [--strict]   check preference records
+    raydpo judge eval LABELLED [--config FILE] [key=value ...]   a judge's accuracy on labelled pairs
 
 Each subcommand has ``--help``. Errors in flags, config keys or input files
 exit with status 2 and one message naming the problem; no traceback.
@@ -134,7 +135,30 @@ def build_parser() -> argparse.ArgumentParser:
                            description="Write <run_dir>/report/report.md and metrics.png from online_metrics.jsonl.")
     p_rep.add_argument("run_dir", metavar="RUN_DIR")
     p_rep.set_defaults(func=cmd_report)
+
+    p_judge = sub.add_parser("judge", help="judge tools", description="Judge tools.")
+    judge_sub = p_judge.add_subparsers(dest="judge_command", required=True, metavar="ACTION")
+    p_jev = judge_sub.add_parser(
+        "eval", help="a judge's accuracy on labelled preference pairs",
+        description="Deploy the configured judge (judge.*, on a local Ray unless cluster.address or RAY_ADDRESS) "
+        "and ask it every labelled pair in both orders: accuracy against the labels (ties half) with a Wilson "
+        "95%% interval, position consistency, tie and invalid rates, and a remote judge's cost.")
+    p_jev.add_argument("path", metavar="LABELLED", help="preference pairs (JSONL/Parquet file or folder, any format "
+                       "`raydpo data validate` reads): chosen is the label")
+    p_jev.add_argument("--format", default="auto", choices=["auto", "standard", "conversational", "openai", "implicit"])
+    p_jev.add_argument("--limit", type=int, default=0, metavar="N", help="judge the first N pairs only")
+    _add_config_args(p_jev)
+    p_jev.set_defaults(func=cmd_judge_eval)
     return parser
+
+
+def cmd_judge_eval(args: argparse.Namespace) -> int:
+    from raydpo.judge import evaluate
+
+    cfg = load_config(args.config, args.overrides)
+    result = evaluate.run(cfg, args.path, args.format, args.limit)
+    print(result.table())
+    return 0
 
 
 def cmd_report(args: argparse.Namespace) -> int:

@@ -128,3 +128,57 @@ def test_serve_yaml_builds_and_binds_to_loopback():
     assert builder(app["args"]) is not None
     with pytest.raises(ValueError, match=r"unknown args \['tie_margn'\]"):
         builder({"tie_margn": 0.1})
+
+
+def test_wilson_interval_against_its_definition():
+    """Wilson's interval is the set of p with |p_hat - p| <= z sqrt(p (1 - p) / n): found by bisection."""
+    import math
+
+    from raydpo.judge.evaluate import Z95, wilson
+
+    def edge(p_hat, n, lo, hi):  # the p in [lo, hi] where the inequality turns
+        inside = lambda p: abs(p_hat - p) <= Z95 * math.sqrt(p * (1 - p) / n)  # noqa: E731
+        want = inside(hi)
+        for _ in range(100):
+            mid = (lo + hi) / 2
+            lo, hi = (lo, mid) if inside(mid) == want else (mid, hi)
+        return (lo + hi) / 2
+
+    for p_hat, n in ((0.75, 40), (0.5, 10), (0.95, 200), (0.0, 12)):
+        lo, hi = wilson(p_hat, n)
+        assert lo == pytest.approx(edge(p_hat, n, 0.0, p_hat) if p_hat > 0 else 0.0, abs=1e-9)
+        assert hi == pytest.approx(edge(p_hat, n, p_hat, 1.0), abs=1e-9)
+
+
+@pytest.mark.slow
+def test_judge_eval_scores_the_rule_judge_against_labels(tmp_path):
+    """30 pairs labelled as the style rule ranks them, 10 labelled the other way, a bad record
+    and a chat pair: the rule judge is right on 30 of 40, and both others are skipped."""
+    import random
+
+    from tests.helpers.proc import free_port, run_py
+
+    rng, lines = random.Random(0), []
+    for prompt in style.split_prompts()[1]:
+        a, b = style.demonstration(prompt, rng), style.demonstration(prompt, rng)
+        if style.score(prompt, a) == style.score(prompt, b):
+            continue
+        good, bad = (a, b) if style.score(prompt, a) > style.score(prompt, b) else (b, a)
+        chosen, rejected = (good, bad) if len(lines) < 30 else (bad, good)
+        lines.append(json.dumps({"prompt": prompt, "chosen": chosen, "rejected": rejected}))
+        if len(lines) == 40:
+            break
+    lines.insert(7, '{"prompt": "p", "chosen": 3}')
+    lines.append(json.dumps({"chosen": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}],
+                             "rejected": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "no"}]}))
+    (tmp_path / "labelled.jsonl").write_text("\n".join(lines) + "\n")
+    r = run_py(["-m", "raydpo.cli", "judge", "eval", str(tmp_path / "labelled.jsonl"), f"run_dir={tmp_path / 'run'}",
+                f"cluster.port={free_port()}", "cluster.num_cpus=2"], timeout=300)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    out = " ".join(r.stdout.split())
+    assert "labelled pairs judged 40 skipped records 2" in out, out
+    assert "correct / wrong / ties / invalid 30 / 10 / 0 / 0" in out, out
+    assert "accuracy (ties half) 0.750 [95% CI 0.598, 0.858]" in out, out
+    assert "position consistency 1.000 tie rate / invalid rate 0.000 / 0.000" in out, out
+    missing = run_py(["-m", "raydpo.cli", "judge", "eval", str(tmp_path / "none.jsonl")], timeout=60)
+    assert missing.returncode == 2 and "none.jsonl: no such file or folder" in missing.stderr

@@ -329,3 +329,53 @@ def test_an_online_run_judged_remotely_stops_on_the_breaker_and_resumes_with_eve
             for f in (session / "logs").rglob("*"):
                 if f.is_file():
                     assert KEY.encode() not in f.read_bytes(), f
+
+
+@pytest.mark.slow
+def test_two_serve_replicas_share_one_rate_limit_and_answer_over_http(upstream, serve_port):
+    """The Serve app as `judge.kind=openai` deploys it: two replicas, one PacerActor for both."""
+    import concurrent.futures
+    import urllib.error
+    import urllib.request
+
+    import ray
+    from ray import serve
+
+    from raydpo.judge.remote_app import build_app, shared_pacer
+    from tests.helpers.fault_proxy import FaultProxy
+
+    rpm = 120  # one request every 0.5 s, whichever replica sends it
+    # the replicas run in the tests' Ray, started before KEY_ENV could be set: the proxy holds the key
+    with FaultProxy(upstream, upstream_key=KEY) as proxy:
+        s = settings(proxy.url, requests_per_minute=rpm, api_key_env=None)
+        settings_dict = {k: getattr(s, k) for k in s.__dataclass_fields__}
+        serve.run(build_app({"settings": settings_dict, "num_replicas": 2, "num_cpus": 0.1}), name="judge",
+                  route_prefix="/judge")
+        url = f"http://127.0.0.1:{serve_port}/judge/v1"
+
+        def post(path, body):
+            req = urllib.request.Request(url + path, json.dumps(body).encode(), {"content-type": "application/json"})
+            try:
+                with urllib.request.urlopen(req, timeout=120) as r:
+                    return r.status, json.loads(r.read())
+            except urllib.error.HTTPError as e:
+                return e.code, json.loads(e.read())
+
+        items = [{"prompt": p, "response_a": a, "response_b": b} for p, a, b in ITEMS[:8]]
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            replies = list(pool.map(lambda it: post("/compare", {"items": [it]}), items))
+        assert all(code == 200 and len(body["results"]) == 1 for code, body in replies), replies
+        assert {body["results"][0]["preferred"] for _, body in replies} <= {"a", "b", "tie", "invalid"}
+        assert len(proxy.log) == 16
+        assert proxy.per_minute() <= rpm * 1.02, proxy.per_minute()  # two replicas, one limit
+        code, body = post("/score", {"items": [{"prompt": P, "response": "x"}]})
+        assert code == 400 and "pairwise judge" in body["error"]
+        code, body = post("/compare", {"items": [{"prompt": P, "response_a": "x"}]})
+        assert code == 422 and "items.0.response_b" in json.dumps(body)
+        with urllib.request.urlopen(url + "/judge", timeout=30) as r:
+            ident = json.loads(r.read())
+        assert ident["judge"] == "openai:judge" and ident["pairwise"] is True and ident["kind"] == "openai"
+        pacer = shared_pacer(s)  # get_if_exists: the one the replicas made
+        assert ray.get(pacer.reserve.remote(0)) > 0  # its schedule is the replicas' (still busy for a while)
+        serve.delete("judge")
+        ray.kill(pacer)

@@ -43,8 +43,10 @@ class Logged:
 
 
 class FaultProxy:
-    def __init__(self, upstream: str, faults: Faults | None = None, seed: int = 0):
+    def __init__(self, upstream: str, faults: Faults | None = None, seed: int = 0, upstream_key: str | None = None):
+        """`upstream_key`: send this bearer key upstream instead of the client's (a gateway holding the key)."""
         self.upstream = upstream.rstrip("/")
+        self.upstream_key = upstream_key
         self.faults = faults or Faults()
         self.rng = random.Random(seed)
         self.log: list[Logged] = []
@@ -112,6 +114,9 @@ class FaultProxy:
             request.transport.close()  # no status line: the client sees the connection end
             raise web.HTTPException()  # aiohttp gives up on a closed transport without writing
         headers = {k: v for k, v in request.headers.items() if k.lower() in ("content-type", "authorization")}
+        if self.upstream_key:
+            headers = {"Content-Type": request.headers.get("Content-Type", "application/json"),
+                       "Authorization": f"Bearer {self.upstream_key}"}
         async with self._session.request(request.method, self.upstream + request.path_qs, data=body,
                                          headers=headers) as r:
             payload = await r.read()

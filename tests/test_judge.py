@@ -130,6 +130,24 @@ def test_serve_yaml_builds_and_binds_to_loopback():
         builder({"tie_margn": 0.1})
 
 
+def test_the_remote_judge_yaml_builds_and_its_settings_are_checked():
+    import importlib
+    from pathlib import Path
+
+    import yaml
+
+    cfg = yaml.safe_load((Path(__file__).parents[1] / "serve" / "judge_openai.yaml").read_text())
+    assert cfg["http_options"]["host"] == "127.0.0.1"
+    [app] = cfg["applications"]
+    module, name = app["import_path"].split(":")
+    builder = getattr(importlib.import_module(module), name)
+    assert builder(app["args"]) is not None
+    with pytest.raises(ValueError, match=r"unknown settings \['max_retrys'\]; known: base_url, model"):
+        builder({"settings": {**app["args"]["settings"], "max_retrys": 3}})
+    with pytest.raises(ValueError, match="settings.base_url is required"):
+        builder({"settings": {"model": "m"}})
+
+
 def test_wilson_interval_against_its_definition():
     """Wilson's interval is the set of p with |p_hat - p| <= z sqrt(p (1 - p) / n): found by bisection."""
     import math

@@ -148,5 +148,8 @@ def build_app(args: dict):
     for key in ("base_url", "model"):
         if not settings.get(key):
             raise ValueError(f"remote judge app: settings.{key} is required")
-    RemoteSettings(**{**settings, "answers": ()})  # unknown settings fail here, on the caller's side
+    unknown = sorted(set(settings) - set(RemoteSettings.__dataclass_fields__))
+    if unknown:
+        raise ValueError(f"remote judge app: unknown settings {unknown}; known: "
+                         f"{', '.join(RemoteSettings.__dataclass_fields__)}")
     return RemoteJudge.options(ray_actor_options=replica_options(args, 0.25), **serve_scale(args)).bind(settings)

@@ -379,3 +379,23 @@ def test_two_serve_replicas_share_one_rate_limit_and_answer_over_http(upstream, 
         assert ray.get(pacer.reserve.remote(0)) > 0  # its schedule is the replicas' (still busy for a while)
         serve.delete("judge")
         ray.kill(pacer)
+
+
+@pytest.mark.slow
+def test_a_timeout_is_retried_and_the_last_failure_is_named(upstream):
+    from tests.helpers.fault_proxy import Faults, FaultProxy
+
+    with FaultProxy(upstream, Faults(latency_s=1.0)) as proxy:  # slower than the timeout, every time
+        verdicts, core = judge_all(settings(proxy.url, timeout_s=0.3, max_retries=1), ITEMS[:1])
+    assert isinstance(verdicts[0], JudgeError), verdicts
+    assert "no answer after 2 attempts (last: no answer within judge.remote.timeout_s=0.3)" in str(verdicts[0])
+    assert core.counts["retries"] == 2 and len(proxy.log) == 4  # both orders: two attempts each
+
+
+@pytest.mark.slow
+def test_the_chat_api_answers_through_the_models_chat_template(upstream):
+    verdicts, core = judge_all(settings(upstream, api="chat"), ITEMS[:3])
+    assert all(len(v.parsed) == 2 and v.prompt_tokens > 0 for v in verdicts), verdicts
+    completions, _ = judge_all(settings(upstream), ITEMS[:3])
+    # the chat template wraps the same text in the chat markup: more prompt tokens than the bare prompt
+    assert all(c.prompt_tokens > p.prompt_tokens for c, p in zip(verdicts, completions))

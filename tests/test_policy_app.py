@@ -134,3 +134,33 @@ def test_a_new_owner_of_the_registry_never_counts_an_earlier_runs_acks():
     # names it on timeout), though its ack is not counted as serving
     reg.ack("other-replica", old, 12, "SamplerError: checkpoint folder '/ckpt/3' does not exist on this node")
     assert reg.serving() == {"new-replica": 3} and "does not exist" in reg.update_errors()["other-replica"]
+
+
+def test_the_remote_judge_runs_against_this_endpoint_through_faults(policy_app):
+    """raydpo's own policy endpoint as the remote judge's OpenAI-compatible server (the other
+    server it is tested against is `vllm serve`, tests/test_remote_judge.py)."""
+    import asyncio
+
+    from raydpo.judge.remote import RemoteJudgeCore, RemoteSettings
+    from tests.helpers.fault_proxy import Faults, FaultProxy
+
+    url, _ = policy_app
+    upstream = url.removesuffix("/v1")
+    items = [(PROMPT, f" apple {i} please", f" stone {i}") for i in range(6)]
+    with FaultProxy(upstream, Faults(p429=0.2, p500=0.1, retry_after="0.01"), seed=2) as proxy:
+        for api in ("completions", "chat"):
+            s = RemoteSettings(base_url=proxy.url + "/v1", model="policy", api=api, api_key_env=None,
+                               template="{prompt}{response_a}{response_b}", max_new_tokens=3, backoff_s=0.01,
+                               max_retries=10)
+
+            async def run():
+                core = RemoteJudgeCore(s, None)
+                return await asyncio.gather(*(core.compare(*it) for it in items)), core
+
+            before = len(proxy.log)
+            verdicts, core = asyncio.run(run())
+            assert all(len(v.parsed) == 2 and v.calls == 2 for v in verdicts), verdicts
+            faults = sum(e.fault != "ok" for e in proxy.log[before:])
+            assert core.counts["retries"] == faults and core.counts["cache_misses"] == 12
+            assert all(v.prompt_tokens > 0 and v.completion_tokens > 0 for v in verdicts)  # the endpoint's usage
+    assert proxy.count("429") + proxy.count("500") > 0

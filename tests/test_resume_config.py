@@ -3,6 +3,8 @@ a refused run keeps its own config.yaml."""
 
 import json
 
+import pytest
+
 from raydpo.config_io import load_config, read_saved_config, save_config
 from raydpo.online.loop import main
 from raydpo.report import METRICS_FILE
@@ -63,3 +65,22 @@ def test_resume_allows_more_iterations_and_other_resources():
     assert set(changed_keys(a, b)) == {"loop.iterations", "cluster.sampler.count", "sampler.request_timeout_s",
                                        "sampler.start_timeout_s", "cluster.sampler.resources.sampler_node"}
     assert all(k.startswith(RESUME_MAY_CHANGE) for k in changed_keys(a, b))
+
+
+def test_resume_may_fix_how_a_remote_judge_is_reached_but_not_what_it_is_asked(tmp_path):
+    """The breaker's message says: fix the endpoint (or the retries), then --resume."""
+    from raydpo.errors import ConfigError
+    from raydpo.online.resume import check_run_dir
+
+    judge = ["judge.kind=openai", "judge.remote.base_url=http://127.0.0.1:9/v1", "judge.remote.model=m"]
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    save_config(load_config(None, [f"run_dir={run_dir}", *judge]), run_dir)
+    (run_dir / "online_metrics.jsonl").write_text('{"iteration": 0}\n')
+    fixed = ["judge.remote.base_url=http://127.0.0.1:10/v1", "judge.remote.max_retries=20", "judge.remote.timeout_s=5",
+             "judge.remote.breaker_failures=50", "judge.remote.requests_per_minute=60",
+             "judge.remote.price_prompt_per_1k=0.1"]
+    check_run_dir(load_config(None, [f"run_dir={run_dir}", *judge, *fixed]), resume=True)  # no error
+    for other in ("judge.remote.model=other", "judge.remote.api=completions", "judge.max_new_tokens=3"):
+        with pytest.raises(ConfigError, match=other.split("=")[0]):
+            check_run_dir(load_config(None, [f"run_dir={run_dir}", *judge, other]), resume=True)

@@ -76,7 +76,7 @@ def judge_table(rows: list[dict]) -> str:
     comparisons (both orders, every judge kind), and for a remote judge what it cost
     (ranking and eval together)."""
     remote = any(_judge_sum(r, "calls") or _judge_sum(r, "cache_hits") for r in rows)
-    head = "| iter | consistency | tie rate | invalid rate |" + (" requests | cache hits | retries | tokens | cost |"
+    head = "| iter | consistency | tie rate | invalid rate |" + (" calls | cache hits | retries | tokens | cost |"
                                                                  if remote else "")
     lines = [head, "|" + "---:|" * head.count(" |")]
     for r in rows:
@@ -160,8 +160,8 @@ def write_report(run_dir: str | Path, extra: dict[str, str] | None = None) -> Pa
                  f"**{_fmt(last, 'win_rate', '{:.3f}')}** after iteration {last['iteration']}")
     lines.append(f"- mean judge score: {_fmt(first, 'judge_score', '{:.3f}')} -> {_fmt(last, 'judge_score', '{:.3f}')}")
     lines.append(f"- judged pairs stored: {sum(r.get('pairs', 0) for r in rows)}")
-    if any(_judge_sum(r, "calls") for r in rows):
-        lines.append(f"- judge requests: {sum(_judge_sum(r, 'calls') for r in rows):.0f}, "
+    if any(_judge_sum(r, "calls") or _judge_sum(r, "cache_hits") for r in rows):
+        lines.append(f"- judge calls (retries not counted): {sum(_judge_sum(r, 'calls') for r in rows):.0f}, "
                      f"{sum(_judge_sum(r, 'cache_hits') for r in rows):.0f} answered from the cache, "
                      f"cost {sum(_judge_sum(r, 'cost') for r in rows):.4f}")
     for k, v in (extra or {}).items():

@@ -194,7 +194,7 @@ def test_the_report_shows_the_judges_quality_and_what_a_remote_judge_cost(tmp_pa
     with open(tmp_path / "online_metrics.jsonl", "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in rows)
     md = write_report(tmp_path).read_text()
-    assert "- judge requests: 48, 2 answered from the cache, cost 0.1300" in md
+    assert "- judge calls (retries not counted): 48, 2 answered from the cache, cost 0.1300" in md
     assert "| 0 | 0.750 | 0.250 | 0.000 | 10 | 0 | 0 | 0 | 0.0100 |" in md
     assert "| 1 | 0.500 | 0.500 | 0.125 | 38 | 2 | 4 | 1000 | 0.1200 |" in md
 

@@ -57,7 +57,7 @@ class JudgeEval:
                 ("tie rate / invalid rate", f"{t.ties / t.compared:.3f} / {t.invalid / t.compared:.3f}"
                  if t.compared else "-")]
         if t.calls or t.cached:
-            rows.append(("requests / cached / retries", f"{t.calls} / {t.cached} / {t.retries}"))
+            rows.append(("calls / from the cache / retries", f"{t.calls} / {t.cached} / {t.retries}"))
             rows.append(("tokens (prompt + completion)", f"{t.prompt_tokens} + {t.completion_tokens}"))
             rows.append(("cost", f"{t.cost:.4f}"))
         width = max(len(k) for k, _ in rows)
@@ -86,4 +86,5 @@ def run(cfg, path: str, fmt: str = "auto", limit: int = 0) -> JudgeEval:
     if not pairs:
         raise DataError(f"{path}: no usable text preference pairs ({skipped} records skipped)")
     init_ray(cfg, roles=("judge",))
-    return judge_labelled(JudgeClient(kinds.deploy(cfg)), pairs, skipped)
+    # its own app name: on a shared cluster, a running loop's "judge" app stays as it is
+    return judge_labelled(JudgeClient(kinds.deploy(cfg, name="judge_eval")), pairs, skipped)

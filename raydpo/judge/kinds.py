@@ -60,7 +60,8 @@ def _remote_args(cfg, j) -> dict:
     template = j.template or (DEFAULT_TEMPLATE if r.mode == "pairwise" else None)  # pointwise: DEFAULT_RUBRIC
     settings = {**r.model_dump(exclude={"cache"}), "template": template,
                 "answer_pattern": pattern, "answers": sorted(j.answers.items()), "max_new_tokens": j.max_new_tokens,
-                "cache_dir": str(Path(cfg.run_dir).resolve() / "judge_cache") if r.cache else None}
+                "cache_dir": str(Path(cfg.run_dir).resolve() / "judge_cache") if r.cache else None,
+                "tie_margin": j.tie_margin}
     return {"settings": settings}
 
 
@@ -94,8 +95,8 @@ def build(cfg):
                     **res.serve_scaling()})
 
 
-def deploy(cfg):
-    """The judge on Ray Serve (HTTP on cluster.host:port/judge), and its deployment handle for the loop."""
+def deploy(cfg, name: str = "judge"):
+    """The judge on Ray Serve (HTTP on cluster.host:port/<name>), and its deployment handle for the loop."""
     from ray import serve
 
     from raydpo import console
@@ -105,4 +106,4 @@ def deploy(cfg):
     # one HTTP proxy, on the head: the endpoints' URLs name cluster.host, and proxies on
     # every node (Serve's default) would fight over one port when nodes share a machine
     serve.start(http_options={"host": cfg.cluster.host, "port": cfg.cluster.port}, proxy_location="HeadOnly")
-    return serve.run(app, name="judge", route_prefix="/judge")
+    return serve.run(app, name=name, route_prefix=f"/{name}")

@@ -38,6 +38,7 @@ from raydpo.judge.rules import combine_both_orders, parse_verdict, render_judge_
 from raydpo.records import Judgement
 
 RETRY_STATUS = frozenset({408, 409, 429})  # and every 5xx
+ITEM_STATUS = frozenset({400, 413, 422})  # this request's problem (too long, filtered): an unparseable answer, counted
 MAX_RETRY_AFTER_S = 120.0  # a Retry-After beyond this is taken as this: the breaker, not a sleep, ends a dead endpoint
 DEFAULT_RUBRIC = ("Rate how well the response answers the request, from 1 (poor) to 10 (excellent).\n\n"
                   "Request:\n{prompt}\n\nResponse:\n{response}\n\nAnswer with one number.\nScore:")
@@ -50,7 +51,7 @@ class RemoteSettings:
 
     base_url: str
     model: str
-    api: str = "completions"  # or "chat"
+    api: str = "chat"  # or "completions"
     api_key_env: str | None = "OPENAI_API_KEY"
     mode: str = "pairwise"  # or "pointwise": a rubric score per response
     template: str | None = None
@@ -70,10 +71,7 @@ class RemoteSettings:
     price_prompt_per_1k: float = 0.0
     price_completion_per_1k: float = 0.0
     cache_dir: str | None = None
-
-    @property
-    def name(self) -> str:
-        return f"openai:{self.model}@{self.base_url}"
+    tie_margin: float = 0.0  # pointwise: score gaps at or below this are ties
 
 
 # ------------------------------------------------------------------ pacing
@@ -109,6 +107,17 @@ class Pacer:
             self.tokens_free_at += extra_tokens * self.per_token
 
 
+def parse_score(text: str, pattern: str) -> float:
+    """The first match of `pattern` (its first group) as a number; NaN when there is none
+    (counted by the caller as unranked, never a default score)."""
+    m = re.search(pattern, text)
+    try:
+        value = float(m.group(1) if m.groups() else m.group(0)) if m else math.nan
+    except ValueError:
+        return math.nan
+    return value if math.isfinite(value) else math.nan
+
+
 def estimate_tokens(text: str, max_new_tokens: int) -> int:
     return len(text) // 4 + 1 + max_new_tokens
 
@@ -118,8 +127,8 @@ def estimate_tokens(text: str, max_new_tokens: int) -> int:
 
 class Breaker:
     """Opens after `failures` failed attempts in a row that span at least `after_s` seconds
-    without a success; while open every call fails at once. After `cooldown_s` one attempt may
-    try again (half-open): success closes it, failure opens it again at once.
+    without a success; while open every call fails at once. After `cooldown_s` calls go
+    through again (half-open): a success closes it, the first failure opens it again at once.
 
     Why the span: with many requests in flight, failures come back faster than successes (a
     429 is answered at once, a verdict takes a forward pass), so a few injected faults can
@@ -156,8 +165,8 @@ class Breaker:
 
 
 class VerdictCache:
-    """Answers already paid for, keyed by (judge model, template, prompt, response A,
-    response B, order), or for a rubric (model, template, prompt, response), in append-only
+    """Answers already paid for, keyed by (judge model, API, max_new_tokens, template, prompt,
+    response A, response B, order), or for a rubric (..., template, prompt, response), in append-only
     JSONL files under `folder`, one per writing process: replicas never interleave lines.
     A line cut short by a kill is skipped and counted (`skipped`), never fatal."""
 
@@ -201,17 +210,19 @@ class Answer:
     completion_tokens: int = 0
     attempts: int = 0  # requests sent for it (0: from the cache)
     cached: bool = False
+    refused: bool = False  # the endpoint refused this request (ITEM_STATUS): read as unparseable, never cached
 
 
 def retry_after(headers) -> float | None:
     """Seconds from Retry-After-Ms / Retry-After (seconds or an HTTP date), if the server sent one."""
     try:
         if headers.get("retry-after-ms"):
-            return float(headers["retry-after-ms"]) / 1000.0
+            ms = float(headers["retry-after-ms"])
+            return ms / 1000.0 if math.isfinite(ms) and ms >= 0 else None
         value = headers.get("retry-after")
         if not value:
             return None
-        if re.fullmatch(r"\s*\d+(\.\d+)?\s*", value):
+        if re.fullmatch(r"\s*\d+(\.\d+)?\s*", value):  # digits only: never nan or inf
             return float(value)
         return max(0.0, email.utils.parsedate_to_datetime(value).timestamp() - time.time())
     except (TypeError, ValueError):
@@ -233,16 +244,31 @@ class RemoteJudgeCore:
         self.cache = VerdictCache(s.cache_dir) if s.cache_dir else None
         self.counts: Counter = Counter()
         self.answers = dict(s.answers)
+        self._inflight: dict = {}
 
     async def ask(self, text: str, key: str | None) -> Answer:
         """The judge model's answer to `text`: from the cache, or by request (and cached)."""
         hit = self.cache.get(key) if self.cache is not None and key else None
+        if hit is None and key is not None and key in self._inflight:  # asked twice at once: ask once
+            hit = await asyncio.shield(self._inflight[key])
+            hit = None if hit.refused else hit.__dict__
         if hit is not None:
             self.counts["cache_hits"] += 1
             return Answer(hit["text"], hit["prompt_tokens"], hit["completion_tokens"], 0, True)
-        answer = await self._request(text)
+        future = asyncio.get_running_loop().create_future()
+        if key is not None:
+            self._inflight[key] = future
+        try:
+            answer = await self._request(text)
+        except BaseException as e:
+            future.set_exception(e)
+            future.exception()  # retrieved: a failure with no second asker is not "never retrieved"
+            raise
+        finally:
+            self._inflight.pop(key, None)
+        future.set_result(answer)
         self.counts["cache_misses"] += 1
-        if self.cache is not None and key:
+        if self.cache is not None and key and not answer.refused:
             self.cache.put(key, {"text": answer.text, "prompt_tokens": answer.prompt_tokens,
                                  "completion_tokens": answer.completion_tokens})
         return answer
@@ -266,6 +292,10 @@ class RemoteJudgeCore:
                     answer = await self._post(text, attempt)
                 except openai.APIStatusError as e:
                     code = e.status_code
+                    if code in ITEM_STATUS:  # the same every time: no retry, and the run goes on
+                        self.counts[f"refused_{code}"] += 1
+                        self.breaker.succeeded()  # the endpoint answered
+                        return Answer("", attempts=attempt, refused=True)
                     if code not in RETRY_STATUS and code < 500:
                         self.counts[f"status_{code}"] += 1
                         raise JudgeError(self._refused(code, e)) from None
@@ -274,6 +304,8 @@ class RemoteJudgeCore:
                     why = f"no answer within judge.remote.timeout_s={s.timeout_s:g}"
                 except openai.APIConnectionError as e:
                     why = f"connection failed ({type(e.__cause__ or e).__name__})"
+                except (openai.APIError, IndexError, AttributeError) as e:  # a 200 without a usable answer
+                    why = f"malformed answer ({type(e).__name__})"
                 else:
                     self.breaker.succeeded()
                     return answer
@@ -301,7 +333,10 @@ class RemoteJudgeCore:
         if used is None:
             self.counts["usage_missing"] += 1
         elif self.settle is not None:
-            await self.settle(used.prompt_tokens + used.completion_tokens - estimate_tokens(text, s.max_new_tokens))
+            try:  # pacing is best effort; the answer is paid for and must not be lost over it
+                await self.settle(used.prompt_tokens + used.completion_tokens - estimate_tokens(text, s.max_new_tokens))
+            except Exception:
+                self.counts["settle_failed"] += 1
         return answer
 
     def _refused(self, code: int, e) -> str:
@@ -311,7 +346,8 @@ class RemoteJudgeCore:
                     else "; judge.remote.api_key_env names no key")
         elif code == 404:
             hint = f"; is judge.remote.model={self.s.model!r} served there, and judge.remote.api={self.s.api!r} right?"
-        body = str(getattr(e, "message", "") or "")[:300]
+        # a 401/403 body may echo part of the key (OpenAI's shows its last characters): not shown
+        body = "" if code in (401, 403) else str(getattr(e, "message", "") or "")[:300]
         return f"judge endpoint {self.s.base_url} refused the request with HTTP {code}: {body}{hint}"
 
     # ------------------------------------------------------------ verdicts
@@ -324,7 +360,7 @@ class RemoteJudgeCore:
         a tie, an unparseable answer in either order "invalid" (`combine_both_orders`)."""
         template = self.s.template
         texts = [render_judge_prompt(template, prompt, a, b), render_judge_prompt(template, prompt, b, a)]
-        keys = [VerdictCache.key(self.s.model, template, prompt, x, y, order)
+        keys = [VerdictCache.key(*self._asked(), template, prompt, x, y, order)
                 for x, y, order in ((a, b, "ab"), (b, a, "ba"))]
         got = await asyncio.gather(*(self.ask(t, k) for t, k in zip(texts, keys)))
         parsed = tuple(parse_verdict(g.text, self.s.answer_pattern, self.answers) for g in got)
@@ -336,13 +372,13 @@ class RemoteJudgeCore:
         """A rubric score (NaN when the answer holds no number), and the usage it cost."""
         template = self.s.template or DEFAULT_RUBRIC
         text = template.format(prompt=prompt, response=response)
-        got = await self.ask(text, VerdictCache.key(self.s.model, template, prompt, response))
-        m = re.search(self.s.answer_pattern, got.text)
-        try:
-            value = float(m.group(1) if m and m.groups() else m.group(0)) if m else math.nan
-        except ValueError:
-            value = math.nan
-        return value, self._usage([got])
+        got = await self.ask(text, VerdictCache.key(*self._asked(), template, prompt, response))
+        return parse_score(got.text, self.s.answer_pattern), self._usage([got])
+
+    def _asked(self) -> tuple[str, str, str]:
+        """What else decides an answer, besides the rendered question: model, API, answer length.
+        Not base_url: the same model behind another address (an outage's fix) keeps its cache."""
+        return self.s.model, self.s.api, str(self.s.max_new_tokens)
 
     def _usage(self, got: list[Answer]) -> dict:
         p, c = sum(g.prompt_tokens for g in got if not g.cached), sum(g.completion_tokens for g in got if not g.cached)

@@ -81,18 +81,18 @@ class RemoteJudge:
     # ------------------------------------------------------------ handle API (the loop)
 
     async def compare_items(self, items: list[tuple[str, str, str]]) -> list[Judgement]:
-        if not self.info_.pairwise:
-            # a rubric scorer compares by scores, as the scoring judges do
-            return [await self._compare_by_scores(p, a, b) for p, a, b in items]
-        return list(await asyncio.gather(*(self.core.compare(p, a, b) for p, a, b in items)))
+        compare = self.core.compare if self.info_.pairwise else self._compare_by_scores
+        return list(await asyncio.gather(*(compare(p, a, b) for p, a, b in items)))
 
     async def _compare_by_scores(self, p: str, a: str, b: str) -> Judgement:
+        """A rubric scorer compares by scores, as the scoring judges do (tie_margin included)."""
         from raydpo.judge.rules import compare_scores
 
-        (sa, _), (sb, _) = await asyncio.gather(self.core.score(p, a), self.core.score(p, b))
+        (sa, ua), (sb, ub) = await asyncio.gather(self.core.score(p, a), self.core.score(p, b))
+        cost = {k: ua[k] + ub[k] for k in ua}
         if sa != sa or sb != sb:  # NaN: an answer without a score
-            return Judgement("invalid", 0.0, sa, sb)
-        return compare_scores(sa, sb)
+            return Judgement("invalid", 0.0, sa, sb, **cost)
+        return dataclasses.replace(compare_scores(sa, sb, self.core.s.tie_margin), **cost)
 
     async def score_items(self, items: list[tuple[str, str]]) -> list[float]:
         if self.info_.pairwise:

@@ -150,11 +150,11 @@ def log_iteration(row: dict) -> None:
         f"{wait}train {row['time_train']:.1f}, sync {row['time_sync']:.2f}, eval {row['time_eval']:.1f}, "
         f"other {row['time_other']:.1f})")
     calls = (row.get("judge_calls") or 0) + (row.get("eval_judge_calls") or 0)
-    if calls:  # a remote judge: what it cost
-        hits = (row.get("judge_cache_hits") or 0) + (row.get("eval_judge_cache_hits") or 0)
+    hits = (row.get("judge_cache_hits") or 0) + (row.get("eval_judge_cache_hits") or 0)
+    if calls or hits:  # a remote judge: what it cost
         retries = (row.get("judge_retries") or 0) + (row.get("eval_judge_retries") or 0)
         cost = (row.get("judge_cost") or 0) + (row.get("eval_judge_cost") or 0)
-        log(f"  judge: {calls} requests, {hits} cached answers, {retries} retries, cost {cost:.4f}")
+        log(f"  judge: {calls} calls (+{retries} retries), {hits} answers from the cache, cost {cost:.4f}")
 
 
 # ------------------------------------------------------------------ set-up and tear-down

@@ -89,6 +89,7 @@ class JudgeInfo:
     kind: str  # a key of raydpo.judge.kinds.KINDS
     pairwise: bool
     tie_margin: float = 0.0
+    costed: bool = False  # a scoring judge that also answers score_items_costed: (score, what it cost) per item
 
 
 # ------------------------------------------------------------------ trainer

@@ -267,3 +267,17 @@ def test_an_iteration_trained_before_a_kill_gets_the_row_an_uninterrupted_run_wr
     assert row == uninterrupted
     assert row["pairs"] == 3 and row["ties_dropped"] == 3 and row["samples"] == 32 and row["truncated_pairs"] == 2
     assert row["train_steps"] == 6 and row["dpo_loss"] == 0.61 and row["reward_accuracy"] == 0.75
+
+
+def test_a_costed_scoring_judges_cost_is_tallied_when_it_ranks():
+    """A rubric judge (judge.remote.mode=pointwise) scores; what each score cost comes with it."""
+    handle = RuleHandle()
+    handle.info = _Method(lambda: JudgeInfo("openai:m", "openai", pairwise=False, costed=True))
+    handle.score_items_costed = _Method(lambda items: [
+        (float(len(r)), {"calls": 1, "retries": len(r) % 2, "prompt_tokens": 10, "completion_tokens": 1, "cost": 0.5})
+        for _, r in items])
+    handle.score_items = _Method(lambda items: [float(len(r)) for _, r in items])
+    client, tally = JudgeClient(handle), JudgeTally()
+    assert client.rank([[("x", " ab"), ("x", " a")], [("y", " abc")]], tally=tally) == [[3.0, 2.0], [4.0]]
+    assert tally == JudgeTally(calls=3, retries=1, prompt_tokens=30, completion_tokens=3, cost=1.5)
+    assert client.score([("x", " a")]) == [2.0]  # no tally asked for: the plain route

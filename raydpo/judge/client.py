@@ -40,9 +40,14 @@ class JudgeTally:
         self.ties += combined == "tie"
         self.invalid += combined == "invalid"
 
+    COST = ("calls", "cached", "retries", "prompt_tokens", "completion_tokens", "cost")
+
     def add_cost(self, j: Judgement) -> None:
-        for name in ("calls", "cached", "retries", "prompt_tokens", "completion_tokens", "cost"):
-            setattr(self, name, getattr(self, name) + getattr(j, name))
+        self.add_usage({name: getattr(j, name) for name in self.COST})
+
+    def add_usage(self, usage: dict) -> None:
+        for name in self.COST:
+            setattr(self, name, getattr(self, name) + usage.get(name, 0))
 
     def add(self, other: JudgeTally) -> None:
         for f in fields(self):
@@ -108,7 +113,7 @@ class JudgeClient:
         scores from comparing every pair of the group (pairwise judges; what the comparisons
         showed and cost goes into `tally`)."""
         if not self.pairwise:
-            flat = self.score([x for g in groups for x in g])
+            flat = self.score([x for g in groups for x in g], tally=tally)
             out, i = [], 0
             for g in groups:
                 out.append(flat[i:i + len(g)])
@@ -137,10 +142,18 @@ class JudgeClient:
                     tally.add_orders(*j.parsed, j.preferred)
         return [j.preferred for j in judgements]
 
-    def score(self, items: Sequence[tuple[str, str]], chunk: int = 256) -> list[float]:
+    def score(self, items: Sequence[tuple[str, str]], chunk: int = 256, tally: JudgeTally | None = None) -> list[float]:
+        """Scores of (prompt, response) items; a costed judge's cost goes into `tally`."""
         # several concurrent calls: @serve.batch and several replicas get to work in parallel
-        responses = [self.handle.score_items.remote(list(items[s:s + chunk])) for s in range(0, len(items), chunk)]
-        return [x for r in responses for x in _result(r)]
+        costed = self.info.costed and tally is not None
+        method = self.handle.score_items_costed if costed else self.handle.score_items
+        responses = [method.remote(list(items[s:s + chunk])) for s in range(0, len(items), chunk)]
+        flat = [x for r in responses for x in _result(r)]
+        if not costed:
+            return flat
+        for _, usage in flat:
+            tally.add_usage(usage)
+        return [score for score, _ in flat]
 
     def compare_both_orders(self, items: Sequence[tuple[str, str, str]], chunk: int = 256,
                             tally: JudgeTally | None = None) -> list[str]:

@@ -75,7 +75,8 @@ class RemoteJudge:
         async def settle(extra: int) -> None:
             await actor.settle.remote(extra)
         self.core = RemoteJudgeCore(s, key, pace if paced else None, settle if paced else None)
-        self.info_ = JudgeInfo(f"openai:{s.model}", "openai", pairwise=s.mode == "pairwise")
+        self.info_ = JudgeInfo(f"openai:{s.model}", "openai", pairwise=s.mode == "pairwise",
+                               tie_margin=s.tie_margin, costed=s.mode == "pointwise")
         self.api_key = api_key(API_KEY_ENV)  # raydpo's own bearer key on /judge, not the endpoint's
 
     # ------------------------------------------------------------ handle API (the loop)
@@ -95,9 +96,13 @@ class RemoteJudge:
         return dataclasses.replace(compare_scores(sa, sb, self.core.s.tie_margin), **cost)
 
     async def score_items(self, items: list[tuple[str, str]]) -> list[float]:
+        return [v for v, _ in await self.score_items_costed(items)]
+
+    async def score_items_costed(self, items: list[tuple[str, str]]) -> list[tuple[float, dict]]:
+        """(score, what it cost) per item: the loop counts a rubric judge's requests and tokens."""
         if self.info_.pairwise:
             raise JudgeError("this judge compares (judge.remote.mode=pairwise); it does not score one response")
-        return [v for v, _ in await asyncio.gather(*(self.core.score(p, r) for p, r in items))]
+        return list(await asyncio.gather(*(self.core.score(p, r) for p, r in items)))
 
     async def info(self) -> JudgeInfo:
         return self.info_

@@ -84,7 +84,7 @@ def score_eval(cfg: RunConfig, it: int, judge, trainer, prompts: list[str], base
     take log pi(y|x) from the sampler (the version that drew y) and only the reference from the
     trainer, which may hold a newer version by now."""
     wr = win_rate(judge, prompts, [s.text for s in samples], baseline)
-    scores = [] if judge.pairwise else judge.score([(s.prompt, s.text) for s in samples])
+    scores = [] if judge.pairwise else judge.score([(s.prompt, s.text) for s in samples], tally=wr.tally)
     out = {"win_rate": wr.win_rate, "wins": wr.wins, "ties": wr.ties, "losses": wr.losses, "invalid": wr.invalid,
            **wr.tally.row("eval_judge_"),
            "judge_score": statistics.mean(scores) if scores else float("nan"),

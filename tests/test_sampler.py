@@ -296,9 +296,9 @@ def test_samples_carry_the_version_that_produced_them_across_a_mid_run_update(po
 
 class RuleJudge:
     """The style task's rule, scored in-process (the Serve deployment of it runs in test_judge)."""
-    name, invalid = "rule:raydpo.tasks.style:score", 0
+    name = "rule:raydpo.tasks.style:score"
 
-    def rank(self, groups):
+    def rank(self, groups, tally=None):  # JudgeClient.rank's signature; a rule compares nothing to tally
         return [[style.score(p, t) for p, t in g] for g in groups]
 
 

@@ -143,7 +143,7 @@ def test_a_pairwise_judges_quality_and_cost_are_tallied_per_chunk_and_survive_a_
     row = counts_row(counts)
     assert (row["judge_consistency"], row["judge_tie_rate"], row["judge_invalid_rate"]) == (1 / 3, 1 / 3, 1 / 3)
     assert (row["judge_calls"], row["judge_cache_hits"], row["judge_retries"], row["judge_cost"]) == (6, 6, 2, 1.5)
-    assert row["invalid_comparisons"] == 2 and row["judge_prompt_tokens"] == 120
+    assert row["invalid_comparisons"] == 2 and row["judge_prompt_tokens"] == 120 and row["judge_cache_misses"] == 6
     assert counts_row(PairCounts())["judge_consistency"] is None  # a scoring judge ranks without comparing
 
 

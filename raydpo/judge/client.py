@@ -59,7 +59,8 @@ class JudgeTally:
         rate = (lambda x: x / n) if n else (lambda x: None)
         return {f"{prefix}consistency": rate(self.consistent), f"{prefix}tie_rate": rate(self.ties),
                 f"{prefix}invalid_rate": rate(self.invalid), f"{prefix}calls": self.calls,
-                f"{prefix}cache_hits": self.cached, f"{prefix}retries": self.retries,
+                f"{prefix}cache_hits": self.cached, f"{prefix}cache_misses": self.calls,  # a miss is a call
+                f"{prefix}retries": self.retries,
                 f"{prefix}prompt_tokens": self.prompt_tokens, f"{prefix}completion_tokens": self.completion_tokens,
                 f"{prefix}cost": round(self.cost, 6)}
 

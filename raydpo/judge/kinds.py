@@ -55,8 +55,15 @@ def _remote_args(cfg, j) -> dict:
             check_template(j.template or DEFAULT_TEMPLATE)
         except ValueError as e:
             raise ConfigError(str(e)) from None
-    elif pattern == type(j).model_fields["answer_pattern"].default:
-        pattern = DEFAULT_SCORE_PATTERN
+    else:
+        import string
+
+        names = {f for _, f, _, _ in string.Formatter().parse(j.template or "{prompt}{response}") if f is not None}
+        if names != {"prompt", "response"}:
+            raise ConfigError(f"judge.template: a pointwise judge's rubric uses {{prompt}} and {{response}} and "
+                              f"nothing else; got {sorted(names)}")
+        if pattern == type(j).model_fields["answer_pattern"].default:
+            pattern = DEFAULT_SCORE_PATTERN
     template = j.template or (DEFAULT_TEMPLATE if r.mode == "pairwise" else None)  # pointwise: DEFAULT_RUBRIC
     settings = {**r.model_dump(exclude={"cache"}), "template": template,
                 "answer_pattern": pattern, "answers": sorted(j.answers.items()), "max_new_tokens": j.max_new_tokens,

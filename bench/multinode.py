@@ -39,7 +39,10 @@ from pathlib import Path
 
 import psutil
 
-from raydpo.cluster import free_port, local_ray_env
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.helpers, run as `python bench/multinode.py`
+
+from raydpo.cluster import free_port, local_ray_env  # noqa: E402
+from tests.helpers.proc import kill_and_wait  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 PLACED = {"trainer": "trainer_node", "sampler": "sampler_node", "judge": "head_node", "policy": "head_node"}
@@ -184,12 +187,7 @@ class LocalCluster:
     def kill(self, name: str) -> int:
         """SIGKILL every process of node `name`; returns how many there were."""
         procs = self._processes(name)
-        for p in procs:
-            try:
-                p.kill()
-            except psutil.NoSuchProcess:
-                pass
-        psutil.wait_procs(procs, timeout=30)
+        kill_and_wait(procs)
         return len(procs)
 
     def restart(self, name: str) -> None:

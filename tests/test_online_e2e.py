@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from tests.helpers.online import check_run, small_config
-from tests.helpers.proc import REPO, free_port, run_py
+from tests.helpers.proc import REPO, free_port, kill_and_wait, run_py
 
 pytestmark = pytest.mark.slow  # starts Ray, vLLM or Serve, or trains: `make test-fast` leaves it out
 
@@ -38,12 +38,7 @@ def _kill_tree(pid: int) -> None:
         procs += procs[0].children(recursive=True)
     except psutil.NoSuchProcess:
         pass
-    for p in procs:
-        try:
-            p.kill()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(procs, timeout=30)
+    kill_and_wait(procs)
 
 
 def test_killed_driver_resumes_with_every_pair_exactly_once(tmp_path):

@@ -16,6 +16,18 @@ def run_py(args, timeout, env=None):
     )
 
 
+def kill_and_wait(procs) -> None:
+    """SIGKILL psutil processes (one already gone is fine) and wait for them, up to 30 s."""
+    import psutil
+
+    for p in procs:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(procs, timeout=30)
+
+
 def free_port() -> int:
     """A TCP port free on 127.0.0.1 right now (for Serve, Ray heads)."""
     import socket

@@ -114,36 +114,32 @@ def test_concurrent_requests_are_batched_and_a_bad_item_fails_alone(judge_url):
     assert [s for s, _ in results].count(200) == 23 and results[5][0] == 422
 
 
-def test_serve_yaml_builds_and_binds_to_loopback():
+def serve_yaml_app(file: str):
+    """A serve/*.yaml that binds to loopback: its one application's args and builder."""
     import importlib
     from pathlib import Path
 
     import yaml
 
-    cfg = yaml.safe_load((Path(__file__).parents[1] / "serve" / "judge_rule.yaml").read_text())
+    cfg = yaml.safe_load((Path(__file__).parents[1] / "serve" / file).read_text())
     assert cfg["http_options"]["host"] == "127.0.0.1"
     [app] = cfg["applications"]
     module, name = app["import_path"].split(":")
-    builder = getattr(importlib.import_module(module), name)
-    assert builder(app["args"]) is not None
+    return app["args"], getattr(importlib.import_module(module), name)
+
+
+def test_serve_yaml_builds_and_binds_to_loopback():
+    args, builder = serve_yaml_app("judge_rule.yaml")
+    assert builder(args) is not None
     with pytest.raises(ValueError, match=r"unknown args \['tie_margn'\]"):
         builder({"tie_margn": 0.1})
 
 
 def test_the_remote_judge_yaml_builds_and_its_settings_are_checked():
-    import importlib
-    from pathlib import Path
-
-    import yaml
-
-    cfg = yaml.safe_load((Path(__file__).parents[1] / "serve" / "judge_openai.yaml").read_text())
-    assert cfg["http_options"]["host"] == "127.0.0.1"
-    [app] = cfg["applications"]
-    module, name = app["import_path"].split(":")
-    builder = getattr(importlib.import_module(module), name)
-    assert builder(app["args"]) is not None
+    args, builder = serve_yaml_app("judge_openai.yaml")
+    assert builder(args) is not None
     with pytest.raises(ValueError, match=r"unknown settings \['max_retrys'\]; known: base_url, model"):
-        builder({"settings": {**app["args"]["settings"], "max_retrys": 3}})
+        builder({"settings": {**args["settings"], "max_retrys": 3}})
     with pytest.raises(ValueError, match="settings.base_url is required"):
         builder({"settings": {"model": "m"}})
 

@@ -67,7 +67,8 @@ def table(rows: list[dict]) -> str:
     return "\n".join([head, sep, *body])
 
 
-def _judge_sum(row: dict, key: str) -> float:
+def judge_total(row: dict, key: str) -> float:
+    """A judge figure of an iteration's row, ranking's and the eval's together (0 where absent)."""
     return (row.get(f"judge_{key}") or 0) + (row.get(f"eval_judge_{key}") or 0)
 
 
@@ -75,7 +76,7 @@ def judge_table(rows: list[dict]) -> str:
     """The judge per iteration: its position consistency, tie and invalid rates on the eval's
     comparisons (both orders, every judge kind), and for a remote judge what it cost
     (ranking and eval together)."""
-    remote = any(_judge_sum(r, "calls") or _judge_sum(r, "cache_hits") for r in rows)
+    remote = any(judge_total(r, "calls") or judge_total(r, "cache_hits") for r in rows)
     head = "| iter | consistency | tie rate | invalid rate |" + (" calls | cache hits | retries | tokens | cost |"
                                                                  if remote else "")
     lines = [head, "|" + "---:|" * head.count(" |")]
@@ -83,9 +84,9 @@ def judge_table(rows: list[dict]) -> str:
         cells = [str(r["iteration"])] + [_fmt(r, f"eval_judge_{k}", "{:.3f}")
                                          for k in ("consistency", "tie_rate", "invalid_rate")]
         if remote:
-            cells += [f"{_judge_sum(r, k):.0f}" for k in ("calls", "cache_hits", "retries")]
-            cells += [f"{_judge_sum(r, 'prompt_tokens') + _judge_sum(r, 'completion_tokens'):.0f}",
-                      f"{_judge_sum(r, 'cost'):.4f}"]
+            cells += [f"{judge_total(r, k):.0f}" for k in ("calls", "cache_hits", "retries")]
+            cells += [f"{judge_total(r, 'prompt_tokens') + judge_total(r, 'completion_tokens'):.0f}",
+                      f"{judge_total(r, 'cost'):.4f}"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -160,10 +161,10 @@ def write_report(run_dir: str | Path, extra: dict[str, str] | None = None) -> Pa
                  f"**{_fmt(last, 'win_rate', '{:.3f}')}** after iteration {last['iteration']}")
     lines.append(f"- mean judge score: {_fmt(first, 'judge_score', '{:.3f}')} -> {_fmt(last, 'judge_score', '{:.3f}')}")
     lines.append(f"- judged pairs stored: {sum(r.get('pairs', 0) for r in rows)}")
-    if any(_judge_sum(r, "calls") or _judge_sum(r, "cache_hits") for r in rows):
-        lines.append(f"- judge calls (retries not counted): {sum(_judge_sum(r, 'calls') for r in rows):.0f}, "
-                     f"{sum(_judge_sum(r, 'cache_hits') for r in rows):.0f} answered from the cache, "
-                     f"cost {sum(_judge_sum(r, 'cost') for r in rows):.4f}")
+    if any(judge_total(r, "calls") or judge_total(r, "cache_hits") for r in rows):
+        lines.append(f"- judge calls (retries not counted): {sum(judge_total(r, 'calls') for r in rows):.0f}, "
+                     f"{sum(judge_total(r, 'cache_hits') for r in rows):.0f} answered from the cache, "
+                     f"cost {sum(judge_total(r, 'cost') for r in rows):.4f}")
     for k, v in (extra or {}).items():
         lines.append(f"- {k}: {v}")
     lines += ["", "## Per iteration", "", table(rows), "", "## Where the time went (iterations >= 1)", "",

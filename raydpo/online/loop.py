@@ -33,7 +33,7 @@ from raydpo.online.pairs import counts_row
 from raydpo.online.resume import (ResumePoint, catch_up, check_run_dir, iteration_checkpoint, publish_trained,
                                   resume_point, trained_row)
 from raydpo.online.training_data import dpo_metrics, pairs_version, training_data, warm_up_ray_data
-from raydpo.report import TIME_KEYS, append_metrics, read_metrics, table, write_report
+from raydpo.report import TIME_KEYS, append_metrics, judge_total, read_metrics, table, write_report
 
 
 def log(msg: str) -> None:
@@ -149,12 +149,10 @@ def log_iteration(row: dict) -> None:
         f"({row['time_total']:.1f}s: sample {row['time_sample']:.1f}, judge {row['time_judge']:.1f}, "
         f"{wait}train {row['time_train']:.1f}, sync {row['time_sync']:.2f}, eval {row['time_eval']:.1f}, "
         f"other {row['time_other']:.1f})")
-    calls = (row.get("judge_calls") or 0) + (row.get("eval_judge_calls") or 0)
-    hits = (row.get("judge_cache_hits") or 0) + (row.get("eval_judge_cache_hits") or 0)
+    calls, hits = judge_total(row, "calls"), judge_total(row, "cache_hits")
     if calls or hits:  # a remote judge: what it cost
-        retries = (row.get("judge_retries") or 0) + (row.get("eval_judge_retries") or 0)
-        cost = (row.get("judge_cost") or 0) + (row.get("eval_judge_cost") or 0)
-        log(f"  judge: {calls} calls (+{retries} retries), {hits} answers from the cache, cost {cost:.4f}")
+        log(f"  judge: {calls:.0f} calls (+{judge_total(row, 'retries'):.0f} retries), {hits:.0f} answers from the "
+            f"cache, cost {judge_total(row, 'cost'):.4f}")
 
 
 # ------------------------------------------------------------------ set-up and tear-down

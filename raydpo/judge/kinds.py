@@ -41,7 +41,7 @@ def _remote_args(cfg, j) -> dict:
     from raydpo.config_io import require
     from raydpo.errors import ConfigError
     from raydpo.judge.remote import DEFAULT_SCORE_PATTERN
-    from raydpo.judge.rules import DEFAULT_TEMPLATE, check_template
+    from raydpo.judge.rules import DEFAULT_TEMPLATE, RUBRIC_FIELDS, check_template
 
     r = j.remote
     require(cfg, "judge.remote.base_url", "judge.remote.model", by="judge.kind=openai")
@@ -50,20 +50,15 @@ def _remote_args(cfg, j) -> dict:
                           f"export it (the judge replicas read it), or set judge.remote.api_key_env=null for an "
                           f"endpoint without a key")
     pattern = j.answer_pattern
-    if r.mode == "pairwise":
-        try:
+    try:
+        if r.mode == "pairwise":
             check_template(j.template or DEFAULT_TEMPLATE)
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
-    else:
-        import string
-
-        names = {f for _, f, _, _ in string.Formatter().parse(j.template or "{prompt}{response}") if f is not None}
-        if names != {"prompt", "response"}:
-            raise ConfigError(f"judge.template: a pointwise judge's rubric uses {{prompt}} and {{response}} and "
-                              f"nothing else; got {sorted(names)}")
-        if pattern == type(j).model_fields["answer_pattern"].default:
-            pattern = DEFAULT_SCORE_PATTERN
+        elif j.template:  # a pointwise judge's rubric (None: DEFAULT_RUBRIC)
+            check_template(j.template, RUBRIC_FIELDS)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if r.mode == "pointwise" and pattern == type(j).model_fields["answer_pattern"].default:
+        pattern = DEFAULT_SCORE_PATTERN
     template = j.template or (DEFAULT_TEMPLATE if r.mode == "pairwise" else None)  # pointwise: DEFAULT_RUBRIC
     settings = {**r.model_dump(exclude={"cache"}), "template": template,
                 "answer_pattern": pattern, "answers": sorted(j.answers.items()), "max_new_tokens": j.max_new_tokens,

@@ -68,14 +68,18 @@ def render_judge_prompt(template: str, prompt: str, response_a: str, response_b:
     return template.format(prompt=prompt, response_a=response_a, response_b=response_b)
 
 
-def check_template(template: str) -> None:
+PAIRWISE_FIELDS = ("prompt", "response_a", "response_b")
+RUBRIC_FIELDS = ("prompt", "response")  # a pointwise judge's rubric
+
+
+def check_template(template: str, fields: tuple[str, ...] = PAIRWISE_FIELDS) -> None:
     import string
 
     names = {f for _, f, _, _ in string.Formatter().parse(template) if f is not None}
-    missing = {"prompt", "response_a", "response_b"} - names
-    extra = names - {"prompt", "response_a", "response_b"}
+    missing = set(fields) - names
+    extra = names - set(fields)
     if missing or extra:
-        raise ValueError(f"judge.template must use {{prompt}}, {{response_a}}, {{response_b}} and nothing else"
+        raise ValueError(f"judge.template must use {', '.join('{' + f + '}' for f in fields)} and nothing else"
                          f"{'; missing ' + str(sorted(missing)) if missing else ''}"
                          f"{'; unknown ' + str(sorted(extra)) if extra else ''}")
 

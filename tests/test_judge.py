@@ -142,6 +142,24 @@ def test_the_remote_judge_yaml_builds_and_its_settings_are_checked():
         builder({"settings": {**args["settings"], "max_retrys": 3}})
     with pytest.raises(ValueError, match="settings.base_url is required"):
         builder({"settings": {"model": "m"}})
+    with pytest.raises(ValueError, match=r"missing \['response_b'\]"):
+        builder({"settings": {**args["settings"], "template": "{prompt} {response_a}"}})
+
+
+def test_a_pairwise_remote_judge_without_a_template_asks_with_the_default():
+    """The YAML route may leave settings.template out: the default template, not None.format."""
+    import asyncio
+
+    from raydpo.errors import JudgeError
+    from raydpo.judge.remote import RemoteJudgeCore, RemoteSettings
+
+    s = RemoteSettings(base_url="http://127.0.0.1:9/v1", model="m", api_key_env=None, max_retries=0, timeout_s=5)
+
+    async def ask():
+        return await RemoteJudgeCore(s, None).compare(P, " a", " b")
+
+    with pytest.raises(JudgeError, match="no answer after 1 attempts .last: connection failed"):  # it got as far as asking
+        asyncio.run(ask())
 
 
 def test_wilson_interval_against_its_definition():

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from raydpo.errors import JudgeError
-from raydpo.judge.rules import combine_both_orders, parse_verdict, render_judge_prompt
+from raydpo.judge.rules import DEFAULT_TEMPLATE, combine_both_orders, parse_verdict, render_judge_prompt
 from raydpo.records import Judgement
 
 RETRY_STATUS = frozenset({408, 409, 429})  # and every 5xx
@@ -358,7 +358,7 @@ class RemoteJudgeCore:
     async def compare(self, prompt: str, a: str, b: str) -> Judgement:
         """Asked as (A, B) and as (B, A), concurrently; agreement is a preference, disagreement
         a tie, an unparseable answer in either order "invalid" (`combine_both_orders`)."""
-        template = self.s.template
+        template = self.s.template or DEFAULT_TEMPLATE
         texts = [render_judge_prompt(template, prompt, a, b), render_judge_prompt(template, prompt, b, a)]
         keys = [VerdictCache.key(*self._asked(), template, prompt, x, y, order)
                 for x, y, order in ((a, b, "ab"), (b, a, "ba"))]

@@ -157,4 +157,9 @@ def build_app(args: dict):
     if unknown:
         raise ValueError(f"remote judge app: unknown settings {unknown}; known: "
                          f"{', '.join(RemoteSettings.__dataclass_fields__)}")
+    from raydpo.judge.rules import DEFAULT_TEMPLATE, PAIRWISE_FIELDS, RUBRIC_FIELDS, check_template
+
+    pairwise = settings.get("mode", "pairwise") == "pairwise"
+    if pairwise or settings.get("template"):  # a bad template fails here, not at the first request
+        check_template(settings.get("template") or DEFAULT_TEMPLATE, PAIRWISE_FIELDS if pairwise else RUBRIC_FIELDS)
     return RemoteJudge.options(ray_actor_options=replica_options(args, 0.25), **serve_scale(args)).bind(settings)

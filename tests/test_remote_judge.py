@@ -91,6 +91,9 @@ def test_verdict_cache_reloads_and_skips_a_line_cut_by_a_kill(tmp_path):
     again = VerdictCache(tmp_path)
     assert again.get(k1)["text"] == " A" and again.get(k2)["text"] == " B"
     assert again.skipped == 1 and again.path != c.path  # each process writes its own file
+    core = RemoteJudgeCore(RemoteSettings(base_url="http://127.0.0.1:9/v1", model="m", api_key_env=None,
+                                          cache_dir=str(tmp_path)), None)
+    assert core.counts["cache_lines_skipped"] == 1  # what the replica reports at /v1/judge
 
 
 def test_the_openai_kind_names_what_is_missing_and_keeps_the_key_out_of_its_args(tmp_path, monkeypatch):

@@ -243,6 +243,8 @@ class RemoteJudgeCore:
         self.breaker = Breaker(s.breaker_failures, s.breaker_cooldown_s, s.base_url, s.breaker_after_s)
         self.cache = VerdictCache(s.cache_dir) if s.cache_dir else None
         self.counts: Counter = Counter()
+        if self.cache is not None and self.cache.skipped:  # unreadable cache lines: counted, shown in /v1/judge
+            self.counts["cache_lines_skipped"] = self.cache.skipped
         self.answers = dict(s.answers)
         self._inflight: dict = {}
 

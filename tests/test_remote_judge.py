@@ -6,6 +6,7 @@ the rate limit holds; the breaker trips and lets a later run continue; a cached 
 is never paid for twice; the key goes to the endpoint and nowhere else."""
 
 import asyncio
+import dataclasses
 import json
 import math
 
@@ -388,8 +389,7 @@ def test_two_serve_replicas_share_one_rate_limit_and_answer_over_http(upstream, 
     # the replicas run in the tests' Ray, started before KEY_ENV could be set: the proxy holds the key
     with FaultProxy(upstream, upstream_key=KEY) as proxy:
         s = settings(proxy.url, requests_per_minute=rpm, api_key_env=None)
-        settings_dict = {k: getattr(s, k) for k in s.__dataclass_fields__}
-        serve.run(build_app({"settings": settings_dict, "num_replicas": 2, "num_cpus": 0.1}), name="judge",
+        serve.run(build_app({"settings": dataclasses.asdict(s), "num_replicas": 2, "num_cpus": 0.1}), name="judge",
                   route_prefix="/judge")
         url = f"http://127.0.0.1:{serve_port}/judge/v1"
 

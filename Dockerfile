@@ -26,6 +26,9 @@ COPY --chown=ray jobs ./jobs
 COPY --chown=ray cluster ./cluster
 COPY --chown=ray serve ./serve
 COPY --chown=ray bench ./bench
+# benches use the tests' helpers (bench/multinode.py kills nodes with them, bench/remote_judge.py runs the fault proxy)
+COPY --chown=ray tests/__init__.py ./tests/__init__.py
+COPY --chown=ray tests/helpers ./tests/helpers
 
 # `ray`, `python` and `raydpo` from the venv, for KubeRay's start commands and job entrypoints
 ENV PATH=/home/ray/raydpo/.venv/bin:$PATH

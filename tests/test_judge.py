@@ -142,7 +142,7 @@ def test_the_remote_judge_yaml_builds_and_its_settings_are_checked():
         builder({"settings": {**args["settings"], "max_retrys": 3}})
     with pytest.raises(ValueError, match="settings.base_url is required"):
         builder({"settings": {"model": "m"}})
-    with pytest.raises(ValueError, match=r"missing \['response_b'\]"):
+    with pytest.raises(ValueError, match=r"settings.template must use .* missing \['response_b'\]"):
         builder({"settings": {**args["settings"], "template": "{prompt} {response_a}"}})
 
 

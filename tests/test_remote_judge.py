@@ -122,7 +122,8 @@ def test_the_openai_kind_names_what_is_missing_and_keeps_the_key_out_of_its_args
     pointwise = args(*url, "judge.remote.mode=pointwise", "judge.remote.cache=false")["settings"]
     assert pointwise["answer_pattern"] == r"(-?\d+(?:\.\d+)?)" and pointwise["template"] is None
     assert pointwise["cache_dir"] is None
-    with pytest.raises(ConfigError, match=r"must use \{prompt\}, \{response\} and nothing else; missing \['response'\]; "
+    with pytest.raises(ConfigError, match=r"pointwise rubric, judge.remote.mode=pointwise\) must use \{prompt\}, "
+                                          r"\{response\} and nothing else; missing \['response'\]; "
                                           r"unknown \['response_a'\]"):
         args(*url, "judge.remote.mode=pointwise", "judge.template='{prompt} {response_a}'")
     with pytest.raises(ConfigError, match="judge.remote.api: Input should be 'chat' or 'completions'"):

@@ -54,7 +54,7 @@ def _remote_args(cfg, j) -> dict:
         if r.mode == "pairwise":
             check_template(j.template or DEFAULT_TEMPLATE)
         elif j.template:  # a pointwise judge's rubric (None: DEFAULT_RUBRIC)
-            check_template(j.template, RUBRIC_FIELDS)
+            check_template(j.template, RUBRIC_FIELDS, key="judge.template (a pointwise rubric, judge.remote.mode=pointwise)")
     except ValueError as e:
         raise ConfigError(str(e)) from None
     if r.mode == "pointwise" and pattern == type(j).model_fields["answer_pattern"].default:

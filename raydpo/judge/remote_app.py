@@ -161,5 +161,6 @@ def build_app(args: dict):
 
     pairwise = settings.get("mode", "pairwise") == "pairwise"
     if pairwise or settings.get("template"):  # a bad template fails here, not at the first request
-        check_template(settings.get("template") or DEFAULT_TEMPLATE, PAIRWISE_FIELDS if pairwise else RUBRIC_FIELDS)
+        check_template(settings.get("template") or DEFAULT_TEMPLATE, PAIRWISE_FIELDS if pairwise else RUBRIC_FIELDS,
+                       key="settings.template")
     return RemoteJudge.options(ray_actor_options=replica_options(args, 0.25), **serve_scale(args)).bind(settings)

@@ -72,14 +72,14 @@ PAIRWISE_FIELDS = ("prompt", "response_a", "response_b")
 RUBRIC_FIELDS = ("prompt", "response")  # a pointwise judge's rubric
 
 
-def check_template(template: str, fields: tuple[str, ...] = PAIRWISE_FIELDS) -> None:
+def check_template(template: str, fields: tuple[str, ...] = PAIRWISE_FIELDS, key: str = "judge.template") -> None:
     import string
 
     names = {f for _, f, _, _ in string.Formatter().parse(template) if f is not None}
     missing = set(fields) - names
     extra = names - set(fields)
     if missing or extra:
-        raise ValueError(f"judge.template must use {', '.join('{' + f + '}' for f in fields)} and nothing else"
+        raise ValueError(f"{key} must use {', '.join('{' + f + '}' for f in fields)} and nothing else"
                          f"{'; missing ' + str(sorted(missing)) if missing else ''}"
                          f"{'; unknown ' + str(sorted(extra)) if extra else ''}")
 

@@ -41,7 +41,7 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.helpers, run as `python bench/multinode.py`
 
-from raydpo.cluster import free_port, local_ray_env  # noqa: E402
+from raydpo.cluster import STARTUP_CONCURRENCY, free_port, local_ray_env  # noqa: E402
 from tests.helpers.proc import kill_and_wait  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -89,6 +89,7 @@ class LocalCluster:
                          "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"})
         self._dash = free_port()
         self.env.update(local_ray_env(self._dash))  # the same Ray settings as a raydpo local Ray
+        self.env["RAY_worker_maximum_startup_concurrency"] = str(STARTUP_CONCURRENCY)
         # the GCS declares a node dead after `threshold` failed health checks `period` apart:
         # 5 x 3 s by default (measured here: ~30 s before a killed node's actors were seen
         # dead), meant for real networks; 5 x 1 s on one machine

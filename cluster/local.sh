@@ -15,6 +15,11 @@
 #   0.5, policy 1, and 1 for Ray Data tasks) need 6, and its phases run one after
 #   another, so they can share fewer cores. The head gets max(cores, 6) logical CPUs
 #   unless --num-cpus is given. A job checks at start that its roles fit the cluster.
+# * Worker processes: one per role replica, most of them 0-CPU actors. The raylet warns
+#   on every driver's console once it holds 4x its startup concurrency in them, and that
+#   defaults to the CPUs (8 processes on 2 cores: every demo). The head expects 8
+#   concurrent starts instead (raydpo.cluster.STARTUP_CONCURRENCY does the same for a
+#   local Ray).
 # * The venv goes first on PATH, so that a job's `python` entrypoint is the venv's.
 set -euo pipefail
 VENV_BIN="$(cd "$(dirname "$0")/.." && pwd)/.venv/bin"
@@ -25,6 +30,7 @@ fi
 export PATH="$VENV_BIN:$PATH"
 ray get-auth-token --generate > /dev/null   # keeps an existing token; prints it, hence > /dev/null
 export RAY_AUTH_MODE=token
+export RAY_worker_maximum_startup_concurrency="${RAY_worker_maximum_startup_concurrency:-8}"
 
 args=("$@")
 if [[ "${1:-}" =~ ^[0-9]+$ ]]; then args=("--port=$1" "${@:2}"); fi   # the old form: local.sh PORT

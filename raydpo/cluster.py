@@ -183,8 +183,19 @@ def local_ray_env(dashboard_port: int) -> dict:
             "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
 
 
+# A raylet warns on the driver's console ("N PYTHON worker processes have been started
+# ... 4x the maximum expected startup concurrency") once it holds 4x its startup
+# concurrency in worker processes, and that concurrency defaults to the node's CPUs. An
+# online run holds one process per role replica, most of them 0-CPU actors (the trainer
+# mailbox, Serve's controller and proxy, judge and policy replicas), so on 2 cores every
+# demo crossed 8. Expecting 8 concurrent starts moves the warning to 32 processes, where
+# it again means a leak; starting 20 actors took the same time either way (measured).
+STARTUP_CONCURRENCY = 8
+
+
 def start_local_ray(num_cpus: int | None = None, **options) -> None:
-    """A new local Ray (its dashboard and state API on 127.0.0.1 only), with `local_ray_env`.
+    """A new local Ray (its dashboard and state API on 127.0.0.1 only), with `local_ray_env`
+    and `STARTUP_CONCURRENCY`.
 
     address="local": always a new local Ray. A bare ray.init() would instead join
     whatever /tmp/ray/ray_current_cluster names, and hang on a stale entry left by
@@ -192,8 +203,10 @@ def start_local_ray(num_cpus: int | None = None, **options) -> None:
     import ray
 
     port = free_port()
+    concurrency = max(STARTUP_CONCURRENCY, os.cpu_count() or 1)
     ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
-             dashboard_port=port, runtime_env={"env_vars": local_ray_env(port)}, **options)
+             dashboard_port=port, runtime_env={"env_vars": local_ray_env(port)},
+             _system_config={"worker_maximum_startup_concurrency": concurrency}, **options)
 
 
 def init_ray(cfg: RunConfig, roles: tuple[str, ...] = ("trainer",), data_cpus: float = 0.0) -> None:

@@ -119,3 +119,28 @@ def test_serve_replicas_take_their_placement_from_app_args():
         "num_cpus": 1.0, "num_gpus": 0.0, "resources": {"head_node": 0.5}}
     with pytest.raises(ValueError, match="args.resources must map custom resource names to amounts"):
         replica_options({"resources": ["head_node"]}, 1)
+
+
+@pytest.mark.slow
+def test_a_local_ray_holding_many_role_processes_keeps_rays_worker_count_warning_off_the_console():
+    """On 2 CPUs the raylet printed "8 PYTHON worker processes have been started ... 4x the
+    maximum expected startup concurrency" on every demo's console: an online run holds a
+    process per role replica, most of them 0-CPU actors. 20 such actors must not print it."""
+    import subprocess
+    import sys
+
+    script = ("import ray\n"
+              "from raydpo.cluster import start_local_ray\n"
+              "start_local_ray(num_cpus=2, log_to_driver=False)\n"
+              "@ray.remote(num_cpus=0)\n"
+              "class Role:\n"
+              "    def ping(self): return 1\n"
+              "roles = [Role.remote() for _ in range(20)]\n"
+              "print('up', sum(ray.get([r.ping.remote() for r in roles])), flush=True)\n"
+              "import time; time.sleep(2)\n"  # the raylet's warning reaches the driver within ~1 s
+              "ray.shutdown()\n")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=180,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "up 20" in out.stdout
+    assert "worker processes have been started" not in out.stdout + out.stderr

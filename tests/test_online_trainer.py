@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from raydpo.config_io import load_config
-from raydpo.weights import read_safetensors
+from raydpo.weights import read_safetensors, stored_items
 
 pytestmark = pytest.mark.slow  # starts Ray, vLLM or Serve, or trains: `make test-fast` leaves it out
 
@@ -73,11 +73,11 @@ def trained(ray_local, tiny_model_dir, tiny_tokenizer, tmp_path_factory):
         for it in range(1, 7):
             ds = ray_local.data.from_items(_rows(tiny_tokenizer, 16, it)).materialize()
             reply = trainer.train(it, ds, PASSES, refresh_reference=False, timeout_s=600)
-            weights = ray_local.get(reply.weights[0])  # what the loop publishes
-            # copies: ray.get's numpy arrays are zero-copy views that would pin the object themselves
-            replies.append({**reply.saved(), "from_checkpoint": reply.from_checkpoint,
-                            "state": {k: v.copy() for k, v in weights.items()} if it == 2 else None})
-            del ds, reply, weights
+            # what the loop publishes; copies: ray.get's numpy arrays are zero-copy views that
+            # would pin the object themselves
+            state = {k: v.numpy().copy() for k, v in stored_items(reply.weights[0])} if it == 2 else None
+            replies.append({**reply.saved(), "from_checkpoint": reply.from_checkpoint, "state": state})
+            del ds, reply, state
             held.append(ray_local.get(trainer.mailbox.held.remote()))
             plasma.append(_plasma_bytes())
     finally:

@@ -62,12 +62,15 @@ def test_openai_client_and_a_published_update(policy_app, tiny_model_dir, tiny_t
 
     g = torch.Generator().manual_seed(1)
     state = {k: v + 0.2 * torch.randn(v.shape, generator=g) for k, v in read_safetensors(tiny_model_dir).items()}
-    ref = ray.put({k: v.numpy() for k, v in state.items()})
+    from raydpo.weights import buckets, put_weights
+
+    stored = put_weights(buckets(state.items(), 64 << 10))  # buckets of 64 KiB: the replica reads ~30 in turn
+    assert len(stored.parts) > 10
     from raydpo.policy.endpoint import PolicyEndpoint
 
     endpoint = PolicyEndpoint.__new__(PolicyEndpoint)  # the publishing half only: the app is already up
     endpoint.registry, endpoint.replicas = registry, 1
-    assert endpoint.publish(1, state_ref=ref, timeout_s=60) < 60
+    assert endpoint.publish(1, weights=stored, timeout_s=60) < 60
     after = client.completions.create(model="policy", prompt=PROMPT, max_tokens=8, temperature=0.0)
     assert after.system_fingerprint == "raydpo-policy-v1"
     expected = transformers_greedy(tiny_model_dir, state, tiny_tokenizer, PROMPT, 8)

@@ -154,3 +154,133 @@ def test_a_lora_runs_adapter_file_is_not_read_as_model_weights(tmp_path):
     save_file({"base_model.model.w.lora_A.weight": torch.ones(1, 2)}, str(tmp_path / "adapter.safetensors"))
     assert set(read_safetensors(tmp_path)) == {"w"}
     assert set(checkpoint_shapes(tmp_path)) == {"w"}
+
+
+def test_buckets_are_bounded_and_keep_every_tensor_once_in_order():
+    from raydpo.weights import buckets
+
+    items = [(f"t{i}", torch.zeros(n)) for i, n in enumerate([10, 20, 30, 200, 5, 5, 40])]  # float32: 4 bytes each
+    parts = list(buckets(items, 100 * 4))
+    assert [list(p) for p in parts] == [["t0", "t1", "t2"], ["t3"], ["t4", "t5", "t6"]]  # t3 alone: over the bound
+    assert all(sum(v.numel() * 4 for v in p.values()) <= 400 for p in parts if len(p) > 1)
+    assert list(buckets([], 100)) == []
+
+
+def test_the_trainers_weight_buckets_are_views_under_the_engines_names():
+    """The online trainer used to clone its whole state dict before putting it into the
+    object store: two extra copies of the model at the peak. Its buckets are now views of
+    the live parameters (put_weights copies one bucket at a time), under the names a saved
+    folder uses (GPT-NeoX: embed_out)."""
+    from transformers import AutoModelForCausalLM, GPTNeoXConfig
+
+    from raydpo.train.learner import weight_buckets
+
+    cfg = GPTNeoXConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                        num_attention_heads=2, max_position_embeddings=32)
+    model = AutoModelForCausalLM.from_config(cfg)
+    live = model.state_dict()
+    parts = list(weight_buckets(model, None, 8 << 10))
+    assert len(parts) > 3
+    got = {k: v for p in parts for k, v in p.items()}
+    assert "embed_out.weight" in got and "lm_head.weight" not in got
+    assert got["embed_out.weight"].data_ptr() == live["lm_head.weight"].data_ptr()  # a view, not a copy
+    assert all(got[k].data_ptr() == live[k].data_ptr() for k in live if k != "lm_head.weight")
+
+
+def test_a_lora_policys_weight_buckets_are_the_merged_model():
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from raydpo.train.learner import full_state_dict, weight_buckets
+
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32)
+    torch.manual_seed(0)
+    model = get_peft_model(AutoModelForCausalLM.from_config(cfg), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    for n, p in model.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(p)  # B starts at zero: make the merge change the weights
+    merged = full_state_dict(model, None)
+    got = {k: v for p in weight_buckets(model, None, 4 << 10) for k, v in p.items()}
+    assert got.keys() == merged.keys() and not any("lora" in k for k in got)
+    assert all(torch.equal(got[k], merged[k]) for k in got)
+    base = model.get_base_model().model.layers[0].self_attn.q_proj.base_layer.weight
+    assert not torch.equal(got["model.layers.0.self_attn.q_proj.weight"], base)  # merged, not the base
+
+
+@pytest.mark.slow
+def test_stored_weights_travel_in_buckets_and_are_checked_before_any_is_read(ray_local):
+    """put_weights / stored_items: every tensor comes back equal, bfloat16 included (numpy has
+    no bfloat16: a DeepSpeed bf16 trainer's `v.numpy()` raised), a tied head follows its
+    embedding, and a bad update is refused from its manifest before any bucket is fetched."""
+    from raydpo.errors import WeightsError
+    from raydpo.weights import StoredWeights, buckets, checked_update, put_weights, stored_items
+
+    g = torch.Generator().manual_seed(0)
+    state = {"model.embed_tokens.weight": torch.randn(16, 8, generator=g),
+             "model.norm.weight": torch.randn(8, generator=g).to(torch.bfloat16),
+             "model.layers.0.mlp.up_proj.weight": torch.randn(32, 8, generator=g)}
+    stored = put_weights(buckets(state.items(), 600))  # 512 + 16 bytes, then 1024 alone
+    assert len(stored.parts) == 2 and stored.shapes == {k: tuple(v.shape) for k, v in state.items()}
+    back = dict(stored_items(stored))
+    assert back.keys() == state.keys() and back["model.norm.weight"].dtype == torch.bfloat16
+    assert all(torch.equal(back[k], state[k]) for k in state)
+
+    tied = {"lm_head.weight": "model.embed_tokens.weight"}
+    expected = {k: tuple(v.shape) for k, v in state.items()}
+    names = [k for k, _ in checked_update(expected, tied, stored)]
+    assert names == ["model.embed_tokens.weight", "lm_head.weight", "model.norm.weight",
+                     "model.layers.0.mlp.up_proj.weight"]
+    assert [k for k, _ in checked_update(expected, tied, stored, skip={"lm_head.weight"})] == list(state)
+    unreadable = StoredWeights({**stored.shapes, "model.norm.weight": (9,)}, ("not an ObjectRef",))
+    with pytest.raises(WeightsError, match="shape mismatch"):
+        checked_update(expected, tied, unreadable)
+
+
+_ZERO3 = """
+import os, sys, torch, torch.distributed as dist
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[1], RANK="0", WORLD_SIZE="1", LOCAL_RANK="0",
+                  DS_ACCELERATOR="cpu")
+dist.init_process_group("gloo", rank=0, world_size=1)
+import deepspeed
+from transformers import AutoModelForCausalLM, LlamaConfig
+from raydpo.train.learner import full_state_dict, weight_buckets
+cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                  num_key_value_heads=2, max_position_embeddings=32, tie_word_embeddings=True)
+torch.manual_seed(0)
+model = AutoModelForCausalLM.from_config(cfg)
+plain = {k: v.clone() for k, v in model.state_dict().items()}
+opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+engine, *_ = deepspeed.initialize(model=model, optimizer=opt, dist_init_required=False, config={
+    "train_batch_size": 1, "zero_optimization": {"stage": 3}, "zero_allow_untested_optimizer": True})
+module = engine.module
+assert all(p.numel() == 0 or hasattr(p, "ds_id") for p in module.parameters())
+parts = []
+for part in weight_buckets(module, 3, 8 << 10):
+    parts.append({k: v.clone() for k, v in part.items()})  # inside its gather, as put_weights copies it
+got = {k: v for p in parts for k, v in p.items()}
+assert len(parts) > 3, len(parts)
+assert got.keys() == plain.keys(), sorted(set(got) ^ set(plain))
+bad = [k for k in plain if not torch.equal(got[k], plain[k])]
+assert not bad, bad
+assert all(p.numel() == 0 for p in module.parameters()), "parameters left gathered"
+full = full_state_dict(module, 3)
+assert all(torch.equal(full[k], plain[k]) for k in plain)
+print("ZERO3 OK", len(parts))
+"""
+
+
+@pytest.mark.slow
+def test_a_zero3_trainer_gathers_its_weights_one_bucket_at_a_time():
+    """Under ZeRO-3 every rank holds a shard: the trainer used to gather the whole model, then
+    clone it. It now gathers a bucket, hands it over and releases it: the buckets are the
+    full weights, and no parameter is left gathered."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from tests.helpers.proc import free_port
+
+    out = subprocess.run([sys.executable, "-c", _ZERO3, str(free_port())], capture_output=True, text=True,
+                         timeout=300, cwd=Path(__file__).resolve().parents[1])
+    assert out.returncode == 0 and "ZERO3 OK" in out.stdout, out.stdout[-1500:] + out.stderr[-3000:]

@@ -134,7 +134,7 @@ def train_and_publish(cfg: RunConfig, it: int, r: Run, timer: Timer, run_dir: Pa
     with timer("sync"):
         r.pool.publish(it, state_dict=result.weights[0])
         if r.policy:
-            r.policy.publish(it, state_ref=result.weights[0], path=str(iteration_checkpoint(run_dir, it)))
+            r.policy.publish(it, weights=result.weights[0], path=str(iteration_checkpoint(run_dir, it)))
     return {**kept, "train_steps": result.steps, "trained_pairs": result.pairs, **dpo_metrics(result.metrics),
             "time_train_data": t_data, **{f"time_train_{k}": v for k, v in result.timing.items()}}
 

@@ -132,11 +132,12 @@ class PolicyServer:
                 if self.epoch is None and not payload:  # a new replica on the base weights of the app its
                     self.epoch = epoch  # owner deployed: that owner's version 0
                 if (epoch != self.epoch or version > self.version) and payload and not self.broken:
-                    ref, path = payload
+                    stored, path = payload
                     state = None
-                    if ref is not None:
+                    if stored is not None:
                         try:
-                            state = ray.get(ref)
+                            ray.get(stored.parts[0])  # the load reads every bucket; is their owner alive?
+                            state = stored
                         except ray.exceptions.RayError:  # its owner (the job's trainer) is gone
                             if path is None:
                                 raise

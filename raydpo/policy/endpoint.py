@@ -34,14 +34,15 @@ class PolicyEndpoint:
         serve.run(build_app(args), name=name, route_prefix=route_prefix)
         self.url = f"http://{cfg.cluster.host}:{cfg.cluster.port}{route_prefix}/v1"
 
-    def publish(self, version: int, *, state_ref=None, path: str | None = None, timeout_s: float = 120) -> float:
+    def publish(self, version: int, *, weights=None, path: str | None = None, timeout_s: float = 120) -> float:
         """Make every replica serve `version`; return the seconds it took. Replicas take
-        `state_ref` (the object store) when they can and `path` otherwise: give both, so
-        that a replica started after this job ended (the ref's owner) can still load it."""
-        if state_ref is None and path is None:
-            raise ValueError("publish needs state_ref or path")
+        `weights` (`raydpo.weights.StoredWeights`, in the object store) when they can and
+        `path` otherwise: give both, so that a replica started after this job ended (the
+        owner of the weights' objects) can still load it."""
+        if weights is None and path is None:
+            raise ValueError("publish needs weights or path")
         t = time.perf_counter()
-        ray.get(self.registry.publish.remote(version, [state_ref, path]))
+        ray.get(self.registry.publish.remote(version, [weights, path]))
         while True:
             serving = ray.get(self.registry.serving.remote())
             # replicas that autoscaling or a crash removed stay in `serving` at their old

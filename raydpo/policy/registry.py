@@ -26,7 +26,7 @@ class PolicyRegistry:
         publishes again. Acks from replicas of an earlier epoch never count."""
         self.epoch = uuid.uuid4().hex
         self.version = 0
-        self.payload: list | None = None  # [ObjectRef of a numpy state dict or None, path or None]
+        self.payload: list | None = None  # [raydpo.weights.StoredWeights or None, path or None]
         self.acks: dict[str, int] = {}
         self.errors: dict[str, str] = {}  # replica -> why it could not load the published version
 

@@ -10,6 +10,7 @@ half-updated: it keeps serving the previous version.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 
 import ray
@@ -19,10 +20,10 @@ from raydpo.records import Sample, SamplingSettings, derive_seed
 from raydpo.weights import checked_update, checkpoint_shapes, engine_heads_missing, engine_tied_keys
 
 
-def _failing_after(items: list, n: int):
+def _failing_after(items, n: int):
     """Fault injection for tests: yield `n` tensors, then fail as a real loader error would."""
-    yield from items[:n]
-    raise RuntimeError(f"injected fault: weight load failed after {n} of {len(items)} tensors")
+    yield from itertools.islice(items, n)
+    raise RuntimeError(f"injected fault: weight load failed after {n} tensors")
 
 
 @ray.remote

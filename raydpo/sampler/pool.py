@@ -6,8 +6,9 @@ current weights version) and retries its chunk, and keeps exactly one result per
 (prompt, sample). Every remote wait has a timeout and a failure names the actor
 and the version.
 
-Weight transport on CPU (the default, portable across nodes): the state dict is
-`ray.put` once and every actor `ray.get`s it into `reload_weights(weights_iterator=...)`.
+Weight transport on CPU (the default, portable across nodes): the state dict goes into
+the object store once, in buckets (`raydpo.weights.put_weights`), and every actor reads
+it a bucket at a time into `reload_weights(weights_iterator=...)`.
 `publish(path=...)` instead has each actor read a safetensors folder (storage
 every node sees) and load it the same way. On GPUs, vLLM's weight-transfer API (NCCL
 broadcast from the trainer) is the fast path; it would slot in behind
@@ -29,6 +30,7 @@ import ray
 from raydpo.errors import SamplerError
 from raydpo.records import Sample, SamplingSettings
 from raydpo.sampler.actor import SamplerActor
+from raydpo.weights import StoredWeights, buckets, put_weights
 
 
 @dataclass
@@ -49,14 +51,15 @@ class SamplerPool:
                  max_model_len: int = 256, kv_cache_gib: float = 1.0, dtype: str = "float32", seed: int = 0,
                  trust_remote_code: bool = False, tensor_parallel_size: int = 1, start_timeout_s: float = 300,
                  request_timeout_s: float = 600, sync_timeout_s: float = 120, cpu_ids: list[int] | None = None,
-                 resources: dict[str, float] | None = None):
+                 resources: dict[str, float] | None = None, sync_bucket_mb: int = 512):
         self.model_path = str(Path(model_path).resolve())
         self._opts = dict(num_cpus=cpus, num_gpus=gpus, **({"resources": dict(resources)} if resources else {}))
         self._args = (max_model_len, kv_cache_gib, dtype, seed, "cuda" if gpus else "cpu", trust_remote_code,
                       tensor_parallel_size, cpu_ids)
         self.start_timeout_s, self.request_timeout_s, self.sync_timeout_s = start_timeout_s, request_timeout_s, sync_timeout_s
+        self.sync_bucket_mb = sync_bucket_mb
         self.version = 0
-        self._weights: tuple[int, ray.ObjectRef | None, str | None] | None = None  # latest published
+        self._weights: tuple[int, StoredWeights | None, str | None] | None = None  # latest published
         self.stats = PoolStats()
         # One thread publishes; others may sample and hold meanwhile (the loop with
         # loop.max_staleness): the lock guards the actor slots, the condition the holds.
@@ -81,7 +84,7 @@ class SamplerPool:
                    kv_cache_gib=s.kv_cache_gib, dtype=cfg.model.dtype, seed=cfg.seed,
                    trust_remote_code=cfg.model.trust_remote_code, tensor_parallel_size=s.tensor_parallel_size,
                    request_timeout_s=s.request_timeout_s, sync_timeout_s=s.sync_timeout_s, cpu_ids=r.cpu_ids,
-                   resources=r.resources, start_timeout_s=s.start_timeout_s)
+                   resources=r.resources, start_timeout_s=s.start_timeout_s, sync_bucket_mb=s.sync_bucket_mb)
 
     # ---------------------------------------------------------------- actors
 
@@ -156,9 +159,9 @@ class SamplerPool:
         except ray.exceptions.RayTaskError as e:
             raise SamplerError(f"sampler {index}: {e.cause if e.cause else e}") from None
 
-    def _sync_one(self, index: int, version: int, state_ref, path) -> None:
+    def _sync_one(self, index: int, version: int, stored, path) -> None:
         try:
-            self._await_sync(index, self.actors[index].load_weights.remote(version, state_ref, path))
+            self._await_sync(index, self.actors[index].load_weights.remote(version, stored, path))
         except SamplerError as e:
             raise SamplerError(f"weight sync to version {version} failed: {e}") from None
 
@@ -187,11 +190,12 @@ class SamplerPool:
                                    f"after {2 * self.request_timeout_s}s (2 x sampler.request_timeout_s)")
         self.stats.held_s += time.perf_counter() - t
 
-    def publish(self, version: int, *, state_dict: dict | ray.ObjectRef | None = None, path: str | None = None) -> float:
+    def publish(self, version: int, *, state_dict: dict | StoredWeights | None = None, path: str | None = None) -> float:
         """Bring every actor to `version`.
 
-        `state_dict`: torch tensors, or an ObjectRef of a dict of numpy arrays (as
-        the online trainer returns it: no second copy through the driver).
+        `state_dict`: torch tensors (put into the object store here, in buckets of
+        `sync_bucket_mb`), or `StoredWeights` already there (as the online trainer returns
+        them: no copy through the driver). Each actor reads them a bucket at a time.
 
         Waits first while an older version is held (`hold`), and loads between sampling
         calls: an actor runs one call at a time, so no response mixes versions and every
@@ -209,12 +213,12 @@ class SamplerPool:
         t = time.perf_counter()
         # One copy in the object store, as numpy arrays: Ray hands those to every actor
         # on the node zero-copy from shared memory (torch tensors would be copied).
-        if isinstance(state_dict, ray.ObjectRef):  # already a numpy state dict in the object store (the trainer's)
-            state_ref = state_dict
+        if isinstance(state_dict, StoredWeights) or state_dict is None:
+            stored = state_dict
         else:
-            state_ref = ray.put({k: v.detach().cpu().numpy() for k, v in state_dict.items()}) if state_dict is not None else None
+            stored = put_weights(buckets(state_dict.items(), self.sync_bucket_mb << 20))
         actors = list(self.actors)
-        refs = [a.load_weights.remote(version, state_ref, path) for a in actors]
+        refs = [a.load_weights.remote(version, stored, path) for a in actors]
         errors, loaded = [], []
         for i, ref in enumerate(refs):
             try:
@@ -222,7 +226,7 @@ class SamplerPool:
                     self._await_sync(i, ref)
                 except ray.exceptions.RayActorError:
                     self._replace(i, actors[i])  # comes back on the previous weights; load this version into it
-                    self._await_sync(i, self.actors[i].load_weights.remote(version, state_ref, path))
+                    self._await_sync(i, self.actors[i].load_weights.remote(version, stored, path))
                 loaded.append(i)
             except SamplerError as e:
                 errors.append(str(e))
@@ -231,10 +235,11 @@ class SamplerPool:
             raise SamplerError(f"weight sync to version {version} failed: " + "; ".join(errors)
                                + f"; every sampler is back on version {self.version}")
         self.version = version
-        self._weights = (version, state_ref, path)
-        if state_ref is not None:  # a statistic: it must not fail a publish that worked
+        self._weights = (version, stored, path)
+        if stored is not None:  # a statistic: it must not fail a publish that worked
             try:
-                where = ray.experimental.get_object_locations([state_ref], timeout_ms=5000).get(state_ref)
+                part = stored.parts[0]
+                where = ray.experimental.get_object_locations([part], timeout_ms=5000).get(part)
                 self.stats.weights_nodes = len(where["node_ids"]) if where else 0
             except Exception:  # noqa: BLE001  (the owner gone, a timeout)
                 self.stats.weights_nodes = 0

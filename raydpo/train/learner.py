@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterator
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from raydpo.data.collate import layout
 from raydpo.train.checkpoints import OPTIMIZER_FILE, STATE_FILE, write_manifest
 from raydpo.train.spec import TrainSpec
 from raydpo.train.step import batch_tokens, dpo_step_loss, precision, reward_step_loss, sft_loss
-from raydpo.weights import memory_state, read_safetensors, tied_weight_keys, with_tied_head
+from raydpo.weights import buckets, checkpoint_names, memory_state, read_safetensors, tied_weight_keys, with_tied_head
 
 
 def accumulation_steps(batch_size: int, micro_batch_size: int, world: int) -> int:
@@ -145,6 +146,46 @@ def _plain_state(module) -> dict[str, torch.Tensor]:
 
         module = copy.deepcopy(module).merge_and_unload()
     return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+
+
+def weight_buckets(module, zero_stage: int | None, bucket_bytes: int) -> Iterator[dict[str, torch.Tensor]]:
+    """The policy's state dict under the names a saved folder uses (the engines' names), in
+    buckets of at most `bucket_bytes` for `raydpo.weights.put_weights`, without a copy of the
+    whole model: views of the live parameters, each bucket copied out by the caller before it
+    asks for the next. ZeRO-3 gathers one bucket's parameters at a time, so every rank must
+    iterate (the gathers are collective). LoRA merges into a copy of the model first (the
+    one whole copy; under ZeRO-3 inside one gather of everything, as `full_state_dict`)."""
+    if hasattr(module, "merge_and_unload"):
+        if zero_stage == 3:
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
+                yield from _merged_buckets(module, bucket_bytes)
+        else:
+            yield from _merged_buckets(module, bucket_bytes)
+        return
+    names = checkpoint_names(module)
+    if zero_stage != 3:
+        yield from buckets(((names.get(k, k), v) for k, v in module.state_dict().items()), bucket_bytes)
+        return
+    import deepspeed
+
+    for part in buckets(module.state_dict(keep_vars=True).items(), bucket_bytes, _full_nbytes):
+        params = list({id(v): v for v in part.values() if hasattr(v, "ds_id")}.values())
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+            yield {names.get(k, k): v.detach() for k, v in part.items()}
+
+
+def _full_nbytes(v: torch.Tensor) -> int:
+    return getattr(v, "ds_numel", v.numel()) * v.element_size()  # a ZeRO-3 parameter's own numel is its shard's
+
+
+def _merged_buckets(module, bucket_bytes: int) -> Iterator[dict[str, torch.Tensor]]:
+    import copy
+
+    merged = copy.deepcopy(module).merge_and_unload()  # peft: merge a copy, keep training the adapters
+    names = checkpoint_names(merged)
+    yield from buckets(((names.get(k, k), v) for k, v in merged.state_dict().items()), bucket_bytes)
 
 
 def save_hf(module, zero_stage, spec: TrainSpec, out: Path, write: bool) -> None:
@@ -312,6 +353,10 @@ class Learner:
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Full HF state dict of the policy (every rank must call it: ZeRO-3 gathers)."""
         return full_state_dict(self.unwrapped, self.spec.zero_stage if self.engine else None)
+
+    def weight_buckets(self, bucket_bytes: int) -> Iterator[dict[str, torch.Tensor]]:
+        """`weight_buckets` of the policy (every rank must iterate: ZeRO-3 gathers)."""
+        return weight_buckets(self.unwrapped, self.spec.zero_stage if self.engine else None, bucket_bytes)
 
     def save(self, out: Path, state: dict) -> None:
         """HF folder + trainer state + optimizer (or DeepSpeed shards) into `out`; every rank calls it."""

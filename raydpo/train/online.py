@@ -201,13 +201,16 @@ class _WorkerState:
         return self._train(cmd)
 
     def _weights(self):
-        """The full state dict in the object store (rank 0's ref; every rank must call: ZeRO-3 gathers)."""
-        import ray
+        """The policy's weights in the object store, in buckets (rank 0's `StoredWeights`;
+        every rank must call: ZeRO-3 gathers a bucket at a time)."""
+        from raydpo.weights import put_weights
 
-        from raydpo.weights import checkpoint_state
-
-        full = checkpoint_state(self.learner.unwrapped, self.learner.state_dict())  # the engines' names
-        return ray.put({k: v.numpy() for k, v in full.items()}) if self.learner.rank == 0 else None
+        parts = self.learner.weight_buckets(self.learner.spec.weight_bucket_mb << 20)
+        if self.learner.rank == 0:
+            return put_weights(parts)
+        for _ in parts:
+            pass
+        return None
 
     def _train(self, cmd: TrainRequest) -> TrainResult:
         learner, spec = self.learner, self.learner.spec

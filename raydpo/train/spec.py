@@ -39,6 +39,7 @@ class TrainSpec:
     resume_from: str | None = None
     trust_remote_code: bool = False
     metrics_prefix: str = ""  # e.g. "sft/" or "dpo/"
+    weight_bucket_mb: int = 512  # the online trainer publishes its weights in buckets of this size
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -58,7 +59,7 @@ def make_spec(cfg, mode: str, model_path: str, run_dir: str, **overrides) -> Tra
         zero_stage=t.zero_stage, lora_r=t.lora_r, lora_alpha=t.lora_alpha,
         gradient_checkpointing=t.gradient_checkpointing, bf16=cfg.model.dtype == "bfloat16",
         checkpoint_every=t.checkpoint_every, trust_remote_code=cfg.model.trust_remote_code,
-        metrics_prefix=f"{mode}/",
+        metrics_prefix=f"{mode}/", weight_bucket_mb=cfg.sampler.sync_bucket_mb,
     )
     if mode == "sft":
         common.update(lr=t.sft_lr, batch_size=t.sft_batch_size, micro_batch_size=t.sft_batch_size // cfg.cluster.trainer.count,

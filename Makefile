@@ -1,6 +1,6 @@
 # Two commands on a fresh clone (each sets itself up into .venv first):
 #   make demo   - the main job on its embedded defaults
-#   make test   - the whole test suite
+#   make test   - the whole test suite, except the 3-node cluster test (make test-multinode)
 VENV  := .venv
 PY    := $(VENV)/bin/python
 STAMP := $(VENV)/.raydpo-setup

@@ -113,6 +113,8 @@ from raydpo.weights import put_weights
 folder, route, bucket_bytes = sys.argv[1], sys.argv[2], int(sys.argv[3])
 ray.init(address=sys.argv[4], log_to_driver=False)
 model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+for p in model.parameters():  # into private memory, as a trainer's are: from_pretrained may leave them
+    p.data = p.data.clone()   # views of the mmapped file, whose pages would count when first read
 model_bytes = sum(v.numel() * v.element_size() for v in model.parameters())
 ctypes.CDLL("libc.so.6").malloc_trim(0)
 def kib(field):

@@ -41,6 +41,14 @@ class SamplingSettings:
 
 
 @dataclass(frozen=True)
+class Stale:
+    """A sampler's answer instead of samples when its weights are older than the request's
+    `min_version`: it sampled nothing; `version` is what it holds."""
+
+    version: int
+
+
+@dataclass(frozen=True)
 class Sample:
     """One response and the weights version that produced it. The ids are what the
     trainer trains on (what you sample is what you train); the text is for judges and people."""
@@ -147,7 +155,7 @@ class TrainResult:
     metrics: dict[str, float]  # means over the last pass's steps
     step: int  # optimizer steps since the run began
     seconds: float = 0.0
-    weights: Any = None  # ObjectRef of the new numpy state dict (rank 0's), None when not sent
+    weights: Any = None  # [raydpo.weights.StoredWeights] of the new policy (rank 0's), None when not sent
     timing: dict[str, float] = field(default_factory=dict)
     from_checkpoint: bool = False  # answered from the checkpoint after a worker restart
 

@@ -9,6 +9,8 @@ import math
 import time
 from pathlib import Path
 
+from raydpo.errors import DataError
+
 METRICS_FILE = "online_metrics.jsonl"
 TIME_KEYS = ("sample", "judge", "store", "wait", "train", "sync", "eval", "other")  # wait: the trainer for pairs (max_staleness > 0)
 
@@ -47,7 +49,7 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
             except json.JSONDecodeError:
                 if n == len(lines):  # cut off by a killed driver; that iteration is re-run on resume
                     continue
-                raise ValueError(f"{path}:{n}: not a JSON object") from None
+                raise DataError(f"{path}:{n}: not a JSON object (only the last line may be cut off)") from None
             rows[r["iteration"]] = r
     return [rows[k] for k in sorted(rows)]
 
@@ -149,7 +151,7 @@ def write_report(run_dir: str | Path, extra: dict[str, str] | None = None) -> Pa
     run_dir = Path(run_dir)
     rows = read_metrics(run_dir)
     if not rows:
-        raise FileNotFoundError(f"{run_dir / METRICS_FILE}: no iterations recorded yet")
+        raise DataError(f"{run_dir / METRICS_FILE}: no iterations recorded yet")
     out = run_dir / "report"
     png = plot(rows, out / "metrics.png")
     first, last = rows[0], rows[-1]

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from raydpo.config import TinyModelConfig
+from raydpo.errors import ConfigError
 from raydpo.model_check import CPU_HEAD_SIZES  # vLLM CPU attention's head sizes (checked against vLLM by a test)
 
 PAD = "<|pad|>"
@@ -92,13 +93,13 @@ def build_model(tokenizer, shape: TinyModelConfig, seed: int):
 
     head_dim, rem = divmod(shape.hidden_size, shape.num_attention_heads)
     if rem or head_dim not in CPU_HEAD_SIZES:
-        raise ValueError(
+        raise ConfigError(
             f"model.tiny: hidden_size {shape.hidden_size} / num_attention_heads "
             f"{shape.num_attention_heads} gives head size {shape.hidden_size / shape.num_attention_heads:g}; "
             f"vLLM's CPU attention needs one of {sorted(CPU_HEAD_SIZES)}"
         )
     if shape.num_attention_heads % shape.num_key_value_heads:
-        raise ValueError("model.tiny: num_attention_heads must be a multiple of num_key_value_heads")
+        raise ConfigError("model.tiny: num_attention_heads must be a multiple of num_key_value_heads")
     config = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=shape.hidden_size,

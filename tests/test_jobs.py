@@ -74,3 +74,30 @@ def test_train_dpo_job_precomputes_caches_and_trains(tmp_path):
     again = run_py(args, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "reference log-probs: cached at" in again.stdout and "already finished at step 3" in again.stdout
+
+
+@pytest.mark.slow
+def test_too_few_pairs_for_one_batch_is_one_line_not_a_worker_traceback(tmp_path):
+    """The check ran in the Ray Train workers, so the user got Ray's TrainingFailedError with
+    the worker's ValueError inside; it is now made on the driver, before the trainer starts."""
+    from raydpo.tasks import style
+
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in style.preference_records(style.split_prompts()[0], 5, seed=5)))
+    r = run_py(["jobs/train_dpo.py", f"run_dir={tmp_path / 'run'}", f"data.train_path={data}", "trainer.batch_size=8",
+                "trainer.micro_batch_size=8", "trainer.reference_logps=live", "cluster.num_cpus=2"], timeout=300)
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert "5 training rows make no full global batch of 8" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_the_cli_maps_errors_to_exit_codes_in_one_place(tmp_path):
+    """`raydpo data validate` exited 1 on a missing file (the jobs: 2) and `raydpo report`
+    caught its own error; a cut metrics line in the middle of the file was a ValueError
+    traceback (--resume reads the same file). Each is now a DataError: one line, exit 2."""
+    r = run_py(["-m", "raydpo.cli", "data", "validate", str(tmp_path / "none.jsonl")], timeout=120)
+    assert r.returncode == 2 and "none.jsonl: no such file or folder" in r.stderr and "Traceback" not in r.stderr
+    r = run_py(["-m", "raydpo.cli", "report", str(tmp_path)], timeout=120)
+    assert r.returncode == 2 and "no iterations recorded yet" in r.stderr and "Traceback" not in r.stderr
+    (tmp_path / "online_metrics.jsonl").write_text('{"iteration": 0}\n{"iterat\n{"iteration": 1}\n')
+    r = run_py(["-m", "raydpo.cli", "report", str(tmp_path)], timeout=120)
+    assert r.returncode == 2 and "online_metrics.jsonl:2: not a JSON object" in r.stderr and "Traceback" not in r.stderr

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from raydpo.config import TinyModelConfig
-from raydpo.records import SamplingSettings
+from raydpo.records import SamplingSettings, Stale
 from raydpo.tasks import style
 from raydpo.tiny_model import build_tiny_model
 
@@ -131,7 +131,7 @@ def test_version_guard_rejects_counts_and_refreshes_a_stale_actor(pool):
     # an actor still on the base weights (version 0), e.g. one that missed a sync
     pool.actors[1] = pool._start(1)
     pool._wait_ready([1])
-    assert ray.get(pool.actors[1].generate.remote(PROMPTS[:1], 0, GREEDY, v)) == 0  # refused: its version
+    assert ray.get(pool.actors[1].generate.remote(PROMPTS[:1], 0, GREEDY, v)) == Stale(0)  # refused: its version
     rejected = pool.stats.stale_rejections
     out = pool.sample(PROMPTS, GREEDY, chunk_size=2)
     assert pool.stats.stale_rejections > rejected

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import os
-import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -28,6 +27,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
+
+from raydpo.files import atomic_write
 
 
 @dataclass(frozen=True)
@@ -101,17 +102,9 @@ class PreferenceStore:
         cols = {f.name: [getattr(p, f.name) for p in pairs] for f in fields(StoredPair) if f.name != "iteration"}
         schema = SCHEMA if counts is None else SCHEMA.with_metadata({COUNTS_KEY: json.dumps(counts)})
         table = pa.table(cols, schema=schema)
-        final = self.chunk_path(iteration, chunk)
-        final.parent.mkdir(parents=True, exist_ok=True)
-        self.staging.mkdir(parents=True, exist_ok=True)
-        tmp = self.staging / f"{uuid.uuid4().hex}.parquet"
-        with open(tmp, "wb") as f:
-            pq.write_table(table, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, final)
-        _fsync_dir(final.parent)
-        return final
+        # staged outside the partitions, so readers never list a dead writer's leftover
+        return atomic_write(self.chunk_path(iteration, chunk), lambda f: pq.write_table(table, f),
+                            tmp_dir=self.staging, durable=True)
 
     def chunk_counts(self, iteration: int, chunk: int) -> dict | None:
         """The counts stored with a chunk by write_chunk (None if it has none)."""
@@ -151,14 +144,6 @@ class PreferenceStore:
             f.unlink()
             n += 1
         return n
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 

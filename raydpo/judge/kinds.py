@@ -17,6 +17,7 @@ class JudgeKind:
     app: str  # "module:function" building the Serve application from app args
     app_args: Callable  # (cfg, judge cfg with absolute paths) -> app args
     needs_model_path: bool = False
+    generates: bool = False  # its model folder runs in vLLM (checked as the sampler's is) and pads nothing
 
 
 def _rule_args(cfg, j) -> dict:
@@ -70,7 +71,7 @@ def _remote_args(cfg, j) -> dict:
 KINDS: dict[str, JudgeKind] = {
     "rule": JudgeKind("raydpo.judge.apps:build_app", _rule_args),
     "reward_model": JudgeKind("raydpo.judge.apps:build_app", _reward_model_args, needs_model_path=True),
-    "llm": JudgeKind("raydpo.judge.llm:build_app", _llm_args, needs_model_path=True),
+    "llm": JudgeKind("raydpo.judge.llm:build_app", _llm_args, needs_model_path=True, generates=True),
     "openai": JudgeKind("raydpo.judge.remote_app:build_app", _remote_args),
 }
 
@@ -88,9 +89,9 @@ def build(cfg):
         j = j.model_copy(update={"model_path": str(outliving_path(j.model_path, "judge.model_path"))})
         from raydpo.model_check import check_model_folder
 
-        check_model_folder(j.model_path, sampled_on_cpu=j.kind == "llm" and not res.gpus,
+        check_model_folder(j.model_path, sampled_on_cpu=kind.generates and not res.gpus,
                            trust_remote_code=cfg.model.trust_remote_code, key="judge.model_path",
-                           needs_pad=j.kind != "llm")  # an LLM judge generates; it pads nothing
+                           needs_pad=not kind.generates)
     module, _, fn = kind.app.partition(":")
     builder = getattr(importlib.import_module(module), fn)
     return builder({**kind.app_args(cfg, j), "num_cpus": res.cpus, "resources": dict(res.resources),

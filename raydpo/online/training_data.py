@@ -28,9 +28,9 @@ def within_staleness(table, trains_from: int, max_staleness: int) -> tuple[objec
 
 
 def warm_up_ray_data():
-    """Ray Data's first execution in a driver costs 1.5-2 s here (later ones about 0.02 s). Pay it
-    in a thread while the roles start, not in iteration 1's training: join the returned thread
-    before the first iteration."""
+    """Ray Data's first execution in a driver costs far more than later ones: pay it in a thread
+    while the roles start, not in iteration 1's training. Join the returned thread before the
+    first iteration."""
     import threading
 
     def warm() -> None:

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import ray
 
 from raydpo.errors import SamplerError
-from raydpo.records import Sample, SamplingSettings, derive_seed
+from raydpo.records import Sample, SamplingSettings, Stale, derive_seed
 from raydpo.weights import checked_update, checkpoint_shapes, engine_heads_missing, engine_tied_keys
 
 
@@ -80,8 +80,8 @@ class SamplerActor:
         self._fault_after = after_tensors
 
     def generate(self, prompts: Sequence[str], first_index: int, s: SamplingSettings, min_version: int,
-                 seeds: Sequence[int] | None = None) -> list[Sample] | int:
-        """Samples for `prompts`, or this actor's version (an int) if it is older than `min_version`.
+                 seeds: Sequence[int] | None = None) -> list[Sample] | Stale:
+        """Samples for `prompts`, or `Stale` (this actor's version) if it is older than `min_version`.
 
         Token in, token out: the prompts are encoded here with `encode_prompts` (the trainer's
         rule) and handed to vLLM as ids, and every sample carries those ids, its generated ids,
@@ -92,7 +92,7 @@ class SamplerActor:
         if self.version is None:
             raise SamplerError(f"sampler {self.index}: a weight load failed part-way; this engine must be replaced")
         if self.version < min_version:
-            return self.version
+            return Stale(self.version)
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 

@@ -28,7 +28,7 @@ from pathlib import Path
 import ray
 
 from raydpo.errors import SamplerError
-from raydpo.records import Sample, SamplingSettings
+from raydpo.records import Sample, SamplingSettings, Stale
 from raydpo.sampler.actor import SamplerActor
 from raydpo.weights import StoredWeights, buckets, put_weights
 
@@ -317,7 +317,7 @@ class SamplerPool:
                     self._replace(slot, actor)
                     todo.appendleft(start)
                 else:
-                    if isinstance(out, int):  # the actor was below min_version
+                    if isinstance(out, Stale):  # the actor was below min_version
                         self.stats.stale_rejections += 1
                         if not self._weights or self._weights[0] < min_version:
                             raise SamplerError(f"min_version {min_version} was never published "

@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 from raydpo.data.collate import collate_pairs
+from raydpo.errors import TrainerError
 from raydpo.records import Answered, KLRequest, KLResult, StopRequest, TrainRequest, TrainResult
 from raydpo.train.checkpoints import resume_directory
 from raydpo.train.learner import Learner
@@ -180,7 +181,7 @@ class _WorkerState:
         """The reply to `cmd`, or None when there is nothing to answer (already answered)."""
         if isinstance(cmd, Answered):
             if cmd.op == "train" and cmd.iteration > self.done_iteration:
-                raise RuntimeError(f"restarted from the checkpoint of iteration {self.done_iteration}, but iteration "
+                raise TrainerError(f"restarted from the checkpoint of iteration {self.done_iteration}, but iteration "
                                    f"{cmd.iteration} was already answered and its data released: the "
                                    f"checkpoint it reported is missing; resume the run with --resume")
             return None  # answered before this worker (re)started; its payload is gone

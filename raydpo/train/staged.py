@@ -28,7 +28,7 @@ import torch
 
 from raydpo import console
 from raydpo.data.collate import bucket_by_length, pair_length
-from raydpo.errors import TrainerError
+from raydpo.errors import DataError, TrainerError
 from raydpo.files import atomic_write
 from raydpo.train.checkpoints import latest_checkpoint, resume_directory
 from raydpo.train.learner import Learner
@@ -61,7 +61,7 @@ def train_loop_per_worker(config: dict) -> None:
     if spec.max_steps:
         total_steps = min(total_steps, spec.max_steps)
     if total_steps == 0:
-        raise ValueError(f"{config['total_rows']} training rows make no full global batch of {spec.batch_size}")
+        raise DataError(f"{config['total_rows']} training rows make no full global batch of {spec.batch_size}")
 
     with resume_directory(spec) as resume_dir:
         trainer = Learner(spec, config, total_steps, resume_dir)
@@ -122,6 +122,9 @@ def fit(spec: TrainSpec, train_ds, cfg, name: str, pad_id: int,
         console.log("raydpo", f"{name}: resuming from step {found[1]['step']} ({found[0]})")
         spec = TrainSpec(**{**spec.__dict__, "resume_from": str(found[0])})
     rows = train_ds.count()
+    if rows < spec.batch_size:  # here, not in the workers: their error would reach the user as Ray's traceback
+        raise DataError(f"stage {name}: {rows} training rows make no full global batch of {spec.batch_size} "
+                        f"(trainer.batch_size / trainer.sft_batch_size); give more data or a smaller batch")
     trainer = build_trainer(train_loop_per_worker, {"spec": spec.to_dict(), "total_rows": rows, "pad_id": pad_id,
                                                     "precomputed_reference": precomputed_reference},
                             cfg, name, storage, keep=2, datasets={"train": train_ds})

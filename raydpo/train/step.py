@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from raydpo.errors import ConfigError
 from raydpo.losses import LossSettings, nll_loss, response_lengths, sequence_logps, shared_prefix_logps
 
 Tensor = torch.Tensor
@@ -35,7 +36,7 @@ def _custom_mask(model, mask: Tensor) -> Tensor:
     if impl == "eager":
         return torch.zeros(mask.shape, dtype=torch.float32, device=mask.device).masked_fill_(
             ~mask, torch.finfo(torch.float32).min)
-    raise ValueError(f"trainer.shared_prefix needs an attention implementation that takes a custom mask "
+    raise ConfigError(f"trainer.shared_prefix needs an attention implementation that takes a custom mask "
                      f"(sdpa or eager); this model uses {impl!r}: set trainer.shared_prefix=false")
 
 

@@ -102,6 +102,7 @@ class SamplerConfig(_Section):
     max_model_len: int = Field(256, ge=16, description="vLLM context length")
     tensor_parallel_size: int = Field(1, ge=1, description="GPUs per engine (GPU only, not run here; must be 1 on CPU)")
     sync_timeout_s: float = Field(120.0, gt=0, description="seconds a weight sync may take before it fails")
+    weight_transport: Literal["object_store", "nccl"] = Field("object_store", description="how new weights reach the engines: object_store (CPU or GPU, across nodes: buckets through Ray's object store) or nccl (GPU only and NEVER RUN here: vLLM's NCCL weight transfer, broadcast from trainer rank 0 into every engine; the policy endpoint reads the iteration's checkpoint)")
     sync_bucket_mb: int = Field(512, ge=1, description="weight sync through the object store goes in buckets of at most this many MB: a sender copies one bucket at a time (never a second whole model), a ZeRO-3 trainer gathers one at a time, and engines read one at a time")
     start_timeout_s: float = Field(300.0, gt=0, description="seconds an engine may take to start, or to be placed (a replacement waits for a node with its resources) before the run fails")
     request_timeout_s: float = Field(600.0, gt=0, description="seconds one sampling request may take before it fails")
@@ -283,6 +284,13 @@ class RunConfig(_Section):
         if self.loop.max_staleness and self.loop.reference_policy == "previous":
             raise ValueError("loop.max_staleness > 0 needs loop.reference_policy='fixed': with evaluation running beside "
                              "training, KL is taken against the frozen reference")
+        if self.sampler.weight_transport == "nccl":
+            if not (self.cluster.trainer.gpus and self.cluster.sampler.gpus):
+                raise ValueError("sampler.weight_transport=nccl needs GPUs on both sides (cluster.trainer.gpus and "
+                                 "cluster.sampler.gpus > 0): NCCL has no CPU backend; use object_store")
+            if self.loop.max_staleness or self.trainer.lora_r:
+                raise ValueError("sampler.weight_transport=nccl needs loop.max_staleness=0 (the broadcast lands while "
+                                 "the trainer's command runs) and trainer.lora_r=0 (merged LoRA weights are not written)")
         for role in ("judge", "policy"):
             if getattr(self.cluster, role).cpu_ids is not None:
                 raise ValueError(f"cluster.{role}.cpu_ids: only cluster.trainer and cluster.sampler are pinned to CPUs")

@@ -113,6 +113,7 @@ class TrainRequest:
     dataset: Any
     passes: int
     refresh_reference: bool = False
+    engines: tuple = ()  # sampler.weight_transport=nccl: the engines to broadcast the new weights into
 
 
 @dataclass(frozen=True)

@@ -168,3 +168,16 @@ def test_a_malformed_saved_config_is_named_not_a_traceback(tmp_path):
     (tmp_path / "config.yaml").write_text("trainer: 3\n")
     with pytest.raises(ConfigError, match=r"trainer: Input should be a valid dictionary"):
         read_saved_config(tmp_path)
+
+
+def test_nccl_weight_transport_is_refused_where_it_cannot_work():
+    """sampler.weight_transport=nccl is GPU only (never run here): refused by name without
+    GPUs on both sides, beside the overlapped loop, and with LoRA."""
+    with pytest.raises(ConfigError, match="nccl needs GPUs on both sides"):
+        load_config(None, ["sampler.weight_transport=nccl"])
+    gpus = ["sampler.weight_transport=nccl", "cluster.trainer.gpus=1", "cluster.sampler.gpus=1"]
+    assert load_config(None, gpus).sampler.weight_transport == "nccl"
+    with pytest.raises(ConfigError, match="needs loop.max_staleness=0"):
+        load_config(None, [*gpus, "loop.max_staleness=1"])
+    with pytest.raises(ConfigError, match="trainer.lora_r=0"):
+        load_config(None, [*gpus, "trainer.lora_r=4"])

@@ -284,3 +284,28 @@ def test_a_zero3_trainer_gathers_its_weights_one_bucket_at_a_time():
     out = subprocess.run([sys.executable, "-c", _ZERO3, str(free_port())], capture_output=True, text=True,
                          timeout=300, cwd=Path(__file__).resolve().parents[1])
     assert out.returncode == 0 and "ZERO3 OK" in out.stdout, out.stdout[-1500:] + out.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_the_nccl_senders_source_declares_exactly_what_it_sends():
+    """sampler.weight_transport=nccl cannot run here (no GPU). What can: vLLM's NCCL engine
+    sizes its receive buffers from `metadata()` and then reads the bytes `__iter__` yields,
+    so the two must agree element for element, and must be what the object-store route
+    sends (the engines' names, GPT-NeoX's embed_out included)."""
+    from types import SimpleNamespace
+
+    from transformers import AutoModelForCausalLM, GPTNeoXConfig
+
+    from raydpo.train.learner import weight_buckets
+    from raydpo.train.nccl_sync import policy_source
+
+    cfg = GPTNeoXConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                        num_attention_heads=2, max_position_embeddings=32)
+    model = AutoModelForCausalLM.from_config(cfg)
+    learner = SimpleNamespace(unwrapped=model, weight_buckets=lambda b: weight_buckets(model, None, b))
+    source = policy_source(learner, 8 << 10)
+    meta = source.metadata()
+    sent = list(source)
+    assert [(m.name, m.dtype, m.shape) for m in meta] == [(k, v.dtype, tuple(v.shape)) for k, v in sent]
+    assert [k for k, _ in sent] == [k for p in weight_buckets(model, None, 1 << 30) for k in p]
+    assert "embed_out.weight" in dict(sent)

@@ -130,11 +130,17 @@ def train_and_publish(cfg: RunConfig, it: int, r: Run, timer: Timer, run_dir: Pa
         t = time.perf_counter()
         ds, kept = training_data(cfg, r.store, it)
         t_data = time.perf_counter() - t
-        result = r.trainer.train(it, ds, cfg.loop.dpo_passes, refresh_reference=cfg.loop.reference_policy == "previous")
+        nccl = cfg.sampler.weight_transport == "nccl"  # GPU only, never run here
+        result = r.trainer.train(it, ds, cfg.loop.dpo_passes, refresh_reference=cfg.loop.reference_policy == "previous",
+                                 engines=tuple(r.pool.actors) if nccl else ())
     with timer("sync"):
-        r.pool.publish(it, state_dict=result.weights[0])
+        path, stored = str(iteration_checkpoint(run_dir, it)), result.weights[0]
+        if nccl:  # the engines hold the new weights already, unless this reply came from a checkpoint
+            r.pool.publish(it, path=path, sent=stored is None and not result.from_checkpoint)
+        else:
+            r.pool.publish(it, state_dict=stored)
         if r.policy:
-            r.policy.publish(it, weights=result.weights[0], path=str(iteration_checkpoint(run_dir, it)))
+            r.policy.publish(it, weights=stored, path=path)
     return {**kept, "train_steps": result.steps, "trained_pairs": result.pairs, **dpo_metrics(result.metrics),
             "time_train_data": t_data, **{f"time_train_{k}": v for k, v in result.timing.items()}}
 

@@ -30,7 +30,7 @@ def _failing_after(items, n: int):
 class SamplerActor:
     def __init__(self, model_path: str, index: int, max_model_len: int, kv_cache_gib: float, dtype: str,
                  seed: int, device: str, trust_remote_code: bool, tensor_parallel_size: int = 1,
-                 cpu_ids: list[int] | None = None):
+                 cpu_ids: list[int] | None = None, weight_transport: str = "object_store"):
         from raydpo.cluster import pin_cpus, require_shared
         from raydpo.sampler.engine import make_llm
 
@@ -43,7 +43,8 @@ class SamplerActor:
         self._fault_after: int | None = None
         self.llm = make_llm(model_path, max_model_len=max_model_len, kv_cache_gib=kv_cache_gib, dtype=dtype,
                             seed=seed, in_process=True, device=device, trust_remote_code=trust_remote_code,
-                            tensor_parallel_size=tensor_parallel_size)
+                            tensor_parallel_size=tensor_parallel_size,
+                            weight_transfer="nccl" if weight_transport == "nccl" else None)
         self.skip = engine_heads_missing(self.llm, self.tied)
         from transformers import AutoTokenizer
 
@@ -73,6 +74,37 @@ class SamplerActor:
             raise SamplerError(f"sampler {self.index}: loading version {version} failed part-way ({e}); "
                                f"the engine holds mixed weights and will be replaced") from None
         self.version = version
+        return version
+
+    # sampler.weight_transport=nccl (GPU only; NEVER RUN here, no GPU): vLLM's trainer-side
+    # NCCLTrainerWeightTransferEngine drives these through vLLM's RayVLLMWeightSyncClient,
+    # which calls them by these names with these request types; the worker-side halves are
+    # vLLM's own (gpu_worker.init_weight_transfer_engine, ...). Between start and
+    # `set_version` the engine is labelled broken (version None): an update that fails
+    # part-way leaves mixed weights, and the pool replaces the engine.
+
+    def init_weight_transfer_engine(self, request) -> None:
+        self.llm.collective_rpc("init_weight_transfer_engine", args=(request.init_info,))
+
+    def shutdown_weight_transfer_engine(self) -> None:
+        self.llm.collective_rpc("shutdown_weight_transfer_engine")
+
+    def start_weight_update(self) -> None:
+        self.version, self._received = None, False
+        self.llm.collective_rpc("start_weight_update")
+
+    def update_weights(self, request) -> None:
+        self.llm.collective_rpc("update_weights", args=(request.update_info,))
+
+    def finish_weight_update(self) -> None:
+        self.llm.collective_rpc("finish_weight_update")
+        self._received = True
+
+    def set_version(self, version: int) -> int:
+        """Label the weights an NCCL update just brought: only after a finished update."""
+        if not getattr(self, "_received", False):
+            raise SamplerError(f"sampler {self.index}: no finished NCCL weight update to label version {version}")
+        self._received, self.version = False, version
         return version
 
     def inject_reload_fault(self, after_tensors: int) -> None:

@@ -41,8 +41,10 @@ def make_llm(
     device: str = "cpu",
     trust_remote_code: bool = False,
     tensor_parallel_size: int = 1,
+    weight_transfer: str | None = None,
 ):
-    """Build a `vllm.LLM` for `model_path`. Import vLLM lazily: it is heavy."""
+    """Build a `vllm.LLM` for `model_path`. Import vLLM lazily: it is heavy.
+    `weight_transfer="nccl"` (GPU only, not run here) readies vLLM's NCCL weight transfer."""
     if device == "cpu":
         os.environ.update(cpu_env(kv_cache_gib, in_process))
     elif in_process:
@@ -57,4 +59,5 @@ def make_llm(
         seed=seed,
         trust_remote_code=trust_remote_code,
         tensor_parallel_size=tensor_parallel_size,  # > 1 only on GPU (not run here)
+        **({"weight_transfer_config": {"backend": weight_transfer}} if weight_transfer else {}),
     )

@@ -51,11 +51,12 @@ class SamplerPool:
                  max_model_len: int = 256, kv_cache_gib: float = 1.0, dtype: str = "float32", seed: int = 0,
                  trust_remote_code: bool = False, tensor_parallel_size: int = 1, start_timeout_s: float = 300,
                  request_timeout_s: float = 600, sync_timeout_s: float = 120, cpu_ids: list[int] | None = None,
-                 resources: dict[str, float] | None = None, sync_bucket_mb: int = 512):
+                 resources: dict[str, float] | None = None, sync_bucket_mb: int = 512,
+                 weight_transport: str = "object_store"):
         self.model_path = str(Path(model_path).resolve())
         self._opts = dict(num_cpus=cpus, num_gpus=gpus, **({"resources": dict(resources)} if resources else {}))
         self._args = (max_model_len, kv_cache_gib, dtype, seed, "cuda" if gpus else "cpu", trust_remote_code,
-                      tensor_parallel_size, cpu_ids)
+                      tensor_parallel_size, cpu_ids, weight_transport)
         self.start_timeout_s, self.request_timeout_s, self.sync_timeout_s = start_timeout_s, request_timeout_s, sync_timeout_s
         self.sync_bucket_mb = sync_bucket_mb
         self.version = 0
@@ -84,7 +85,8 @@ class SamplerPool:
                    kv_cache_gib=s.kv_cache_gib, dtype=cfg.model.dtype, seed=cfg.seed,
                    trust_remote_code=cfg.model.trust_remote_code, tensor_parallel_size=s.tensor_parallel_size,
                    request_timeout_s=s.request_timeout_s, sync_timeout_s=s.sync_timeout_s, cpu_ids=r.cpu_ids,
-                   resources=r.resources, start_timeout_s=s.start_timeout_s, sync_bucket_mb=s.sync_bucket_mb)
+                   resources=r.resources, start_timeout_s=s.start_timeout_s, sync_bucket_mb=s.sync_bucket_mb,
+                   weight_transport=s.weight_transport)
 
     # ---------------------------------------------------------------- actors
 
@@ -190,8 +192,13 @@ class SamplerPool:
                                    f"after {2 * self.request_timeout_s}s (2 x sampler.request_timeout_s)")
         self.stats.held_s += time.perf_counter() - t
 
-    def publish(self, version: int, *, state_dict: dict | StoredWeights | None = None, path: str | None = None) -> float:
+    def publish(self, version: int, *, state_dict: dict | StoredWeights | None = None, path: str | None = None,
+                sent: bool = False) -> float:
         """Bring every actor to `version`.
+
+        `sent` (sampler.weight_transport=nccl, GPU only, never run here): the trainer has
+        already broadcast the weights into the engines; label them `version`. An engine
+        whose update did not finish is replaced and reads `path` (the checkpoint) instead.
 
         `state_dict`: torch tensors (put into the object store here, in buckets of
         `sync_bucket_mb`), or `StoredWeights` already there (as the online trainer returns
@@ -207,6 +214,8 @@ class SamplerPool:
         """
         if (state_dict is None) == (path is None):
             raise ValueError("publish() takes exactly one of state_dict= or path=")
+        if sent and path is None:
+            raise ValueError("publish(sent=True) needs the checkpoint path an engine that missed the broadcast reads")
         if version <= self.version:
             raise ValueError(f"publish(version={version}): versions must increase (current {self.version})")
         self._wait_for_holds(version)
@@ -218,13 +227,17 @@ class SamplerPool:
         else:
             stored = put_weights(buckets(state_dict.items(), self.sync_bucket_mb << 20))
         actors = list(self.actors)
-        refs = [a.load_weights.remote(version, stored, path) for a in actors]
+        refs = [a.set_version.remote(version) if sent else a.load_weights.remote(version, stored, path) for a in actors]
         errors, loaded = [], []
         for i, ref in enumerate(refs):
             try:
                 try:
                     self._await_sync(i, ref)
-                except ray.exceptions.RayActorError:
+                except (ray.exceptions.RayActorError, SamplerError) as e:
+                    if not (sent or isinstance(e, ray.exceptions.RayActorError)):
+                        raise
+                    if sent:  # its broadcast did not finish: mixed weights, a new engine
+                        ray.kill(actors[i])
                     self._replace(i, actors[i])  # comes back on the previous weights; load this version into it
                     self._await_sync(i, self.actors[i].load_weights.remote(version, stored, path))
                 loaded.append(i)

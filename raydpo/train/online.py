@@ -173,6 +173,7 @@ class _WorkerState:
 
     def __init__(self, learner: Learner, fault: dict):
         self.learner, self.fault = learner, fault  # fault: tests only, {"die_after_report": i, "marker": path}
+        self.nccl = None  # sampler.weight_transport=nccl: the trainer's side of the transfer group
         self.done_iteration = learner.state.get("iteration", 0)
         self.step = learner.state.get("step", 0)
         self.log: MetricsLog | None = None
@@ -196,17 +197,27 @@ class _WorkerState:
             # between ray.train.report and its reply. Answer from the checkpoint, or the
             # driver would wait for a reply nobody sends.
             saved = self.learner.state["reply"]
-            return TrainResult(**saved, weights=[self._weights()], from_checkpoint=True)
+            return TrainResult(**saved, weights=[None if cmd.engines else self._weights()], from_checkpoint=True)
         if cmd.iteration <= self.done_iteration:
             return None  # already in the checkpoint this worker restarted from, and answered
         return self._train(cmd)
 
-    def _weights(self):
+    def _weights(self, engines: tuple = ()):
         """The policy's weights in the object store, in buckets (rank 0's `StoredWeights`;
-        every rank must call: ZeRO-3 gathers a bucket at a time)."""
+        every rank must call: ZeRO-3 gathers a bucket at a time). With `engines`
+        (sampler.weight_transport=nccl, GPU only, never run here) broadcast into them
+        instead (`raydpo.train.nccl_sync`): None."""
         from raydpo.weights import put_weights
 
-        parts = self.learner.weight_buckets(self.learner.spec.weight_bucket_mb << 20)
+        spec = self.learner.spec
+        if engines:
+            if self.nccl is None:
+                from raydpo.train.nccl_sync import NcclSender
+
+                self.nccl = NcclSender(self.learner, spec.weight_bucket_mb << 20, spec.engine_ranks)
+            self.nccl.send(tuple(engines))
+            return None
+        parts = self.learner.weight_buckets(spec.weight_bucket_mb << 20)
         if self.learner.rank == 0:
             return put_weights(parts)
         for _ in parts:
@@ -231,7 +242,7 @@ class _WorkerState:
         mean = {k: sum(m[k] for m in last_pass) / len(last_pass) for k in keys} if last_pass else {}
         result = TrainResult(len(last_pass) * cmd.passes, n_pairs, mean, self.step)
         t = time.perf_counter()
-        weights = self._weights()
+        weights = self._weights(cmd.engines)
         timing["weights"] = time.perf_counter() - t
         t = time.perf_counter()
         self._report(result)

@@ -40,6 +40,7 @@ class TrainSpec:
     trust_remote_code: bool = False
     metrics_prefix: str = ""  # e.g. "sft/" or "dpo/"
     weight_bucket_mb: int = 512  # the online trainer publishes its weights in buckets of this size
+    engine_ranks: int = 1  # sampler.weight_transport=nccl: NCCL ranks per engine (its tensor_parallel_size)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -60,6 +61,7 @@ def make_spec(cfg, mode: str, model_path: str, run_dir: str, **overrides) -> Tra
         gradient_checkpointing=t.gradient_checkpointing, bf16=cfg.model.dtype == "bfloat16",
         checkpoint_every=t.checkpoint_every, trust_remote_code=cfg.model.trust_remote_code,
         metrics_prefix=f"{mode}/", weight_bucket_mb=cfg.sampler.sync_bucket_mb,
+        engine_ranks=cfg.sampler.tensor_parallel_size,
     )
     if mode == "sft":
         common.update(lr=t.sft_lr, batch_size=t.sft_batch_size, micro_batch_size=t.sft_batch_size // cfg.cluster.trainer.count,

@@ -10,10 +10,10 @@ Weight transport on CPU (the default, portable across nodes): the state dict goe
 the object store once, in buckets (`raydpo.weights.put_weights`), and every actor reads
 it a bucket at a time into `reload_weights(weights_iterator=...)`.
 `publish(path=...)` instead has each actor read a safetensors folder (storage
-every node sees) and load it the same way. On GPUs, vLLM's weight-transfer API (NCCL
-broadcast from the trainer) is the fast path; it would slot in behind
-`SamplerActor.load_weights` without changing callers, and it is NOT implemented
-or run here: our machines have no GPU.
+every node sees) and load it the same way. On GPUs, sampler.weight_transport=nccl has
+the trainer broadcast into the engines with vLLM's weight-transfer API
+(`raydpo.train.nccl_sync`) and `publish(sent=True)` only labels them; that path is
+written but NEVER RUN: our machines have no GPU.
 """
 
 from __future__ import annotations

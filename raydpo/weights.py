@@ -189,6 +189,16 @@ def stored_items(update: StoredWeights) -> Iterator[tuple[str, torch.Tensor]]:
         for k, a in ray.get(ref).items():
             t = torch.from_numpy(a)
             yield k, t.view(torch.bfloat16) if k in update.bf16 else t
+        a = t = None  # this bucket's last views: the next may be fetched without it pinned
+
+
+def fetch_all(update: StoredWeights) -> None:
+    """Bring every bucket to this node's object store (none stays pinned here), so a lost
+    one, or one whose owner died, fails before anything loads rather than part-way."""
+    import ray
+
+    for ref in update.parts:
+        ray.get(ref)
 
 
 def engine_heads_missing(llm, tied: dict[str, str]) -> set[str]:

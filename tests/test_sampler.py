@@ -250,6 +250,41 @@ def test_a_load_that_fails_part_way_leaves_no_mixed_or_mislabelled_engine(pool, 
         assert ids(got) == ids(before) and {s.policy_version for s in got} == {v}
 
 
+def test_weights_whose_owner_died_are_refused_before_anything_loads(pool, base_dir):
+    """Engines read the buckets of an update one at a time while they load. A bucket that
+    cannot be read (its owner, the trainer, died) used to fail the load part-way: mixed
+    weights, the engine replaced. Every bucket is now fetched first: refused, engine kept."""
+    import ray
+
+    from raydpo.errors import SamplerError
+    from raydpo.weights import StoredWeights, buckets, put_weights
+
+    @ray.remote(num_cpus=0)
+    class Owner:
+        def put(self, arrays):
+            return [ray.put(arrays)]  # owned by this actor
+
+    v, restarts = pool.version, pool.stats.restarts
+    model, _ = trained(base_dir, seed=11)
+    good = put_weights(buckets(model.state_dict().items(), 64 << 10))
+    owner = Owner.remote()
+    lost = ray.get(owner.put.remote(ray.get(good.parts[-1])))[0]
+    ray.kill(owner)
+    deadline = time.monotonic() + 60
+    while True:  # until Ray has seen the owner die
+        try:
+            ray.get(lost, timeout=10)
+        except ray.exceptions.RayError:
+            break
+        assert time.monotonic() < deadline, "the object outlived its owner"
+        time.sleep(0.2)
+    stored = StoredWeights(good.shapes, (*good.parts[:-1], lost), good.bf16, good.nbytes)
+    with pytest.raises(SamplerError, match=rf"weights of version {v + 1} cannot be read .*keeps version {v}"):
+        pool.publish(v + 1, state_dict=stored)
+    assert pool.version == v and pool.stats.restarts == restarts  # no engine was left on mixed weights
+    assert ray.get([a.get_version.remote() for a in pool.actors]) == [v, v]
+
+
 def test_samples_carry_the_version_that_produced_them_across_a_mid_run_update(pool, base_dir):
     """A publish while a stream runs: the new weights go in between an actor's calls, so each
     chunk is one version, tagged with it, and its ids are exactly that version's greedy ids.

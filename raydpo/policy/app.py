@@ -124,9 +124,10 @@ class PolicyServer:
         return ray.get(self.registry.current.remote())
 
     def _follow(self, poll_s: float) -> None:
-        from raydpo.weights import checked_update
+        from raydpo.weights import checked_update, fetch_all
 
         while True:
+            items = payload = None  # a failed load's generator must not keep its version's buckets alive
             try:
                 epoch, version, payload = self._current()
                 if self.epoch is None and not payload:  # a new replica on the base weights of the app its
@@ -136,7 +137,7 @@ class PolicyServer:
                     state = None
                     if stored is not None:
                         try:
-                            ray.get(stored.parts[0])  # the load reads every bucket; is their owner alive?
+                            fetch_all(stored)  # a lost bucket or a dead owner (the job's trainer) fails here
                             state = stored
                         except ray.exceptions.RayError:  # its owner (the job's trainer) is gone
                             if path is None:

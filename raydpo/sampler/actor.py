@@ -17,7 +17,8 @@ import ray
 
 from raydpo.errors import SamplerError
 from raydpo.records import Sample, SamplingSettings, Stale, derive_seed
-from raydpo.weights import checked_update, checkpoint_shapes, engine_heads_missing, engine_tied_keys
+from raydpo.weights import (StoredWeights, checked_update, checkpoint_shapes, engine_heads_missing, engine_tied_keys,
+                            fetch_all)
 
 
 def _failing_after(items, n: int):
@@ -37,7 +38,7 @@ class SamplerActor:
         require_shared(model_path, f"sampler {index}")
         pin_cpus(cpu_ids, "sampler")  # before the engine starts its threads
 
-        self.index = index
+        self.index, self.tensor_parallel_size = index, tensor_parallel_size
         self.expected = checkpoint_shapes(model_path)
         self.tied = engine_tied_keys(model_path, trust_remote_code)
         self._fault_after: int | None = None
@@ -65,6 +66,15 @@ class SamplerActor:
         versions, so the actor labels itself broken (version None) and refuses to sample
         until the pool replaces it; it never serves mixed weights under either label."""
         items = checked_update(self.expected, self.tied, state, path, skip=self.skip)
+        if isinstance(state, StoredWeights):
+            try:
+                fetch_all(state)  # a lost bucket or a dead owner fails here, the engine untouched
+            except ray.exceptions.RayError as e:
+                raise SamplerError(f"sampler {self.index}: the weights of version {version} cannot be read from the "
+                                   f"object store ({type(e).__name__}: the trainer that put them died?); the engine "
+                                   f"keeps version {self.version}") from None
+            if self.tensor_parallel_size > 1:  # (GPU only, not run here) the executor pickles its arguments:
+                items = list(items)  # not a generator; the whole update is in memory once
         if self._fault_after is not None:
             items, self._fault_after = _failing_after(items, self._fault_after), None
         try:
@@ -84,7 +94,11 @@ class SamplerActor:
     # part-way leaves mixed weights, and the pool replaces the engine.
 
     def init_weight_transfer_engine(self, request) -> None:
-        self.llm.collective_rpc("init_weight_transfer_engine", args=(request.init_info,))
+        # vLLM ranks a worker by its data-parallel index, and every raydpo engine is a
+        # standalone LLM (index 0): the trainer's one rank_offset would give every engine's
+        # worker 0 the same rank. Engines are handed over in slot order: offset each by slot.
+        info = {**request.init_info, "rank_offset": 1 + self.index * self.tensor_parallel_size}
+        self.llm.collective_rpc("init_weight_transfer_engine", args=(info,))
 
     def shutdown_weight_transfer_engine(self) -> None:
         self.llm.collective_rpc("shutdown_weight_transfer_engine")
@@ -99,6 +113,10 @@ class SamplerActor:
     def finish_weight_update(self) -> None:
         self.llm.collective_rpc("finish_weight_update")
         self._received = True
+
+    def heads_skipped(self) -> set[str]:
+        """Tied heads this engine's model has no module for (`engine_heads_missing`): never sent."""
+        return set(self.skip)
 
     def set_version(self, version: int) -> int:
         """Label the weights an NCCL update just brought: only after a finished update."""

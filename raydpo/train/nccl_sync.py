@@ -9,7 +9,9 @@ in tests/test_weights.py); the rest is vLLM 0.32's API as documented in
 * rank 0 of the trainer opens the NCCL group as its rank 0; every engine's workers join at
   ranks 1.. (`NCCLTrainerWeightTransferEngine.trainer_init`, driving the engines'
   `init_weight_transfer_engine` through `RayVLLMWeightSyncClient`, which calls
-  `raydpo.sampler.actor.SamplerActor`'s methods of those names);
+  `raydpo.sampler.actor.SamplerActor`'s methods of those names; each engine offsets its
+  workers' ranks by its slot, since vLLM would rank every standalone engine alike);
+* tied heads an engine has no module for are not sent (as on the object-store route);
 * each publish is `send_weights()`: start, broadcast every tensor, finish, on every engine;
   the pool then labels the engines with the version (`SamplerPool.publish(sent=True)`);
 * when the pool replaced an engine, the group is built again with the current engines;
@@ -21,9 +23,10 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 
-def policy_source(learner, bucket_bytes: int):
+def policy_source(learner, bucket_bytes: int, skip: frozenset = frozenset()):
     """A vLLM `WeightSource` over the learner's policy: the names, dtypes and shapes of
-    `Learner.weight_buckets` (the engines' names), then its tensors in the same order."""
+    `Learner.weight_buckets` (the engines' names), then its tensors in the same order;
+    without `skip` (tied heads the engines have no module for, as the object-store route)."""
     import torch
     from vllm.distributed.weight_transfer.base import ParamMeta, WeightSource
 
@@ -33,11 +36,11 @@ def policy_source(learner, bucket_bytes: int):
         def metadata(self) -> list[ParamMeta]:
             names = checkpoint_names(learner.unwrapped)
             return [ParamMeta(names.get(k, k), v.dtype, tuple(getattr(v, "ds_shape", v.shape)))
-                    for k, v in learner.unwrapped.state_dict(keep_vars=True).items()]
+                    for k, v in learner.unwrapped.state_dict(keep_vars=True).items() if names.get(k, k) not in skip]
 
         def __iter__(self) -> Iterator[tuple[str, torch.Tensor]]:
-            for part in learner.weight_buckets(bucket_bytes):
-                yield from part.items()
+            for part in learner.weight_buckets(bucket_bytes):  # every rank iterates all (ZeRO-3 gathers)
+                yield from ((k, v) for k, v in part.items() if k not in skip)
 
     return PolicySource()
 
@@ -63,10 +66,11 @@ class NcclSender:
         from raydpo.cluster import free_port
 
         self.close()
+        skip = frozenset(ray.get(handles[0].heads_skipped.remote(), timeout=120))  # the engines share one model
         info = NCCLTrainerInitInfo(master_address=ray.util.get_node_ip_address(), master_port=free_port("0.0.0.0"),
                                    world_size=1 + len(handles) * self.ranks_per_engine, rank=self.learner.rank)
         self.engine = NCCLTrainerWeightTransferEngine.trainer_init(
-            info, client=RayVLLMWeightSyncClient(list(handles)), source=policy_source(self.learner, self.bucket_bytes))
+            info, client=RayVLLMWeightSyncClient(list(handles)), source=policy_source(self.learner, self.bucket_bytes, skip))
         self.handles = handles
 
     def close(self) -> None:

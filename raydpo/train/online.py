@@ -219,7 +219,12 @@ class _WorkerState:
             return None
         parts = self.learner.weight_buckets(spec.weight_bucket_mb << 20)
         if self.learner.rank == 0:
-            return put_weights(parts)
+            try:
+                return put_weights(parts)
+            except Exception:
+                for _ in parts:  # ZeRO-3: the other ranks wait in each bucket's gather; finish them, then fail
+                    pass
+                raise
         for _ in parts:
             pass
         return None

@@ -1,6 +1,6 @@
 # Two commands on a fresh clone (each sets itself up into .venv first):
 #   make demo   - the main job on its embedded defaults
-#   make test   - the whole test suite, except the 3-node cluster test (make test-multinode)
+#   make test   - the whole test suite
 VENV  := .venv
 PY    := $(VENV)/bin/python
 STAMP := $(VENV)/.raydpo-setup
@@ -22,14 +22,14 @@ demo: $(STAMP)
 # Modules are handed out in the order tests/conftest.py (MODULE_ORDER) gives, not by test
 # count: that order started the longest module (e2e) near the end, leaving one worker idle.
 test: $(STAMP)
-	$(PY) -m pytest -q -n 2 --dist loadscope --no-loadscope-reorder --durations=15 -m "not multinode" $(ARGS)
+	$(PY) -m pytest -q -n 2 --dist loadscope --no-loadscope-reorder --durations=15 $(ARGS)
 
-# The 3-node cluster test (tests/test_multinode.py): ~3 minutes alone, beyond the suite's budget.
+# The 3-node cluster test alone (tests/test_multinode.py, also part of `make test`).
 test-multinode: $(STAMP)
 	$(PY) -m pytest -q -m multinode $(ARGS)
 
 # The inner loop: every test not marked `slow` (no Ray, vLLM or Serve start-up, no training run).
-# CI and `make test` run everything but `multinode`.
+# CI and `make test` run everything.
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -n 2 -m "not slow" $(ARGS)
 

@@ -274,7 +274,11 @@ def test_a_refused_key_fails_at_once_naming_where_the_key_comes_from(upstream):
     assert isinstance(verdicts[0], JudgeError)
     assert "HTTP 401" in str(verdicts[0]) and f"${KEY_ENV}" in str(verdicts[0])
     assert "sk-wrong" not in str(verdicts[0]) and KEY not in str(verdicts[0])
-    assert len(proxy.log) == 2 and core.counts["retries"] == 0  # both orders, once each: no retry of a 401
+    # no retry of a 401: each order asked at most once. The second order may never be sent:
+    # the first's 401 ends the comparison, and the run's end cancels a request not yet on
+    # the wire (seen once, in a suite run with the 3-node test beside it)
+    shas = [x.body_sha for x in proxy.log]
+    assert 1 <= len(shas) <= 2 and len(set(shas)) == len(shas) and core.counts["retries"] == 0
 
 
 @pytest.mark.slow

@@ -102,3 +102,17 @@ def test_unparseable_answers_are_counted_invalid_and_bad_requests_are_4xx(serve_
     status, _ = post(f"{url}/v1/compare", {"items": ITEMS[:1]})
     assert status == 200  # still answering
     serve.delete("llm")
+
+
+@pytest.mark.slow
+def test_a_bad_llm_judge_template_is_one_config_line_not_a_traceback(tmp_path, tiny_model_dir):
+    """The app builders check their args with ValueError (what `serve run` shows); deployed from
+    a run's config (the loop, `raydpo judge eval`) that was a traceback: now a ConfigError."""
+    from raydpo.config_io import load_config
+    from raydpo.errors import ConfigError
+    from raydpo.judge.kinds import build
+
+    cfg = load_config(None, [f"run_dir={tmp_path}", "judge.kind=llm", f"judge.model_path={tiny_model_dir}",
+                             "judge.template=no fields at all"])
+    with pytest.raises(ConfigError, match="judge.kind=llm: .*template"):
+        build(cfg)

@@ -80,6 +80,7 @@ def build(cfg):
     """The Serve application of cfg.judge, sized by cluster.judge."""
     from raydpo.cluster import outliving_path
     from raydpo.config_io import require
+    from raydpo.errors import ConfigError, RaydpoError
 
     j, res = cfg.judge, cfg.cluster.judge
     kind = KINDS[j.kind]
@@ -94,8 +95,13 @@ def build(cfg):
                            needs_pad=not kind.generates)
     module, _, fn = kind.app.partition(":")
     builder = getattr(importlib.import_module(module), fn)
-    return builder({**kind.app_args(cfg, j), "num_cpus": res.cpus, "resources": dict(res.resources),
-                    **res.serve_scaling()})
+    try:
+        return builder({**kind.app_args(cfg, j), "num_cpus": res.cpus, "resources": dict(res.resources),
+                        **res.serve_scaling()})
+    except ValueError as e:  # the builders' argument checks, which `serve run` shows as they are
+        if isinstance(e, RaydpoError):
+            raise
+        raise ConfigError(f"judge.kind={j.kind}: {e}") from None
 
 
 def deploy(cfg, name: str = "judge"):

@@ -28,15 +28,19 @@ def atomic_write(path: str | os.PathLike, content: str | Iterable[str] | Callabl
     else:
         Path(tmp_dir).mkdir(parents=True, exist_ok=True)
         tmp = Path(tmp_dir) / f"{uuid.uuid4().hex}{path.suffix}"
-    with open(tmp, "wb") as f:
-        if callable(content):
-            content(f)
-        else:
-            f.write((content if isinstance(content, str) else "".join(content)).encode("utf-8"))
-        if durable:
-            f.flush()
-            os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            if callable(content):
+                content(f)
+            else:
+                f.write((content if isinstance(content, str) else "".join(content)).encode("utf-8"))
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     if durable:
         fd = os.open(path.parent, os.O_RDONLY)
         try:

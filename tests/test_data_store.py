@@ -106,3 +106,21 @@ def test_an_iteration_without_pairs_gives_zero_training_rows(tmp_path):
         rows, counts = training_rows(store.read_table([1]), truncated, max_length=64)
         assert rows.num_rows == 0 and counts.rows == 0 and counts.over_length_dropped == 0
         assert rows.column_names == ["pair_id", "prompt_ids", "chosen_ids", "rejected_ids"]
+
+
+def test_a_writer_that_fails_leaves_the_old_file_and_no_temporary(tmp_path):
+    from raydpo.files import atomic_write
+
+    target = tmp_path / "out" / "chunk.parquet"
+    atomic_write(target, "old\n")
+
+    def fail(f):
+        f.write(b"half")
+        raise OSError("disk full")
+
+    for staging in (None, tmp_path / "staging"):
+        with pytest.raises(OSError, match="disk full"):
+            atomic_write(target, fail, tmp_dir=staging, durable=True)
+        assert target.read_text() == "old\n"
+        assert sorted(p.name for p in target.parent.iterdir()) == ["chunk.parquet"]
+        assert staging is None or list(staging.iterdir()) == []

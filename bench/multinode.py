@@ -89,7 +89,7 @@ class LocalCluster:
                          "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"})
         self._dash = free_port()
         self.env.update(local_ray_env(self._dash))  # the same Ray settings as a raydpo local Ray
-        self.env["RAY_worker_maximum_startup_concurrency"] = str(STARTUP_CONCURRENCY)
+        self.env["RAY_worker_maximum_startup_concurrency"] = str(max(STARTUP_CONCURRENCY, os.cpu_count() or 1))
         # the GCS declares a node dead after `threshold` failed health checks `period` apart:
         # 5 x 3 s by default (measured here: ~30 s before a killed node's actors were seen
         # dead), meant for real networks; 5 x 1 s on one machine

@@ -9,7 +9,7 @@ from it and receives new weights `--repeats` times by each path:
 
 * **object store** (the loop's default): the trainer's state dict goes into the object store
   once as numpy arrays, in buckets of `--bucket-mb` (`put`), and every engine reads it
-  zero-copy from shared memory, a bucket at a time, into
+  zero-copy from shared memory into
   `reload_weights(weights_iterator=...)` (`load`);
 * **path**: the trainer saves a safetensors folder (`save`, which the loop does anyway for its
   checkpoint) and every engine reads it back into the same reload (`load`).
@@ -235,7 +235,7 @@ def main() -> None:
             params = sum(v.numel() for k, v in state.items() if k != "lm_head.weight")
             gb = params * 4 / 1e9
             print(f"[bench] {size}: {params / 1e6:.0f}M parameters, {gb:.2f} GB", flush=True)
-            for engines in (int(e) for e in args.engines.split(",")):
+            for engines in sorted(int(e) for e in args.engines.split(",")):  # a lean run (1B, 2) empties `state`: last
                 if size == "1b" and engines > args.engines_1b:
                     print(f"[bench] 1b -> {engines} engines: skipped (--engines-1b {args.engines_1b}: each engine holds "
                           f"its own 4.4 GB copy and KV cache, beside the object store's copy)", flush=True)

@@ -17,8 +17,8 @@
 #   unless --num-cpus is given. A job checks at start that its roles fit the cluster.
 # * Worker processes: one per role replica, most of them 0-CPU actors. The raylet warns
 #   on every driver's console once it holds 4x its startup concurrency in them, and that
-#   defaults to the CPUs (8 processes on 2 cores: every demo). The head expects 8
-#   concurrent starts instead (raydpo.cluster.STARTUP_CONCURRENCY does the same for a
+#   defaults to the CPUs (8 processes on 2 cores: every demo). The head expects
+#   max(cores, 8) concurrent starts instead (raydpo.cluster.STARTUP_CONCURRENCY does the same for a
 #   local Ray).
 # * The venv goes first on PATH, so that a job's `python` entrypoint is the venv's.
 set -euo pipefail
@@ -30,14 +30,12 @@ fi
 export PATH="$VENV_BIN:$PATH"
 ray get-auth-token --generate > /dev/null   # keeps an existing token; prints it, hence > /dev/null
 export RAY_AUTH_MODE=token
-export RAY_worker_maximum_startup_concurrency="${RAY_worker_maximum_startup_concurrency:-8}"
 
 args=("$@")
 if [[ "${1:-}" =~ ^[0-9]+$ ]]; then args=("--port=$1" "${@:2}"); fi   # the old form: local.sh PORT
 have() { for a in "${args[@]+"${args[@]}"}"; do case "$a" in "$1"|"$1"=*) return 0;; esac; done; return 1; }
 have --port || args+=("--port=6379")
-if ! have --num-cpus; then
-  cores="$(python -c 'import os; print(len(os.sched_getaffinity(0)))')"   # nproc obeys OMP_NUM_THREADS
-  args+=("--num-cpus=$(( cores > 6 ? cores : 6 ))")
-fi
+cores="$(python -c 'import os; print(len(os.sched_getaffinity(0)))')"   # nproc obeys OMP_NUM_THREADS
+have --num-cpus || args+=("--num-cpus=$(( cores > 6 ? cores : 6 ))")
+export RAY_worker_maximum_startup_concurrency="${RAY_worker_maximum_startup_concurrency:-$(( cores > 8 ? cores : 8 ))}"
 exec ray start --head --node-ip-address=127.0.0.1 --dashboard-host=127.0.0.1 --disable-usage-stats "${args[@]}"

@@ -116,7 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="check preference records",
         description="Check every record of JSONL/Parquet files or folders; print each bad record with "
         "file:line (JSONL, 1-based) or file:row (Parquet, 0-based) and reason, then counts by reason. "
-        "Exit 0 if all records are good, 1 if any is bad.",
+        "Exit 0 if all records are good, 1 if any is bad, 2 if a path cannot be read (or, with --strict, "
+        "at the first bad record).",
     )
     p_val.add_argument("paths", nargs="+", metavar="PATH", help="file or folder (searched recursively)")
     p_val.add_argument("--format", default="auto", choices=["auto", "standard", "conversational", "openai", "implicit", "sft"])

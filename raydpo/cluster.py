@@ -203,10 +203,10 @@ def start_local_ray(num_cpus: int | None = None, **options) -> None:
     import ray
 
     port = free_port()
-    concurrency = max(STARTUP_CONCURRENCY, os.cpu_count() or 1)
+    system = {"worker_maximum_startup_concurrency": max(STARTUP_CONCURRENCY, os.cpu_count() or 1),
+              **options.pop("_system_config", {})}
     ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
-             dashboard_port=port, runtime_env={"env_vars": local_ray_env(port)},
-             _system_config={"worker_maximum_startup_concurrency": concurrency}, **options)
+             dashboard_port=port, runtime_env={"env_vars": local_ray_env(port)}, _system_config=system, **options)
 
 
 def init_ray(cfg: RunConfig, roles: tuple[str, ...] = ("trainer",), data_cpus: float = 0.0) -> None:

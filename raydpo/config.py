@@ -103,7 +103,7 @@ class SamplerConfig(_Section):
     tensor_parallel_size: int = Field(1, ge=1, description="GPUs per engine (GPU only, not run here; must be 1 on CPU)")
     sync_timeout_s: float = Field(120.0, gt=0, description="seconds a weight sync may take before it fails")
     weight_transport: Literal["object_store", "nccl"] = Field("object_store", description="how new weights reach the engines: object_store (CPU or GPU, across nodes: buckets through Ray's object store) or nccl (GPU only and NEVER RUN here: vLLM's NCCL weight transfer, broadcast from trainer rank 0 into every engine; the policy endpoint reads the iteration's checkpoint)")
-    sync_bucket_mb: int = Field(512, ge=1, description="weight sync through the object store goes in buckets of at most this many MB: a sender copies one bucket at a time (never a second whole model), a ZeRO-3 trainer gathers one at a time, and engines read one at a time")
+    sync_bucket_mb: int = Field(512, ge=1, description="weight sync through the object store goes in buckets of at most this many MB: a sender copies one bucket at a time (never a second whole model) and a ZeRO-3 trainer gathers one at a time")
     start_timeout_s: float = Field(300.0, gt=0, description="seconds an engine may take to start, or to be placed (a replacement waits for a node with its resources) before the run fails")
     request_timeout_s: float = Field(600.0, gt=0, description="seconds one sampling request may take before it fails")
 

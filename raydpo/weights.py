@@ -126,15 +126,16 @@ def memory_state(module, state: dict) -> dict:
 # Weight sync through the Ray object store, in buckets. A sender puts one bucket at a time:
 # it never builds a second whole copy of the model beside the object store's one (the
 # trainer used to clone every tensor first, then put the clone), and a ZeRO-3 trainer
-# gathers one bucket's parameters at a time. Engines fetch one bucket at a time while they
-# load. (verl's `update_weights_bucket_megabytes` and TRL's chunked vLLM updates bound
+# gathers one bucket's parameters at a time. Engines fetch every bucket (zero-copy views of
+# their node's object store) before they load, so that a lost one fails with nothing
+# loaded. (verl's `update_weights_bucket_megabytes` and TRL's chunked vLLM updates bound
 # their transfers the same way.)
 
 @dataclass(frozen=True)
 class StoredWeights:
     """One version's weights in the object store (`put_weights`). `shapes` names every
     tensor, so an engine checks the whole update before it loads anything; `parts` are
-    ObjectRefs of {name: numpy array} buckets, read one at a time (`stored_items`)."""
+    ObjectRefs of {name: numpy array} buckets (`fetch_all`, `stored_items`)."""
 
     shapes: dict[str, tuple[int, ...]]
     parts: tuple
@@ -180,25 +181,25 @@ def put_weights(parts: Iterable[dict[str, torch.Tensor]]) -> StoredWeights:
     return StoredWeights(shapes, tuple(refs), frozenset(bf16), nbytes)
 
 
-def stored_items(update: StoredWeights) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, tensor) of every bucket, fetched one bucket at a time: read-only views of the
-    object store (reload_weights copies them into the engine)."""
+def stored_items(update: StoredWeights, parts: list[dict] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) of every bucket: read-only views of the object store (reload_weights
+    copies them into the engine). `parts`: the buckets already fetched (`fetch_all`);
+    without them each bucket is fetched when it is reached."""
     import ray
 
-    for ref in update.parts:
-        for k, a in ray.get(ref).items():
+    for part in parts if parts is not None else (ray.get(ref) for ref in update.parts):
+        for k, a in part.items():
             t = torch.from_numpy(a)
             yield k, t.view(torch.bfloat16) if k in update.bf16 else t
-        a = t = None  # this bucket's last views: the next may be fetched without it pinned
 
 
-def fetch_all(update: StoredWeights) -> None:
-    """Bring every bucket to this node's object store (none stays pinned here), so a lost
-    one, or one whose owner died, fails before anything loads rather than part-way."""
+def fetch_all(update: StoredWeights) -> list[dict]:
+    """Every bucket, fetched at once (zero-copy views of this node's object store, pinned
+    while they are held): a lost bucket, or one whose owner (the trainer) died, raises Ray's
+    error here, before anything loads, rather than part-way through a load."""
     import ray
 
-    for ref in update.parts:
-        ray.get(ref)
+    return ray.get(list(update.parts))
 
 
 def engine_heads_missing(llm, tied: dict[str, str]) -> set[str]:
@@ -251,13 +252,14 @@ def checked_update(expected: dict[str, tuple[int, ...]], tied: dict[str, str],
     """`state` (`StoredWeights`, or a dict of numpy arrays or tensors) or the HF folder
     `path`, checked against `expected` (names and shapes) *before* anything is loaded, with
     the tied head put back: the (name, tensor) items `reload_weights` takes (`StoredWeights`
-    are fetched a bucket at a time as they are consumed). `skip`: tied heads the engine has
-    no module for (`engine_heads_missing`), left out whether or not the update carries them.
-    Raises WeightsError, the engine untouched."""
-    if isinstance(state, StoredWeights):
+    are all fetched first, after their manifest is checked). `skip`: tied heads the engine
+    has no module for (`engine_heads_missing`), left out whether or not the update carries
+    them. Raises WeightsError (or Ray's error for a bucket that cannot be fetched), the
+    engine untouched."""
+    if isinstance(state, StoredWeights):  # a RayError if a bucket cannot be fetched: still nothing loaded
         check_update(expected, state.shapes, tied)
         heads = {i: o for o, i in tied.items() if o not in skip and o not in state.shapes}
-        return _with_heads(stored_items(state), heads, skip)
+        return _with_heads(stored_items(state, fetch_all(state)), heads, skip)
     if state is not None:
         import torch
 

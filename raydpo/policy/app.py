@@ -124,26 +124,22 @@ class PolicyServer:
         return ray.get(self.registry.current.remote())
 
     def _follow(self, poll_s: float) -> None:
-        from raydpo.weights import checked_update, fetch_all
+        from raydpo.weights import checked_update
 
         while True:
-            items = payload = None  # a failed load's generator must not keep its version's buckets alive
+            items = payload = stored = None  # a failed load must not keep its version's buckets alive
             try:
                 epoch, version, payload = self._current()
                 if self.epoch is None and not payload:  # a new replica on the base weights of the app its
                     self.epoch = epoch  # owner deployed: that owner's version 0
                 if (epoch != self.epoch or version > self.version) and payload and not self.broken:
                     stored, path = payload
-                    state = None
-                    if stored is not None:
-                        try:
-                            fetch_all(stored)  # a lost bucket or a dead owner (the job's trainer) fails here
-                            state = stored
-                        except ray.exceptions.RayError:  # its owner (the job's trainer) is gone
-                            if path is None:
-                                raise
-                    items = checked_update(self.expected, self.tied, state, None if state is not None else path,
-                                           skip=self.skip)
+                    try:  # fetches every bucket first: a lost one, or a dead owner (the job's trainer), fails here
+                        items = checked_update(self.expected, self.tied, stored, None if stored else path, skip=self.skip)
+                    except ray.exceptions.RayError:
+                        if path is None:
+                            raise
+                        items = checked_update(self.expected, self.tied, None, path, skip=self.skip)
                     with self.engine_lock:
                         try:
                             self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": items})

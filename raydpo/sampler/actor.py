@@ -17,8 +17,7 @@ import ray
 
 from raydpo.errors import SamplerError
 from raydpo.records import Sample, SamplingSettings, Stale, derive_seed
-from raydpo.weights import (StoredWeights, checked_update, checkpoint_shapes, engine_heads_missing, engine_tied_keys,
-                            fetch_all)
+from raydpo.weights import StoredWeights, checked_update, checkpoint_shapes, engine_heads_missing, engine_tied_keys
 
 
 def _failing_after(items, n: int):
@@ -65,16 +64,14 @@ class SamplerActor:
         the engine keeps its version. A failure *during* the load leaves a mix of two
         versions, so the actor labels itself broken (version None) and refuses to sample
         until the pool replaces it; it never serves mixed weights under either label."""
-        items = checked_update(self.expected, self.tied, state, path, skip=self.skip)
-        if isinstance(state, StoredWeights):
-            try:
-                fetch_all(state)  # a lost bucket or a dead owner fails here, the engine untouched
-            except ray.exceptions.RayError as e:
-                raise SamplerError(f"sampler {self.index}: the weights of version {version} cannot be read from the "
-                                   f"object store ({type(e).__name__}: the trainer that put them died?); the engine "
-                                   f"keeps version {self.version}") from None
-            if self.tensor_parallel_size > 1:  # (GPU only, not run here) the executor pickles its arguments:
-                items = list(items)  # not a generator; the whole update is in memory once
+        try:  # a lost bucket or a dead owner fails here, the engine untouched
+            items = checked_update(self.expected, self.tied, state, path, skip=self.skip)
+        except ray.exceptions.RayError as e:
+            raise SamplerError(f"sampler {self.index}: the weights of version {version} cannot be read from the "
+                               f"object store ({type(e).__name__}: the trainer that put them died?); the engine "
+                               f"keeps version {self.version}") from None
+        if isinstance(state, StoredWeights) and self.tensor_parallel_size > 1:  # GPU only, not run here: the
+            items = list(items)  # executor pickles its arguments, and a generator does not pickle
         if self._fault_after is not None:
             items, self._fault_after = _failing_after(items, self._fault_after), None
         try:

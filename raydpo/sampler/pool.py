@@ -8,7 +8,7 @@ and the version.
 
 Weight transport on CPU (the default, portable across nodes): the state dict goes into
 the object store once, in buckets (`raydpo.weights.put_weights`), and every actor reads
-it a bucket at a time into `reload_weights(weights_iterator=...)`.
+every bucket (zero-copy on its node) into `reload_weights(weights_iterator=...)`.
 `publish(path=...)` instead has each actor read a safetensors folder (storage
 every node sees) and load it the same way. On GPUs, sampler.weight_transport=nccl has
 the trainer broadcast into the engines with vLLM's weight-transfer API
@@ -202,7 +202,7 @@ class SamplerPool:
 
         `state_dict`: torch tensors (put into the object store here, in buckets of
         `sync_bucket_mb`), or `StoredWeights` already there (as the online trainer returns
-        them: no copy through the driver). Each actor reads them a bucket at a time.
+        them: no copy through the driver). Each actor fetches every bucket before it loads.
 
         Waits first while an older version is held (`hold`), and loads between sampling
         calls: an actor runs one call at a time, so no response mixes versions and every

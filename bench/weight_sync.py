@@ -208,7 +208,7 @@ def main() -> None:
     ap.add_argument("--engines", default="1,2")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--engines-1b", type=int, default=2, help="most engines for the 1B model (memory: 2 engines peaked "
-                    "at 20.4 of 24 GiB here, with the driver's copy dropped)")
+                    "at 20.4-21.6 of 24 GiB here, with the driver's copy dropped)")
     ap.add_argument("--bucket-mb", type=int, default=512, help="weight sync bucket size (sampler.sync_bucket_mb)")
     ap.add_argument("--out", default=None, help="where the models are built (default: a temporary folder, removed)")
     args = ap.parse_args()

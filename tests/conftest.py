@@ -9,7 +9,7 @@ import pytest
 # loop runs) goes before e2e: beside it, both ran ~1.7x slower (e2e stop/resume 214 s against
 # 123 s). Modules not named keep pytest's order, after these.
 MODULE_ORDER = ("test_train.py", "test_jobs.py", "test_sampler.py", "test_reward_model.py", "test_remote_judge.py",
-                "test_multinode.py", "test_online_e2e.py",
+                "test_online_e2e.py",
                 "test_policy_app.py", "test_online_trainer.py", "test_llm_judge.py", "test_data_ray.py",
                 "test_bos_tokenizer.py", "test_cross_engine.py", "test_tiny_model.py", "test_judge.py",
                 "test_data_store.py")

@@ -135,7 +135,7 @@ def memory_state(module, state: dict) -> dict:
 class StoredWeights:
     """One version's weights in the object store (`put_weights`). `shapes` names every
     tensor, so an engine checks the whole update before it loads anything; `parts` are
-    ObjectRefs of {name: numpy array} buckets (`fetch_all`, `stored_items`)."""
+    ObjectRefs of {name: numpy array} buckets (`stored_items`)."""
 
     shapes: dict[str, tuple[int, ...]]
     parts: tuple
@@ -181,25 +181,20 @@ def put_weights(parts: Iterable[dict[str, torch.Tensor]]) -> StoredWeights:
     return StoredWeights(shapes, tuple(refs), frozenset(bf16), nbytes)
 
 
-def stored_items(update: StoredWeights, parts: list[dict] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+def stored_items(update: StoredWeights) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, tensor) of every bucket: read-only views of the object store (reload_weights
-    copies them into the engine). `parts`: the buckets already fetched (`fetch_all`);
-    without them each bucket is fetched when it is reached."""
+    copies them into the engine). Every bucket is fetched here, at once (zero-copy, pinned
+    while the items are held), not as the items are consumed: a lost bucket, or one whose
+    owner (the trainer) died, raises Ray's error before anything loads, not part-way."""
     import ray
 
-    for part in parts if parts is not None else (ray.get(ref) for ref in update.parts):
-        for k, a in part.items():
-            t = torch.from_numpy(a)
-            yield k, t.view(torch.bfloat16) if k in update.bf16 else t
+    parts = ray.get(list(update.parts))
+    return ((k, _tensor(a, k in update.bf16)) for part in parts for k, a in part.items())
 
 
-def fetch_all(update: StoredWeights) -> list[dict]:
-    """Every bucket, fetched at once (zero-copy views of this node's object store, pinned
-    while they are held): a lost bucket, or one whose owner (the trainer) died, raises Ray's
-    error here, before anything loads, rather than part-way through a load."""
-    import ray
-
-    return ray.get(list(update.parts))
+def _tensor(array, bf16: bool) -> torch.Tensor:
+    t = torch.from_numpy(array)
+    return t.view(torch.bfloat16) if bf16 else t
 
 
 def engine_heads_missing(llm, tied: dict[str, str]) -> set[str]:
@@ -259,7 +254,7 @@ def checked_update(expected: dict[str, tuple[int, ...]], tied: dict[str, str],
     if isinstance(state, StoredWeights):  # a RayError if a bucket cannot be fetched: still nothing loaded
         check_update(expected, state.shapes, tied)
         heads = {i: o for o, i in tied.items() if o not in skip and o not in state.shapes}
-        return _with_heads(stored_items(state, fetch_all(state)), heads, skip)
+        return _with_heads(stored_items(state), heads, skip)
     if state is not None:
         import torch
 

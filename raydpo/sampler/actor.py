@@ -41,6 +41,7 @@ class SamplerActor:
         self.expected = checkpoint_shapes(model_path)
         self.tied = engine_tied_keys(model_path, trust_remote_code)
         self._fault_after: int | None = None
+        self._received = False  # weight_transport=nccl: an update finished and not yet labelled
         self.llm = make_llm(model_path, max_model_len=max_model_len, kv_cache_gib=kv_cache_gib, dtype=dtype,
                             seed=seed, in_process=True, device=device, trust_remote_code=trust_remote_code,
                             tensor_parallel_size=tensor_parallel_size,
@@ -117,7 +118,7 @@ class SamplerActor:
 
     def set_version(self, version: int) -> int:
         """Label the weights an NCCL update just brought: only after a finished update."""
-        if not getattr(self, "_received", False):
+        if not self._received:
             raise SamplerError(f"sampler {self.index}: no finished NCCL weight update to label version {version}")
         self._received, self.version = False, version
         return version

@@ -234,10 +234,10 @@ class SamplerPool:
                 try:
                     self._await_sync(i, ref)
                 except (ray.exceptions.RayActorError, SamplerError) as e:
-                    if not (sent or isinstance(e, ray.exceptions.RayActorError)):
-                        raise
-                    if sent:  # its broadcast did not finish: mixed weights, a new engine
-                        ray.kill(actors[i])
+                    if isinstance(e, SamplerError):
+                        if not sent:
+                            raise
+                        ray.kill(actors[i])  # its broadcast did not finish: mixed weights, a new engine
                     self._replace(i, actors[i])  # comes back on the previous weights; load this version into it
                     self._await_sync(i, self.actors[i].load_weights.remote(version, stored, path))
                 loaded.append(i)

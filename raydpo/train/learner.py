@@ -164,12 +164,12 @@ def weight_buckets(module, zero_stage: int | None, bucket_bytes: int) -> Iterato
         else:
             yield from _merged_buckets(module, bucket_bytes)
         return
-    names = checkpoint_names(module)
     if zero_stage != 3:
-        yield from buckets(((names.get(k, k), v) for k, v in module.state_dict().items()), bucket_bytes)
+        yield from _renamed_buckets(module, bucket_bytes)
         return
     import deepspeed
 
+    names = checkpoint_names(module)
     for part in buckets(module.state_dict(keep_vars=True).items(), bucket_bytes, _full_nbytes):
         params = list({id(v): v for v in part.values() if hasattr(v, "ds_id")}.values())
         with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
@@ -184,8 +184,13 @@ def _merged_buckets(module, bucket_bytes: int) -> Iterator[dict[str, torch.Tenso
     import copy
 
     merged = copy.deepcopy(module).merge_and_unload()  # peft: merge a copy, keep training the adapters
-    names = checkpoint_names(merged)
-    yield from buckets(((names.get(k, k), v) for k, v in merged.state_dict().items()), bucket_bytes)
+    yield from _renamed_buckets(merged, bucket_bytes)
+
+
+def _renamed_buckets(module, bucket_bytes: int) -> Iterator[dict[str, torch.Tensor]]:
+    """`module`'s state dict (views) under the names a saved folder uses, in buckets."""
+    names = checkpoint_names(module)
+    yield from buckets(((names.get(k, k), v) for k, v in module.state_dict().items()), bucket_bytes)
 
 
 def save_hf(module, zero_stage, spec: TrainSpec, out: Path, write: bool) -> None:

@@ -218,16 +218,11 @@ class _WorkerState:
             self.nccl.send(tuple(engines))
             return None
         parts = self.learner.weight_buckets(spec.weight_bucket_mb << 20)
-        if self.learner.rank == 0:
-            try:
-                return put_weights(parts)
-            except Exception:
-                for _ in parts:  # ZeRO-3: the other ranks wait in each bucket's gather; finish them, then fail
-                    pass
-                raise
-        for _ in parts:
-            pass
-        return None
+        try:
+            return put_weights(parts) if self.learner.rank == 0 else None
+        finally:  # ZeRO-3: every rank takes part in each bucket's gather, rank 0 after a failed put too
+            for _ in parts:
+                pass
 
     def _train(self, cmd: TrainRequest) -> TrainResult:
         learner, spec = self.learner, self.learner.spec

@@ -155,7 +155,7 @@ class TrainerConfig(_Section):
     label_smoothing: float = Field(0.0, ge=0.0, lt=0.5, description="assumed label noise: cDPO for sigmoid, robust DPO for robust")
     simpo_gamma_beta_ratio: float = Field(0.5, ge=0.0, description="SimPO target margin gamma / beta")
     rpo_alpha: float = Field(0.0, ge=0.0, description="weight of the chosen-response NLL term (RPO); 0 turns it off")
-    reference_logps: Literal["live", "precomputed"] = Field("precomputed", description="the reference's log-probs: from a frozen model each step (live), or computed once by Ray Data and cached (precomputed)")
+    reference_logps: Literal["live", "precomputed"] = Field("precomputed", description="the reference's log-probs: from a frozen model each step (live), or computed once (precomputed): offline by Ray Data and cached, in the online loop once per iteration on the trainer for all its passes")
     lr: float = Field(3e-4, gt=0.0, description="peak learning rate (AdamW)")
     weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay")
     warmup_steps: int = Field(0, ge=0, description="linear LR warm-up steps")

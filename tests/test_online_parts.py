@@ -281,3 +281,39 @@ def test_a_costed_scoring_judges_cost_is_tallied_when_it_ranks():
     assert client.rank([[("x", " ab"), ("x", " a")], [("y", " abc")]], tally=tally) == [[3.0, 2.0], [4.0]]
     assert tally == JudgeTally(calls=3, retries=1, prompt_tokens=30, completion_tokens=3, cost=1.5)
     assert client.score([("x", " a")]) == [2.0]  # no tally asked for: the plain route
+
+
+def test_the_reference_scored_once_an_iteration_is_the_live_reference_pair_by_pair(tiny_model_dir, tiny_tokenizer):
+    """The online trainer scores an iteration's pairs with the frozen reference once, in
+    batches of similar length (`_with_reference`), and its passes read those log-probs instead
+    of running the reference each step. A second implementation: each pair scored alone (no
+    padding), in both layouts."""
+    from contextlib import nullcontext
+    from types import SimpleNamespace
+
+    import numpy as np
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from raydpo.data.collate import REFERENCE_COLUMNS, layout
+    from raydpo.train.online import _with_reference
+    from raydpo.train.step import frozen_logps
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    rng, words = np.random.default_rng(0), [" apple", " river", " stone", " please", " thanks"]
+    enc = lambda text: tiny_tokenizer(text, add_special_tokens=False).input_ids  # noqa: E731
+    rows = {"pair_id": [f"p{i}" for i in range(37)],
+            "prompt_ids": [enc(f"about: {words[i % 5].strip()} | max {3 + i % 7}\n") for i in range(37)],
+            "chosen_ids": [enc("".join(rng.choice(words, 1 + i % 9))) for i in range(37)],
+            "rejected_ids": [enc("".join(rng.choice(words, 1 + (5 * i) % 11))) for i in range(37)]}
+    pad = tiny_tokenizer.pad_token_id
+    for shared in (True, False):
+        lay = layout(shared)
+        learner = SimpleNamespace(reference=model, layout=lay, pad_id=pad, device=torch.device("cpu"),
+                                  autocast=nullcontext())
+        got = _with_reference(learner, rows, batch=8)
+        assert {k: got[k] for k in rows} == rows  # the rows themselves, in their order
+        for i in range(37):
+            rc, rr = frozen_logps(model, lay.collate({k: [rows[k][i]] for k in rows if k != "pair_id"}, pad))
+            assert got[REFERENCE_COLUMNS[0]][i] == pytest.approx(float(rc[0]), abs=1e-4)
+            assert got[REFERENCE_COLUMNS[1]][i] == pytest.approx(float(rr[0]), abs=1e-4)

@@ -37,7 +37,7 @@ class TrainerClient:
 
         self.stall_timeout_s = cfg.trainer.stall_timeout_s
         spec = make_spec(cfg, "dpo", start_path, run_dir, metrics_prefix="online/", max_steps=0, epochs=1,
-                         resume_from=resume_from)
+                         resume_from=resume_from, reference_once=cfg.trainer.reference_logps == "precomputed")
         if cfg.loop.rpo_alpha is not None:  # the loop's own default (see LoopConfig.rpo_alpha)
             spec = dataclasses.replace(spec, loss=dataclasses.replace(spec.loss, rpo_alpha=cfg.loop.rpo_alpha))
         self.storage = Path(run_dir, "ray_train").resolve()

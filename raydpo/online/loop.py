@@ -93,6 +93,8 @@ def run(cfg: RunConfig, resume: bool = False) -> int:
                 row = iteration(cfg, it, r, point, run_dir)
                 append_metrics(run_dir, row)
                 log_iteration(row)
+        if r.policy:
+            r.policy.settle()  # the endpoint serves the last version before the run ends
     finally:
         stop(r)
     finish(run_dir, r, t_start)
@@ -140,7 +142,7 @@ def train_and_publish(cfg: RunConfig, it: int, r: Run, timer: Timer, run_dir: Pa
         else:
             r.pool.publish(it, state_dict=stored)
         if r.policy:
-            r.policy.publish(it, weights=stored, path=path)
+            r.policy.publish(it, weights=stored, path=path, wait=False)  # loaded while the loop goes on
     return {**kept, "train_steps": result.steps, "trained_pairs": result.pairs, **dpo_metrics(result.metrics),
             "time_train_data": t_data, **{f"time_train_{k}": v for k, v in result.timing.items()}}
 

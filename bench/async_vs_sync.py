@@ -40,13 +40,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", default="0", help="comma-separated")
     ap.add_argument("--iterations", type=int, default=12)
-    ap.add_argument("--sft", default=None, help="an SFT checkpoint of the demo task (seed 0's), to skip the SFT stage")
+    ap.add_argument("--sft", default=None, help="an SFT checkpoint of the demo task, to skip the SFT stage; "
+                    "{seed} in it is each seed's (e.g. OUT/sft-{seed}/ray_train/sft/sft-step-001000 of an earlier run)")
     ap.add_argument("--out", default=None, help="keep the runs here (default: a temporary folder)")
     args = ap.parse_args()
     out = Path(args.out or tempfile.mkdtemp(prefix="raydpo-async-"))
     results = []
     for seed in (int(s) for s in args.seeds.split(",")):
-        sft = Path(args.sft) if args.sft else None
+        sft = Path(args.sft.format(seed=seed)) if args.sft else None
         if sft is None:
             run(["jobs/sft.py", f"run_dir={out / f'sft-{seed}'}", f"seed={seed}"], f"seed {seed}: SFT stage")
             sft = max((out / f"sft-{seed}" / "ray_train" / "sft").glob("sft-step-*"))

@@ -31,8 +31,8 @@ loop.eval_kl=false: TRL serves no policy and computes no KL at eval.
 Time, evaluation excluded on both sides: TRL's from the start of `train()` to the snapshot,
 less the snapshots' save time. raydpo's per iteration from its metrics rows: `time_total`
 (the trainer's path from one publish to the next), less `time_eval` in the synchronous loop
-(with max_staleness >= 1 its one-prompt evaluation runs beside training and stays in, against
-raydpo, except `time_sync_held`: a publish waiting for the previous version's eval samples).
+(with max_staleness >= 1, publishing and the one-prompt evaluation run beside training: what
+they take from the CPUs stays in, against raydpo).
 Start-up (engines, workers, Serve) is left out on both sides.
 
 Ends with `RESULT trl_s=... raydpo_s=... ratio=... target=... trl_best_win=... raydpo_best_win=...`
@@ -71,9 +71,8 @@ def raydpo_side(run_dir: Path, sft: Path, args) -> list[dict]:
                   key=lambda r: r["iteration"])
     out, clock, steps = [{"step": 0, "s": 0.0, "folder": None}], 0.0, 0
     for r in rows[1:]:
-        # what is left of evaluation on the trainer's path: all of it in the synchronous loop;
-        # beside training, the publishes that waited for the previous version's eval samples
-        clock += r["time_total"] - (r["time_eval"] if args.max_staleness == 0 else r.get("time_sync_held", 0.0))
+        # evaluation on the trainer's path: all of it in the synchronous loop, none beside training
+        clock += r["time_total"] - (r["time_eval"] if args.max_staleness == 0 else 0.0)
         steps += r.get("train_steps", 0)
         out.append({"step": steps, "s": clock, "folder": iteration_checkpoint(run_dir, r["iteration"])})
     return out

@@ -247,3 +247,58 @@ def test_pin_cpus_pins_every_thread_of_the_process():
             "print('pinned', len(tids))\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and r.stdout.startswith("pinned"), r.stdout + r.stderr
+
+
+def test_a_failed_publish_reaches_the_trainer_waiting_for_pairs_and_later_versions_are_dropped():
+    """With max_staleness >= 1 a publisher thread brings each version to the samplers, and the
+    producer samples only once the version it needs is there. If a publish fails, the trainer,
+    waiting for pairs that will never come, must get the error, not wait forever; versions
+    handed in after it are not published."""
+    import threading
+    import time
+    from concurrent.futures import Future
+
+    from raydpo.errors import SamplerError
+    from raydpo.online.overlapped import Publisher, _pairs
+
+    class Evaluator:
+        submitted = []
+
+        def submit(self, it, row):
+            self.submitted.append(it)
+
+        def check(self):
+            pass
+
+    class Producer:  # iteration 2's pairs need version 1 on the samplers: they never come
+        def pairs(self, it, timeout_s):
+            return Future().result(timeout_s)
+
+    pool = RecordingPool()
+    pool.stats = type("Stats", (), {"held_s": 0.0})()
+    evaluator = Evaluator()
+    publisher = Publisher(type("Run", (), {"pool": pool})(), evaluator)
+
+    def fail():
+        raise SamplerError("sampler 0: loading version 1 failed part-way")
+
+    publisher.submit(0, {})
+    publisher.submit(1, {}, fail)
+    publisher.submit(2, {}, lambda: pool.publish(2, path="x"))
+    box: list = []
+    waiting = threading.Thread(target=lambda: box.append(_catch(lambda: _pairs(Producer(), 2, publisher, evaluator))),
+                               daemon=True)
+    t = time.perf_counter()
+    waiting.start()
+    waiting.join(10)
+    assert not waiting.is_alive(), "the trainer still waits for pairs after the publish failed"
+    assert isinstance(box[0], SamplerError) and "version 1" in str(box[0]) and time.perf_counter() - t < 5
+    publisher.stop(abort=True)
+    assert evaluator.submitted == [0] and pool.published == []  # nothing after the failure
+
+
+def _catch(fn):
+    try:
+        return fn()
+    except Exception as e:  # noqa: BLE001 - the test inspects it
+        return e

@@ -128,6 +128,14 @@ def iteration(cfg: RunConfig, it: int, r: Run, point: ResumePoint, run_dir: Path
 def train_and_publish(cfg: RunConfig, it: int, r: Run, timer: Timer, run_dir: Path) -> dict:
     """Steps 6-7: DPO passes over the iteration's pairs on the trainer, then the new weights
     to every sampler and the policy endpoint. Returns the row's training columns."""
+    row, result = train(cfg, it, r, timer)
+    with timer("sync"):
+        publish(cfg, it, r, result, run_dir)
+    return row
+
+
+def train(cfg: RunConfig, it: int, r: Run, timer: Timer) -> tuple[dict, object]:
+    """Step 6: the row's training columns, and the trainer's `TrainResult` (its new weights)."""
     with timer("train"):
         t = time.perf_counter()
         ds, kept = training_data(cfg, r.store, it)
@@ -135,16 +143,19 @@ def train_and_publish(cfg: RunConfig, it: int, r: Run, timer: Timer, run_dir: Pa
         nccl = cfg.sampler.weight_transport == "nccl"  # GPU only, never run here
         result = r.trainer.train(it, ds, cfg.loop.dpo_passes, refresh_reference=cfg.loop.reference_policy == "previous",
                                  engines=tuple(r.pool.actors) if nccl else ())
-    with timer("sync"):
-        path, stored = str(iteration_checkpoint(run_dir, it)), result.weights[0]
-        if nccl:  # the engines hold the new weights already, unless this reply came from a checkpoint
-            r.pool.publish(it, path=path, sent=stored is None and not result.from_checkpoint)
-        else:
-            r.pool.publish(it, state_dict=stored)
-        if r.policy:
-            r.policy.publish(it, weights=stored, path=path, wait=False)  # loaded while the loop goes on
     return {**kept, "train_steps": result.steps, "trained_pairs": result.pairs, **dpo_metrics(result.metrics),
-            "time_train_data": t_data, **{f"time_train_{k}": v for k, v in result.timing.items()}}
+            "time_train_data": t_data, **{f"time_train_{k}": v for k, v in result.timing.items()}}, result
+
+
+def publish(cfg: RunConfig, it: int, r: Run, result, run_dir: Path) -> None:
+    """Step 7: version `it` (the weights in `result`) to every sampler and the policy endpoint."""
+    path, stored = str(iteration_checkpoint(run_dir, it)), result.weights[0]
+    if cfg.sampler.weight_transport == "nccl":  # the engines hold the new weights already, unless this reply
+        r.pool.publish(it, path=path, sent=stored is None and not result.from_checkpoint)  # came from a checkpoint
+    else:
+        r.pool.publish(it, state_dict=stored)
+    if r.policy:
+        r.policy.publish(it, weights=stored, path=path, wait=False)  # loaded while the loop goes on
 
 
 def log_iteration(row: dict) -> None:

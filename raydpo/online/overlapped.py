@@ -2,7 +2,7 @@
 ahead of training, and evaluation runs beside it. `loop.run` picks this for k >= 1; k = 0 is
 the synchronous loop of `raydpo.online.loop`, unchanged.
 
-Three threads in the driver, each waiting on its own roles:
+Four threads in the driver, each waiting on its own roles:
 
   producer    iteration i's pairs: prompts -> samples -> judge -> pairs -> store, chunk by
               chunk (`collect_pairs`). It starts iteration i once version i-1-k is on every
@@ -11,13 +11,19 @@ Three threads in the driver, each waiting on its own roles:
               it. A slow trainer therefore holds the producer back; it never makes pairs stale.
   trainer     (the caller's thread) waits for iteration i's pairs, keeps those at most k
               versions behind (`within_staleness`: a stored pair staler than that, e.g. after
-              a resume with a smaller k, is counted as stale_dropped), trains, publishes
-              version i to the samplers and the policy endpoint.
+              a resume with a smaller k, is counted as stale_dropped), trains, and hands
+              version i to the publisher; then goes on to iteration i+1.
+  publisher   publishes version i to the samplers and the policy endpoint, then hands it to
+              the evaluator. A publish waits while the samplers hold version i-1 for its
+              evaluation; the trainer does not (it waited there before: 0.5 s an iteration
+              measured, when evaluation drew more samples than training).
   evaluator   evaluates version i while i+1 trains. Version i is held on the samplers while
-              its eval samples are drawn (`SamplerPool.hold`: the publish of i+1 waits for
-              them, the training of i+1 does not); KL takes log pi from the sampler and only
-              the frozen reference from the trainer. Rows land in online_metrics.jsonl in
-              iteration order, each with its version's evaluation.
+              its eval samples are drawn (`SamplerPool.hold`); KL takes log pi from the
+              sampler and only the frozen reference from the trainer. Rows land in
+              online_metrics.jsonl in iteration order, each with its version's evaluation.
+
+The producer's gate (the version on every sampler) still bounds everything: with a slow
+evaluation, publishes fall behind, then the producer, then the trainer waits for pairs.
 
 Weights change between sampler calls only (an actor runs one call at a time), so every
 sample carries the version that produced it and no response mixes versions. Evaluation
@@ -36,7 +42,7 @@ from raydpo.config import RunConfig
 from raydpo.errors import RaydpoError
 from raydpo.online.collect import collect_pairs
 from raydpo.online.evaluate import draw_eval, score_eval
-from raydpo.online.loop import Timer, train_and_publish  # loop imports this module only inside run()
+from raydpo.online.loop import Timer, publish, train  # loop imports this module only inside run()
 from raydpo.online.pairs import counts_row
 from raydpo.online.resume import ResumePoint, publish_trained, trained_row
 from raydpo.report import TIME_KEYS, append_metrics
@@ -159,43 +165,114 @@ class Evaluator:
         self._thread.join(120)
 
 
+class Publisher:
+    """Versions to the samplers and the policy endpoint, then to the evaluator, in the order
+    they are handed in, beside the trainer."""
+
+    def __init__(self, r, evaluator: Evaluator):
+        self.r, self.evaluator = r, evaluator
+        self._todo: queue.Queue = queue.Queue()
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="raydpo-publisher", daemon=True)
+        self._thread.start()
+
+    def submit(self, it: int, row: dict, publish_it=None) -> None:
+        """Run `publish_it()` (None: version `it` is on the samplers already), then evaluate `it`."""
+        self.check()
+        self._todo.put((it, row, publish_it))
+
+    def _run(self) -> None:
+        while True:
+            job = self._todo.get()
+            try:
+                if job is None:
+                    return
+                if self.error is not None:  # after a failure: drop what is left
+                    continue
+                it, row, publish_it = job
+                try:
+                    if publish_it is not None:
+                        held, t = self.r.pool.stats.held_s, time.perf_counter()
+                        publish_it()
+                        row["time_sync"] = time.perf_counter() - t
+                        row["time_sync_held"] = self.r.pool.stats.held_s - held  # waited for version it-1's eval samples
+                    self.evaluator.submit(it, row)
+                except BaseException as e:  # raised in the trainer thread by check()
+                    self.error = e
+            finally:
+                self._todo.task_done()
+
+    def check(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+    def drain(self) -> None:
+        """Wait for every handed-in version to be published and handed on; raise the first failure."""
+        self._todo.join()
+        self.check()
+
+    def stop(self, abort: bool = False) -> None:
+        if abort and self.error is None:
+            self.error = Stopped("publisher stopped")
+        self._todo.put(None)
+        self._thread.join(120)
+
+
+def _pairs(producer: Producer, it: int, publisher: Publisher, evaluator: Evaluator) -> tuple[object, dict]:
+    """Iteration `it`'s pairs, or the publisher's or evaluator's failure: the producer waits for
+    versions only the publisher brings. No timeout of its own: sampler calls time out themselves
+    (JudgeClient calls do not yet)."""
+    from concurrent.futures import TimeoutError as NotYet
+
+    while True:
+        try:
+            return producer.pairs(it, POLL_S * 25)
+        except NotYet:
+            publisher.check()
+            evaluator.check()
+
+
 def run_iterations(cfg: RunConfig, r, point: ResumePoint, run_dir: Path, log_row) -> None:
-    """Iterations point.first..N with sampling ahead and evaluation beside training."""
+    """Iterations point.first..N with sampling ahead, and publishing and evaluation beside training."""
     last = cfg.loop.iterations
     producer = Producer(cfg, r, max(point.first, point.trained_upto + 1, 1), last)
     evaluator = Evaluator(cfg, r, run_dir, log_row)
+    publisher = Publisher(r, evaluator)
     t_prev = time.perf_counter()
     try:
         for it in range(point.first, last + 1):
+            publisher.check()
             evaluator.check()
             row: dict = {"iteration": it, "policy_version": it, **{f"time_{k}": 0.0 for k in TIME_KEYS}}
+            job = None
             if it == 0:
                 row.update(pairs=0, **r.first_row)
             elif it <= point.trained_upto:  # trained before the driver died, not evaluated
-                publish_trained(it, run_dir, r.pool, r.policy)
+                job = lambda it=it: publish_trained(it, run_dir, r.pool, r.policy)  # noqa: E731
                 row.update(trained_row(cfg, r.store, run_dir, it))
             else:
                 timer = Timer()
                 with timer("wait"):
-                    # no timeout here: sampler calls time out themselves (JudgeClient calls do not yet)
-                    counts, spent = producer.pairs(it, None)
+                    counts, spent = _pairs(producer, it, publisher, evaluator)
                 row.update(counts_row(counts))
-                held = r.pool.stats.held_s
-                row.update(train_and_publish(cfg, it, r, timer, run_dir))
-                row["time_sync_held"] = r.pool.stats.held_s - held  # the publish waited for version it-1's eval samples
+                columns, result = train(cfg, it, r, timer)
+                row.update(columns)
+                job = lambda it=it, result=result: publish(cfg, it, r, result, run_dir)  # noqa: E731
                 for phase in ("sample", "judge", "store"):  # the producer's, overlapping the trainer's
                     row[f"time_{phase}"] = spent[phase]
-                row.update({f"time_{k}": timer.spent[k] for k in ("wait", "train", "sync")})
+                row.update({f"time_{k}": timer.spent[k] for k in ("wait", "train")})
             now = time.perf_counter()
-            # the iteration's wall time on the trainer's path: from the previous publish to this one
+            # the iteration's wall time on the trainer's path: from the end of the previous training to this one's
             row["time_total"], t_prev = now - t_prev, now
-            row["time_other"] = max(0.0, row["time_total"] - sum(row.get(f"time_{k}", 0.0)
-                                                                  for k in ("wait", "train", "sync")))
-            evaluator.submit(it, row)
+            row["time_other"] = max(0.0, row["time_total"] - row["time_wait"] - row["time_train"])
+            publisher.submit(it, row, job)
+        publisher.drain()
         evaluator.drain()
     except BaseException:
         producer.stop()  # between chunks: nothing half-judged is stored
-        evaluator.stop(abort=True)
+        evaluator.stop(abort=True)  # lets go of held versions, so a publish waiting on one ends
+        publisher.stop(abort=True)
         raise
     producer.stop()
+    publisher.stop()
     evaluator.stop()

@@ -184,7 +184,7 @@ def evaluate(sides: dict[str, list[dict]], sft: Path, raydpo_dir: Path, out: Pat
         start = None
         for points in sides.values():
             pool = SamplerPool.from_config(cfg, str(sft))  # a new pool per side: versions only go up
-            baseline = baseline_samples(cfg, out / "eval", pool, prompts)  # drawn once, then read back
+            baseline = baseline_samples(cfg, out, pool, prompts)  # <out>/eval/baseline.jsonl: drawn once, then read back
             for version, p in enumerate(points):
                 if version == 0 and start is not None:
                     p["win"] = start

@@ -249,17 +249,17 @@ def test_pin_cpus_pins_every_thread_of_the_process():
     assert r.returncode == 0 and r.stdout.startswith("pinned"), r.stdout + r.stderr
 
 
-def test_a_failed_publish_reaches_the_trainer_waiting_for_pairs_and_later_versions_are_dropped():
+def test_a_failed_publish_or_producer_reaches_the_trainer_waiting_for_pairs():
     """With max_staleness >= 1 a publisher thread brings each version to the samplers, and the
     producer samples only once the version it needs is there. If a publish fails, the trainer,
     waiting for pairs that will never come, must get the error, not wait forever; versions
-    handed in after it are not published."""
-    import threading
+    handed in after it are not published. A producer that failed with a TimeoutError (a Ray
+    call's) must not read as "no pairs yet"."""
     import time
     from concurrent.futures import Future
 
     from raydpo.errors import SamplerError
-    from raydpo.online.overlapped import Publisher, _pairs
+    from raydpo.online.overlapped import Producer, Publisher, _pairs
 
     class Evaluator:
         submitted = []
@@ -270,9 +270,9 @@ def test_a_failed_publish_reaches_the_trainer_waiting_for_pairs_and_later_versio
         def check(self):
             pass
 
-    class Producer:  # iteration 2's pairs need version 1 on the samplers: they never come
-        def pairs(self, it, timeout_s):
-            return Future().result(timeout_s)
+    class Waiting(Producer):  # iteration 2's pairs need version 1 on the samplers: they never come
+        def __init__(self, result: Future):
+            self.results = {2: result}
 
     pool = RecordingPool()
     pool.stats = type("Stats", (), {"held_s": 0.0})()
@@ -285,16 +285,30 @@ def test_a_failed_publish_reaches_the_trainer_waiting_for_pairs_and_later_versio
     publisher.submit(0, {})
     publisher.submit(1, {}, fail)
     publisher.submit(2, {}, lambda: pool.publish(2, path="x"))
-    box: list = []
-    waiting = threading.Thread(target=lambda: box.append(_catch(lambda: _pairs(Producer(), 2, publisher, evaluator))),
-                               daemon=True)
     t = time.perf_counter()
-    waiting.start()
-    waiting.join(10)
-    assert not waiting.is_alive(), "the trainer still waits for pairs after the publish failed"
-    assert isinstance(box[0], SamplerError) and "version 1" in str(box[0]) and time.perf_counter() - t < 5
+    assert isinstance(_waited(lambda: _pairs(Waiting(Future()), 2, publisher, evaluator)), SamplerError)
+    assert "version 1" in str(publisher.error) and time.perf_counter() - t < 5
     publisher.stop(abort=True)
     assert evaluator.submitted == [0] and pool.published == []  # nothing after the failure
+
+    # the producer itself failed, with a TimeoutError (a Ray call's): raised, not read as "not yet"
+    failed = Future()
+    failed.set_exception(TimeoutError("ray.get timed out after 60s"))
+    ok = Publisher(type("Run", (), {"pool": pool})(), evaluator)
+    assert isinstance(_waited(lambda: _pairs(Waiting(failed), 2, ok, evaluator)), TimeoutError)
+    ok.stop()
+
+
+def _waited(fn, limit_s: float = 10):
+    """What `fn` raised, run in a thread the test gives up on after `limit_s` (then it fails)."""
+    import threading
+
+    box: list = []
+    waiting = threading.Thread(target=lambda: box.append(_catch(fn)), daemon=True)
+    waiting.start()
+    waiting.join(limit_s)
+    assert not waiting.is_alive(), "the trainer still waits for pairs"
+    return box[0]
 
 
 def _catch(fn):

@@ -35,7 +35,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from concurrent.futures import Future
+from concurrent.futures import Future, wait
 from pathlib import Path
 
 from raydpo.config import RunConfig
@@ -92,6 +92,12 @@ class Producer:
         """(PairCounts, seconds per phase) of iteration `it`, once all its chunks are stored."""
         return self.results[it].result(timeout_s)
 
+    def ready(self, it: int, timeout_s: float) -> bool:
+        """Whether iteration `it`'s pairs are stored (or its producing failed), waiting up to
+        `timeout_s`. Not `pairs` with a timeout: a failure that is itself a TimeoutError
+        (a Ray call's) would read as "not yet"."""
+        return bool(wait([self.results[it]], timeout_s).done)
+
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(60)
@@ -105,17 +111,19 @@ class Evaluator:
         self.cfg, self.r, self.run_dir, self.log_row = cfg, r, run_dir, log_row
         self._todo: queue.Queue = queue.Queue()
         self.error: BaseException | None = None
+        self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="raydpo-evaluator", daemon=True)
         self._thread.start()
 
     def submit(self, it: int, row: dict) -> None:
         """Evaluate version `it` (the samplers' current one) and complete `row` with it."""
-        self.check()
-        held = self.r.pool.hold()
-        if held != it:
-            self.r.pool.release(held)
-            raise RuntimeError(f"evaluating version {it}, but the samplers are at {held}")
-        self._todo.put((it, row, time.perf_counter()))
+        with self._lock:  # a version held here is always queued before stop()'s end marker
+            self.check()
+            held = self.r.pool.hold()
+            if held != it:
+                self.r.pool.release(held)
+                raise RuntimeError(f"evaluating version {it}, but the samplers are at {held}")
+            self._todo.put((it, row, time.perf_counter()))
 
     def _run(self) -> None:
         while True:
@@ -159,9 +167,10 @@ class Evaluator:
 
     def stop(self, abort: bool = False) -> None:
         """Finish the evaluations handed in (or with `abort`, only release their held versions)."""
-        if abort and self.error is None:
-            self.error = Stopped("evaluator stopped")
-        self._todo.put(None)
+        with self._lock:
+            if abort and self.error is None:
+                self.error = Stopped("evaluator stopped")
+            self._todo.put(None)
         self._thread.join(120)
 
 
@@ -211,9 +220,14 @@ class Publisher:
         self._todo.join()
         self.check()
 
-    def stop(self, abort: bool = False) -> None:
-        if abort and self.error is None:
+    def abort(self) -> None:
+        """Publish nothing more (what is queued is dropped); `stop` then ends the thread."""
+        if self.error is None:
             self.error = Stopped("publisher stopped")
+
+    def stop(self, abort: bool = False) -> None:
+        if abort:
+            self.abort()
         self._todo.put(None)
         self._thread.join(120)
 
@@ -222,14 +236,10 @@ def _pairs(producer: Producer, it: int, publisher: Publisher, evaluator: Evaluat
     """Iteration `it`'s pairs, or the publisher's or evaluator's failure: the producer waits for
     versions only the publisher brings. No timeout of its own: sampler calls time out themselves
     (JudgeClient calls do not yet)."""
-    from concurrent.futures import TimeoutError as NotYet
-
-    while True:
-        try:
-            return producer.pairs(it, POLL_S * 25)
-        except NotYet:
-            publisher.check()
-            evaluator.check()
+    while not producer.ready(it, POLL_S * 25):
+        publisher.check()
+        evaluator.check()
+    return producer.pairs(it, 0)
 
 
 def run_iterations(cfg: RunConfig, r, point: ResumePoint, run_dir: Path, log_row) -> None:
@@ -270,8 +280,9 @@ def run_iterations(cfg: RunConfig, r, point: ResumePoint, run_dir: Path, log_row
         evaluator.drain()
     except BaseException:
         producer.stop()  # between chunks: nothing half-judged is stored
+        publisher.abort()  # first: it publishes nothing more while the evaluator stops
         evaluator.stop(abort=True)  # lets go of held versions, so a publish waiting on one ends
-        publisher.stop(abort=True)
+        publisher.stop()
         raise
     producer.stop()
     publisher.stop()

@@ -46,7 +46,11 @@ class TrainerClient:
 
         self.stall_timeout_s = cfg.trainer.stall_timeout_s
         # Ray Train hands this from the driver's environment to the controller fit() starts
-        asked = float(os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S") or 2.0)
+        # (for the rest of this process: the online driver starts no other fit after this one)
+        try:
+            asked = float(os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S") or 2.0)
+        except ValueError:  # not a number: Ray Train would fail on it too
+            asked = ONLINE_HEALTH_CHECK_S
         os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = str(min(asked, ONLINE_HEALTH_CHECK_S))
         spec = make_spec(cfg, "dpo", start_path, run_dir, metrics_prefix="online/", max_steps=0, epochs=1,
                          resume_from=resume_from, reference_once=cfg.trainer.reference_logps == "precomputed")

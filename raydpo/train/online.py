@@ -304,8 +304,8 @@ class _WorkerState:
 
 def _read_rows(dataset) -> dict[str, list]:
     """An iteration's training rows, read from Ray Data once for all its passes: a pass that
-    iterated the Dataset itself paid an execution each time, a quarter of a small model's
-    training time on 2 cores. An iteration holds tens to thousands of pairs."""
+    iterated the Dataset itself paid an execution each time, a quarter of the tiny model's
+    training time on 2 cores (py-spy). An iteration holds tens to thousands of pairs."""
     rows: dict[str, list] = {}
     for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
         for k, v in batch.items():

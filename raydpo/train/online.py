@@ -314,10 +314,13 @@ def _read_rows(dataset) -> dict[str, list]:
 
 
 @torch.no_grad()
-def _with_reference(learner: Learner, rows: dict, batch: int = 64) -> dict:
+def _with_reference(learner: Learner, rows: dict, batch: int | None = None) -> dict:
     """`rows` with the frozen reference's log-probs (REFERENCE_COLUMNS), which the steps then
     read instead of running the reference. The same model and precision as a step's live
-    reference, in forward passes of `batch` pairs of similar length."""
+    reference, in forward passes of `batch` pairs of similar length: by default a training
+    micro-batch, whose logits the device holds in training already (a vocabulary of 128k
+    makes the logits of 64 long pairs tens of GB)."""
+    batch = batch or learner.spec.micro_batch_size
     n = len(rows["prompt_ids"])
     order = sorted(range(n), key=lambda i: learner.layout.length(rows, i))
     chosen, rejected = [0.0] * n, [0.0] * n

@@ -103,17 +103,71 @@ class Producer:
         self._thread.join(60)
 
 
-class Evaluator:
+class _InOrder:
+    """A driver thread doing the jobs handed in, in order. Its first failure is kept and raised
+    in the trainer thread by `check`; after it (or `abort`) later jobs are only let go of."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self._todo: queue.Queue = queue.Queue()
+        self.error: BaseException | None = None
+        self._lock = threading.Lock()  # a job queued under it is always before stop()'s end marker
+        self._thread = threading.Thread(target=self._run, name=f"raydpo-{name}", daemon=True)
+        self._thread.start()
+
+    def _do(self, job) -> None:
+        raise NotImplementedError
+
+    def _drop(self, job) -> None:
+        """Let go of what a job not done holds."""
+
+    def _run(self) -> None:
+        while True:
+            job = self._todo.get()
+            try:
+                if job is None:
+                    return
+                if self.error is not None:  # after a failure
+                    self._drop(job)
+                    continue
+                try:
+                    self._do(job)
+                except BaseException as e:  # raised in the trainer thread by check()
+                    self.error = e
+            finally:
+                self._todo.task_done()
+
+    def check(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+    def drain(self) -> None:
+        """Wait for every job handed in; raise the first failure."""
+        self._todo.join()
+        self.check()
+
+    def abort(self) -> None:
+        """Do nothing more: what is queued is only let go of; `stop` then ends the thread."""
+        with self._lock:
+            if self.error is None:
+                self.error = Stopped(f"{self.name} stopped")
+
+    def stop(self, abort: bool = False) -> None:
+        """Finish the jobs handed in (or with `abort`, only let go of them), then end the thread."""
+        if abort:
+            self.abort()
+        with self._lock:
+            self._todo.put(None)
+        self._thread.join(120)
+
+
+class Evaluator(_InOrder):
     """Evaluates versions in the order they are handed in, each with its version held on the
     samplers while its samples are drawn; appends each finished row and logs it."""
 
     def __init__(self, cfg: RunConfig, r, run_dir: Path, log_row):
         self.cfg, self.r, self.run_dir, self.log_row = cfg, r, run_dir, log_row
-        self._todo: queue.Queue = queue.Queue()
-        self.error: BaseException | None = None
-        self._lock = threading.Lock()
-        self._thread = threading.Thread(target=self._run, name="raydpo-evaluator", daemon=True)
-        self._thread.start()
+        super().__init__("evaluator")
 
     def submit(self, it: int, row: dict) -> None:
         """Evaluate version `it` (the samplers' current one) and complete `row` with it."""
@@ -125,24 +179,11 @@ class Evaluator:
                 raise RuntimeError(f"evaluating version {it}, but the samplers are at {held}")
             self._todo.put((it, row, time.perf_counter()))
 
-    def _run(self) -> None:
-        while True:
-            job = self._todo.get()
-            try:
-                if job is None:
-                    return
-                it, row, queued = job
-                if self.error is not None:  # after a failure: only let go of the versions held
-                    self.r.pool.release(it)
-                    continue
-                try:
-                    self._evaluate(it, row, queued)
-                except BaseException as e:  # raised in the trainer thread by check()
-                    self.error = e
-            finally:
-                self._todo.task_done()
+    def _drop(self, job) -> None:
+        self.r.pool.release(job[0])  # the version held for it
 
-    def _evaluate(self, it: int, row: dict, queued: float) -> None:
+    def _do(self, job) -> None:
+        it, row, queued = job
         r, cfg = self.r, self.cfg
         t = time.perf_counter()
         try:
@@ -156,80 +197,28 @@ class Evaluator:
         append_metrics(self.run_dir, row)
         self.log_row(row)
 
-    def check(self) -> None:
-        if self.error is not None:
-            raise self.error
 
-    def drain(self) -> None:
-        """Wait for every submitted evaluation; raise the first failure."""
-        self._todo.join()
-        self.check()
-
-    def stop(self, abort: bool = False) -> None:
-        """Finish the evaluations handed in (or with `abort`, only release their held versions)."""
-        with self._lock:
-            if abort and self.error is None:
-                self.error = Stopped("evaluator stopped")
-            self._todo.put(None)
-        self._thread.join(120)
-
-
-class Publisher:
+class Publisher(_InOrder):
     """Versions to the samplers and the policy endpoint, then to the evaluator, in the order
     they are handed in, beside the trainer."""
 
     def __init__(self, r, evaluator: Evaluator):
         self.r, self.evaluator = r, evaluator
-        self._todo: queue.Queue = queue.Queue()
-        self.error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name="raydpo-publisher", daemon=True)
-        self._thread.start()
+        super().__init__("publisher")
 
     def submit(self, it: int, row: dict, publish_it=None) -> None:
         """Run `publish_it()` (None: version `it` is on the samplers already), then evaluate `it`."""
         self.check()
         self._todo.put((it, row, publish_it))
 
-    def _run(self) -> None:
-        while True:
-            job = self._todo.get()
-            try:
-                if job is None:
-                    return
-                if self.error is not None:  # after a failure: drop what is left
-                    continue
-                it, row, publish_it = job
-                try:
-                    if publish_it is not None:
-                        held, t = self.r.pool.stats.held_s, time.perf_counter()
-                        publish_it()
-                        row["time_sync"] = time.perf_counter() - t
-                        row["time_sync_held"] = self.r.pool.stats.held_s - held  # waited for version it-1's eval samples
-                    self.evaluator.submit(it, row)
-                except BaseException as e:  # raised in the trainer thread by check()
-                    self.error = e
-            finally:
-                self._todo.task_done()
-
-    def check(self) -> None:
-        if self.error is not None:
-            raise self.error
-
-    def drain(self) -> None:
-        """Wait for every handed-in version to be published and handed on; raise the first failure."""
-        self._todo.join()
-        self.check()
-
-    def abort(self) -> None:
-        """Publish nothing more (what is queued is dropped); `stop` then ends the thread."""
-        if self.error is None:
-            self.error = Stopped("publisher stopped")
-
-    def stop(self, abort: bool = False) -> None:
-        if abort:
-            self.abort()
-        self._todo.put(None)
-        self._thread.join(120)
+    def _do(self, job) -> None:
+        it, row, publish_it = job
+        if publish_it is not None:
+            held, t = self.r.pool.stats.held_s, time.perf_counter()
+            publish_it()
+            row["time_sync"] = time.perf_counter() - t
+            row["time_sync_held"] = self.r.pool.stats.held_s - held  # waited for version it-1's eval samples
+        self.evaluator.submit(it, row)
 
 
 def _pairs(producer: Producer, it: int, publisher: Publisher, evaluator: Evaluator) -> tuple[object, dict]:

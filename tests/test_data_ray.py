@@ -78,3 +78,28 @@ def test_tokenize_on_ray_matches_local_and_counts_truncation(tmp_path, ray_local
     assert counts == {"prompt_truncated": sum(expected["prompt_truncated"]),
                       "response_truncated": sum(expected["response_truncated"])}
     assert counts["prompt_truncated"] > 0  # the chat prompts do not fit 12 tokens
+
+
+def test_the_loops_ray_data_warm_up_waits_for_the_stats_actor(ray_local):
+    """The first Ray Data execution only asks Ray to create its stats actor; the process starts
+    (about a second of CPU) after `materialize` returns. The warm-up waits for it, so iteration 1
+    does not share its CPUs with that start."""
+    import time
+
+    import ray
+    from ray.util.state import list_actors
+
+    from raydpo.online.training_data import warm_up_ray_data
+
+    name, namespace = "datasets_stats_actor", "_dataset_stats_actor"  # Ray Data's
+    try:
+        ray.kill(ray.get_actor(name, namespace=namespace))  # earlier tests' Ray Data started one
+    except ValueError:
+        pass
+    deadline = time.monotonic() + 30
+    while any(a.state != "DEAD" for a in list_actors(filters=[("name", "=", name)])):
+        assert time.monotonic() < deadline, "the stats actor did not die"
+        time.sleep(0.1)
+    warm_up_ray_data().join()
+    states = [a.state for a in list_actors(filters=[("name", "=", name)]) if a.state != "DEAD"]
+    assert states == ["ALIVE"]

@@ -310,3 +310,27 @@ def test_reference_cache_is_written_atomically_and_keyed_by_the_tokenizer(ray_lo
     assert hit and len(calls) == 1
     assert sorted(r["x"] for r in again.take_all()) == list(range(5))  # no duplicate or stale rows
     assert not list(cache.parent.glob("*.tmp-*"))
+
+
+def test_warm_up_save_imports_what_the_first_hf_save_would(tmp_path, tiny_model_dir):
+    """The online trainer's first checkpoint is on the loop's clock: `warm_up_save` at start-up
+    leaves its first save nothing heavy to import (transformers' save has accelerate import
+    DeepSpeed), in a fresh interpreter, and without it the same save does import DeepSpeed."""
+    import subprocess
+    import sys
+
+    script = f"""
+import sys
+from transformers import AutoModelForCausalLM
+from raydpo.train.learner import warm_up_save
+model = AutoModelForCausalLM.from_pretrained({str(tiny_model_dir)!r})
+if sys.argv[1] == "warm":
+    warm_up_save()
+before = set(sys.modules)
+model.save_pretrained(sys.argv[2])
+print(sorted(m for m in set(sys.modules) - before if m.split(".")[0] == "deepspeed")[:3])
+"""
+    out = {how: subprocess.run([sys.executable, "-c", script, how, str(tmp_path / how)], capture_output=True,
+                               text=True, check=True).stdout.strip().splitlines()[-1] for how in ("warm", "cold")}
+    assert out["warm"] == "[]"
+    assert out["cold"] != "[]"  # the premise: transformers' first save imports DeepSpeed

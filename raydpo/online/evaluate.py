@@ -65,12 +65,18 @@ def evaluate(cfg: RunConfig, it: int, pool, judge, trainer, prompts: list[str],
 
 def draw_eval(cfg: RunConfig, it: int, pool, prompts: list[str]) -> tuple[list, list]:
     """The samplers' part of evaluating version `it`: a response per prompt at the eval
-    temperature, and (for KL) one at temperature 1. Every sample must come from version `it`."""
-    samples = pool.sample(prompts, sampling(cfg, 1, cfg.loop.eval_temperature), min_version=it,
+    temperature, and (for KL) one at temperature 1. Every sample must come from version `it`.
+
+    One chunk per engine, not the pool's default two: an engine runs one call at a time, and
+    vLLM on CPU drew the evaluation's 512 samples 12% faster in 256-request calls than in
+    128-request ones (2 cores). The eval samples are no pairs to store as they come, so
+    smaller chunks would buy nothing."""
+    size = -(-len(prompts) // len(pool.actors))
+    samples = pool.sample(prompts, sampling(cfg, 1, cfg.loop.eval_temperature), min_version=it, chunk_size=size,
                           seeds=prompt_seeds(cfg, EVAL, it, range(len(prompts))))
     hot = []
     if cfg.loop.eval_kl and it > 0:
-        hot = pool.sample(prompts, sampling(cfg, 1, 1.0), min_version=it,
+        hot = pool.sample(prompts, sampling(cfg, 1, 1.0), min_version=it, chunk_size=size,
                           seeds=prompt_seeds(cfg, KL, it, range(len(prompts))))
     versions = {s.policy_version for s in samples + hot}
     if versions != {it}:

@@ -114,6 +114,42 @@ def test_concurrent_requests_are_batched_and_a_bad_item_fails_alone(judge_url):
     assert [s for s, _ in results].count(200) == 23 and results[5][0] == 422
 
 
+@pytest.mark.slow
+def test_a_judge_call_that_never_returns_stops_the_caller_naming_the_limit(serve_port):
+    """A stuck judge replica (here: one that sleeps through every scoring call) must not hold
+    the loop forever: the call is cancelled after judge.call_timeout_s, with a JudgeError that
+    names the setting; a judge that answers in time is unaffected."""
+    import asyncio
+    import time
+
+    from ray import serve
+
+    from raydpo.errors import JudgeError
+    from raydpo.judge.client import JudgeClient
+    from raydpo.records import JudgeInfo
+
+    @serve.deployment
+    class Stuck:
+        def info(self):
+            return JudgeInfo("stuck", "rule", pairwise=False)
+
+        async def score_items(self, items):
+            if items[0][1] == "stuck":
+                await asyncio.sleep(3600)
+            return [1.0] * len(items)
+
+    judge = JudgeClient(serve.run(Stuck.bind(), name="stuck", route_prefix="/stuck"), timeout_s=2)
+    try:
+        assert judge.score([(P, "fine")]) == [1.0]
+        t = time.monotonic()
+        with pytest.raises(JudgeError, match=r"judge.call_timeout_s=2 s"):
+            judge.score([(P, "stuck")])
+        assert time.monotonic() - t < 30
+        assert judge.score([(P, "fine")]) == [1.0]  # the cancelled call left the replica serving
+    finally:
+        serve.delete("stuck")
+
+
 def serve_yaml_app(file: str):
     """A serve/*.yaml that binds to loopback: its one application's args and builder."""
     import importlib

@@ -73,7 +73,7 @@ class _Done:  # what a DeploymentHandle call returns
     def __init__(self, value):
         self.value = value
 
-    def result(self):
+    def result(self, timeout_s=None):
         return self.value
 
 

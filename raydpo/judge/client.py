@@ -83,15 +83,23 @@ def copeland_scores(k: int, verdicts: dict[tuple[int, int], str]) -> list[float]
     return [w / n if n else float("nan") for w, n in zip(won, valid)]
 
 
-def _result(response):
+def _result(response, timeout_s: float | None = None, what: str = "a call"):
     """A judge call's result; a raydpo error raised in the replica (a JudgeError: an endpoint
-    that refuses, a tripped circuit breaker) as itself, one line, not Ray's remote traceback."""
+    that refuses, a tripped circuit breaker) as itself, one line, not Ray's remote traceback.
+    A call not answered within `timeout_s` (judge.call_timeout_s) is cancelled and raised as
+    a JudgeError: a stuck replica or a judge Serve cannot place would otherwise hold the loop
+    forever, without a line."""
     import ray
 
-    from raydpo.errors import RaydpoError
+    from raydpo.errors import JudgeError, RaydpoError
 
     try:
-        return response.result()
+        return response.result(timeout_s=timeout_s)
+    except TimeoutError:
+        response.cancel()
+        raise JudgeError(f"the judge did not answer {what} within judge.call_timeout_s={timeout_s:g} s (a stuck or "
+                         f"unplaceable replica? `serve status` shows the judge app; raise the limit for a slow "
+                         f"judge)") from None
     except ray.exceptions.RayTaskError as e:
         if isinstance(e.cause, RaydpoError):
             raise e.cause from None
@@ -103,11 +111,14 @@ class JudgeClient:
     Scoring judges (rule, reward model) score; pairwise judges (llm) compare, in both
     orders inside the app, and rank a prompt's k samples by round-robin comparisons."""
 
-    def __init__(self, handle):
-        self.handle = handle
-        self.info: JudgeInfo = handle.info.remote().result()
+    def __init__(self, handle, timeout_s: float | None = None):
+        self.handle, self.timeout_s = handle, timeout_s  # per call (judge.call_timeout_s); None: no limit
+        self.info: JudgeInfo = _result(handle.info.remote(), timeout_s, "who it is")
         self.name = self.info.name
         self.pairwise = self.info.pairwise  # a property of the judge, told by the judge
+
+    def _result(self, response, chunk: int, what: str):
+        return _result(response, self.timeout_s, f"a call for up to {chunk} {what}")
 
     def rank(self, groups: Sequence[Sequence[tuple[str, str]]], tally: JudgeTally | None = None) -> list[list[float]]:
         """A score per (prompt, response) in each group: the judge's scores, or Copeland
@@ -135,7 +146,7 @@ class JudgeClient:
     def _compare(self, items: list[tuple[str, str, str]], chunk: int = 256,
                  tally: JudgeTally | None = None) -> list[str]:
         rs = [self.handle.compare_items.remote(list(items[s:s + chunk])) for s in range(0, len(items), chunk)]
-        judgements = [x for r in rs for x in _result(r)]
+        judgements = [x for r in rs for x in self._result(r, chunk, "comparisons")]
         if tally is not None:
             for j in judgements:
                 tally.add_cost(j)
@@ -149,7 +160,7 @@ class JudgeClient:
         costed = self.info.costed and tally is not None
         method = self.handle.score_items_costed if costed else self.handle.score_items
         responses = [method.remote(list(items[s:s + chunk])) for s in range(0, len(items), chunk)]
-        flat = [x for r in responses for x in _result(r)]
+        flat = [x for r in responses for x in self._result(r, chunk, "scores")]
         if not costed:
             return flat
         for _, usage in flat:

@@ -223,8 +223,8 @@ class Publisher(_InOrder):
 
 def _pairs(producer: Producer, it: int, publisher: Publisher, evaluator: Evaluator) -> tuple[object, dict]:
     """Iteration `it`'s pairs, or the publisher's or evaluator's failure: the producer waits for
-    versions only the publisher brings. No timeout of its own: sampler calls time out themselves
-    (JudgeClient calls do not yet)."""
+    versions only the publisher brings. No timeout of its own: sampler and judge calls time out
+    themselves (sampler.request_timeout_s, judge.call_timeout_s)."""
     while not producer.ready(it, POLL_S * 25):
         publisher.check()
         evaluator.check()

@@ -87,11 +87,11 @@ def test_the_loops_ray_data_warm_up_waits_for_the_stats_actor(ray_local):
     import time
 
     import ray
+    from ray.data._internal.stats import STATS_ACTOR_NAME as name, STATS_ACTOR_NAMESPACE as namespace
     from ray.util.state import list_actors
 
     from raydpo.online.training_data import warm_up_ray_data
 
-    name, namespace = "datasets_stats_actor", "_dataset_stats_actor"  # Ray Data's
     try:
         ray.kill(ray.get_actor(name, namespace=namespace))  # earlier tests' Ray Data started one
     except ValueError:

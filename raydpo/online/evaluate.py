@@ -69,8 +69,9 @@ def draw_eval(cfg: RunConfig, it: int, pool, prompts: list[str]) -> tuple[list, 
 
     One chunk per engine, not the pool's default two: an engine runs one call at a time, and
     vLLM on CPU drew the evaluation's 512 samples 12% faster in 256-request calls than in
-    128-request ones (2 cores). The eval samples are no pairs to store as they come, so
-    smaller chunks would buy nothing."""
+    128-request ones (2 cores). What it gives up, with several engines: an engine that is
+    slow (busy with the producer's chunk in the overlapped loop) or dies keeps or loses its
+    whole share, where a free engine used to take the second half."""
     size = -(-len(prompts) // len(pool.actors))
     samples = pool.sample(prompts, sampling(cfg, 1, cfg.loop.eval_temperature), min_version=it, chunk_size=size,
                           seeds=prompt_seeds(cfg, EVAL, it, range(len(prompts))))

@@ -44,11 +44,12 @@ def warm_up_ray_data():
         import ray.data
 
         ray.data.from_arrow(pa.table({"x": [0]})).materialize()
-        try:  # not public API: without it the warm-up is only shorter
+        try:  # not public API, and nothing waits on the actor otherwise: never let it stop or hold the run
             from ray.data._internal.stats import get_or_create_stats_actor
-        except ImportError:
-            return
-        ray.get(get_or_create_stats_actor().__ray_ready__.remote())
+
+            ray.get(get_or_create_stats_actor().__ray_ready__.remote(), timeout=60)
+        except Exception:  # a warm-up only: Ray Data runs without waiting for the actor
+            pass
 
     thread = threading.Thread(target=warm, name="raydpo-warm-ray-data", daemon=True)
     thread.start()

@@ -114,6 +114,9 @@ class TrainRequest:
     passes: int
     refresh_reference: bool = False
     engines: tuple = ()  # sampler.weight_transport=nccl: the engines to broadcast the new weights into
+    # what the driver kept of the stored pairs and why (staleness histogram, drops): saved with
+    # the reply, so a resumed run reports what this training saw, under the bound it had then
+    kept: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -159,10 +162,12 @@ class TrainResult:
     weights: Any = None  # [raydpo.weights.StoredWeights] of the new policy (rank 0's), None when not sent
     timing: dict[str, float] = field(default_factory=dict)
     from_checkpoint: bool = False  # answered from the checkpoint after a worker restart
+    kept: dict = field(default_factory=dict)  # the command's `kept`, handed back
 
     def saved(self) -> dict:
         """What goes into the checkpoint's trainer_state.json."""
-        return {"steps": self.steps, "pairs": self.pairs, "metrics": self.metrics, "step": self.step}
+        return {"steps": self.steps, "pairs": self.pairs, "metrics": self.metrics, "step": self.step,
+                "kept": self.kept}
 
 
 @dataclass(frozen=True)

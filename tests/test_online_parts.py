@@ -269,6 +269,36 @@ def test_an_iteration_trained_before_a_kill_gets_the_row_an_uninterrupted_run_wr
     assert row["train_steps"] == 6 and row["dpo_loss"] == 0.61 and row["reward_accuracy"] == 0.75
 
 
+def test_a_resume_that_tightens_max_staleness_reports_what_the_trained_iteration_kept(tmp_path):
+    """Iteration 3 trained at loop.max_staleness=1 on pairs of versions 1 and 2, and the driver
+    died before writing its row; the resume runs with max_staleness=0 (allowed). The rebuilt
+    row reports what that training kept, saved with its reply: no drops, 2 pairs one version
+    behind. Read again under the new bound, the store would say 2 were dropped as too stale,
+    beside trained_pairs=3."""
+    from raydpo.config_io import load_config
+    from raydpo.data.store import PreferenceStore, StoredPair
+    from raydpo.online.resume import trained_row
+    from raydpo.online.training_data import training_table
+
+    def pair(i, version):
+        return StoredPair(f"3-{i}", 3, version, "online", "p", "c", "r", 1.0, 0.0, "rule", (5, 6), (7, 8, 2), (9, 10),
+                          "stop", "stop", (-0.1, -0.2, -0.3), (-0.4, -0.5))
+
+    then, now = (load_config(None, [f"run_dir={tmp_path}", f"loop.max_staleness={k}"]) for k in (1, 0))
+    store = PreferenceStore(tmp_path / "preferences")
+    store.write_chunk(3, 0, [pair(0, 2), pair(1, 1), pair(2, 1)], counts=PairCounts(prompts=3, samples=12, pairs=3).__dict__)
+    kept = training_table(then, store, 3)[1]
+    assert kept["stale_dropped"] == 0 and kept["staleness_hist"] == [1, 2]
+    assert training_table(now, store, 3)[1]["stale_dropped"] == 2  # what a re-read would report
+    ckpt = tmp_path / "ray_train" / "online" / "iter-000003"
+    ckpt.mkdir(parents=True)
+    reply = {"steps": 4, "pairs": 3, "step": 20, "metrics": {"loss": 0.6}, "kept": kept}
+    (ckpt / "trainer_state.json").write_text(json.dumps({"iteration": 3, "reply": reply}))
+
+    row = trained_row(now, store, tmp_path, 3)
+    assert row["stale_dropped"] == 0 and row["staleness_hist"] == [1, 2] and row["trained_pairs"] == 3
+
+
 def test_a_costed_scoring_judges_cost_is_tallied_when_it_ranks():
     """A rubric judge (judge.remote.mode=pointwise) scores; what each score cost comes with it."""
     handle = RuleHandle()

@@ -79,7 +79,8 @@ def trained(ray_local, tiny_model_dir, tiny_tokenizer, tmp_path_factory):
     try:
         for it in range(1, 7):
             ds = ray_local.data.from_items(_rows(tiny_tokenizer, 16, it)).materialize()
-            reply = trainer.train(it, ds, PASSES, refresh_reference=False, timeout_s=600)
+            reply = trainer.train(it, ds, PASSES, refresh_reference=False, timeout_s=600,
+                                  kept={"stale_dropped": it, "staleness_hist": [16 - it, it]})
             # what the loop publishes; copies: ray.get's numpy arrays are zero-copy views that
             # would pin the object themselves
             state = {k: v.numpy().copy() for k, v in stored_items(reply.weights[0])} if it == 2 else None
@@ -104,6 +105,8 @@ def test_a_rank_that_dies_between_report_and_reply_is_answered_from_the_checkpoi
     assert [r.get("from_checkpoint", False) for r in replies] == [False, True, False, False, False, False]
     second = replies[1]
     assert second["steps"] == PASSES * 2 and second["pairs"] == 16 and second["metrics"]  # the lost reply's content
+    assert second["kept"] == {"stale_dropped": 2, "staleness_hist": [14, 2]}  # what the driver kept, saved with it
+    assert [r["kept"]["stale_dropped"] for r in replies] == [1, 2, 3, 4, 5, 6]
     saved = read_safetensors(next((run_dir / "ray_train").rglob("iter-000002")))
     for k, v in saved.items():  # the weights of the checkpoint, which is what iteration 2 trained
         np.testing.assert_array_equal(second["state"][k], v.numpy())

@@ -142,7 +142,7 @@ def train(cfg: RunConfig, it: int, r: Run, timer: Timer) -> tuple[dict, object]:
         t_data = time.perf_counter() - t
         nccl = cfg.sampler.weight_transport == "nccl"  # GPU only, never run here
         result = r.trainer.train(it, ds, cfg.loop.dpo_passes, refresh_reference=cfg.loop.reference_policy == "previous",
-                                 engines=tuple(r.pool.actors) if nccl else ())
+                                 engines=tuple(r.pool.actors) if nccl else (), kept=kept)
     return {**kept, "train_steps": result.steps, "trained_pairs": result.pairs, **dpo_metrics(result.metrics),
             "time_train_data": t_data, **{f"time_train_{k}": v for k, v in result.timing.items()}}, result
 

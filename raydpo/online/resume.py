@@ -167,6 +167,9 @@ def trained_row(cfg: RunConfig, store, run_dir: Path, it: int) -> dict:
     row = {**counts_row(stored_counts(store, it)), **training_table(cfg, store, it)[1]}
     reply = saved_reply(run_dir, it)
     if reply:
+        # what training kept, as the driver that trained it counted: the store read again under
+        # a changed loop.max_staleness (which a resume may change) would count other drops
+        row.update(reply.get("kept") or {})
         row.update(train_steps=reply["steps"], trained_pairs=reply["pairs"], **dpo_metrics(reply["metrics"]))
     else:  # a checkpoint written before replies were saved with it
         last = _logged_last_pass(run_dir, it, cfg.loop.dpo_passes)

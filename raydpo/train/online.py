@@ -253,7 +253,7 @@ class _WorkerState:
         self.done_iteration = cmd.iteration
         keys = sorted({k for m in last_pass for k in m})
         mean = {k: sum(m[k] for m in last_pass) / len(last_pass) for k in keys} if last_pass else {}
-        result = TrainResult(len(last_pass) * cmd.passes, n_pairs, mean, self.step)
+        result = TrainResult(len(last_pass) * cmd.passes, n_pairs, mean, self.step, kept=dict(cmd.kept))
         t = time.perf_counter()
         weights = self._weights(cmd.engines)
         timing["weights"] = time.perf_counter() - t

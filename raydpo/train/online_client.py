@@ -95,10 +95,12 @@ class TrainerClient:
                 raise TrainerError(f"the online trainer did not answer {command.op!r} within {timeout_s}s")
 
     def train(self, iteration: int, dataset, passes: int, refresh_reference: bool,
-              timeout_s: float = 3600, engines: tuple = ()) -> TrainResult:
+              timeout_s: float = 3600, engines: tuple = (), kept: dict | None = None) -> TrainResult:
         """`engines`: sampler.weight_transport=nccl (GPU only, never run here), the sampler
-        actors the new weights are broadcast into; else they come back in the object store."""
-        return self._call(TrainRequest(iteration, dataset, passes, refresh_reference, engines), timeout_s)
+        actors the new weights are broadcast into; else they come back in the object store.
+        `kept`: what the driver kept of the stored pairs, saved with the reply (`trained_row`)."""
+        return self._call(TrainRequest(iteration, dataset, passes, refresh_reference, engines, dict(kept or {})),
+                          timeout_s)
 
     def kl(self, prompt_ids: list[list[int]], response_ids: list[list[int]], timeout_s: float = 600,
            policy_logps: list[float] | None = None) -> KLResult:

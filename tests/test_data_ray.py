@@ -97,9 +97,15 @@ def test_the_loops_ray_data_warm_up_waits_for_the_stats_actor(ray_local):
     except ValueError:
         pass
     deadline = time.monotonic() + 30
-    while any(a.state != "DEAD" for a in list_actors(filters=[("name", "=", name)])):
+    # this session's Ray by address: without it the state API picks the newest of the machine's Rays
+    # (the suite's other worker and its test clusters have their own)
+    address = ray.get_runtime_context().gcs_address
+
+    def states() -> list[str]:
+        return [a.state for a in list_actors(address=address, filters=[("name", "=", name)]) if a.state != "DEAD"]
+
+    while states():
         assert time.monotonic() < deadline, "the stats actor did not die"
         time.sleep(0.1)
     warm_up_ray_data().join()
-    states = [a.state for a in list_actors(filters=[("name", "=", name)]) if a.state != "DEAD"]
-    assert states == ["ALIVE"]
+    assert states() == ["ALIVE"]

@@ -137,7 +137,7 @@ class JudgeConfig(_Section):
     answer_pattern: str = Field(r"\b([AB])\b", description="kind=llm/openai: regex whose first group (or match) is looked up in `answers`; openai pointwise: the score (the A/B default becomes raydpo.judge.remote.DEFAULT_SCORE_PATTERN)")
     answers: dict[str, Literal["a", "b"]] = Field(default_factory=lambda: {"A": "a", "B": "b"}, description="kind=llm: matched text -> side")
     max_new_tokens: int = Field(8, ge=1, description="kind=llm/openai: tokens the judge model may write")
-    call_timeout_s: float = Field(3600.0, gt=0.0, description="seconds the loop waits for one call to the judge app (up to 256 items) before it stops with an error naming the judge: a stuck or unplaceable replica would otherwise hold the loop silently")
+    call_timeout_s: float = Field(3600.0, ge=0.0, description="seconds the loop waits for one call to the judge app (up to 256 items; in the overlapped loop queued behind the evaluation's) before it stops with an error: a stuck replica would otherwise hold the loop silently. 0: no limit (a slow LLM judge on CPU, a tightly rate-limited remote one). A resume may change it")
     remote: RemoteJudgeConfig = Field(default_factory=RemoteJudgeConfig, description="kind=openai: the endpoint, its limits and prices")
 
     @field_validator("kind")

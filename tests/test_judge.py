@@ -115,10 +115,12 @@ def test_concurrent_requests_are_batched_and_a_bad_item_fails_alone(judge_url):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(300)  # without the limit the call waits an hour
 def test_a_judge_call_that_never_returns_stops_the_caller_naming_the_limit(serve_port):
     """A stuck judge replica (here: one that sleeps through every scoring call) must not hold
     the loop forever: the call is cancelled after judge.call_timeout_s, with a JudgeError that
-    names the setting; a judge that answers in time is unaffected."""
+    names the setting; a judge that answers in time is unaffected, and one whose own code
+    times out (a rule calling a service) fails with its own error, not as the call limit."""
     import asyncio
     import time
 
@@ -136,6 +138,8 @@ def test_a_judge_call_that_never_returns_stops_the_caller_naming_the_limit(serve
         async def score_items(self, items):
             if items[0][1] == "stuck":
                 await asyncio.sleep(3600)
+            if items[0][1] == "upstream":
+                raise TimeoutError("the rule's upstream service timed out")
             return [1.0] * len(items)
 
     judge = JudgeClient(serve.run(Stuck.bind(), name="stuck", route_prefix="/stuck"), timeout_s=2)
@@ -146,6 +150,9 @@ def test_a_judge_call_that_never_returns_stops_the_caller_naming_the_limit(serve
             judge.score([(P, "stuck")])
         assert time.monotonic() - t < 30
         assert judge.score([(P, "fine")]) == [1.0]  # the cancelled call left the replica serving
+        with pytest.raises(TimeoutError, match="upstream service timed out") as e:
+            judge.score([(P, "upstream")])
+        assert not isinstance(e.value, JudgeError)
     finally:
         serve.delete("stuck")
 

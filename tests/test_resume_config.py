@@ -60,10 +60,11 @@ def test_resume_allows_more_iterations_and_other_resources():
 
     a = load_config(None, []).model_dump(mode="json")
     b = load_config(None, ["loop.iterations=20", "cluster.sampler.count=2", "sampler.request_timeout_s=900",
-                           "sampler.start_timeout_s=900", "cluster.sampler.resources={sampler_node: 1}"]
-                    ).model_dump(mode="json")
+                           "sampler.start_timeout_s=900", "cluster.sampler.resources={sampler_node: 1}",
+                           "judge.call_timeout_s=0"]).model_dump(mode="json")
     assert set(changed_keys(a, b)) == {"loop.iterations", "cluster.sampler.count", "sampler.request_timeout_s",
-                                       "sampler.start_timeout_s", "cluster.sampler.resources.sampler_node"}
+                                       "sampler.start_timeout_s", "cluster.sampler.resources.sampler_node",
+                                       "judge.call_timeout_s"}
     assert all(k.startswith(RESUME_MAY_CHANGE) for k in changed_keys(a, b))
 
 

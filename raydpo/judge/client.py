@@ -95,15 +95,15 @@ def _result(response, timeout_s: float | None = None, what: str = "a call"):
 
     try:
         return response.result(timeout_s=timeout_s)
-    except TimeoutError:
-        response.cancel()
-        raise JudgeError(f"the judge did not answer {what} within judge.call_timeout_s={timeout_s:g} s (a stuck or "
-                         f"unplaceable replica? `serve status` shows the judge app; raise the limit for a slow "
-                         f"judge)") from None
-    except ray.exceptions.RayTaskError as e:
+    except ray.exceptions.RayTaskError as e:  # first: a replica's own TimeoutError is one too
         if isinstance(e.cause, RaydpoError):
             raise e.cause from None
         raise
+    except TimeoutError:
+        response.cancel()
+        raise JudgeError(f"the judge did not answer {what} within judge.call_timeout_s={timeout_s:g} s (a stuck or "
+                         f"unplaceable replica? `serve status` shows the judge app; for a slow judge raise the "
+                         f"limit, or 0 for none, and --resume)") from None
 
 
 class JudgeClient:
@@ -117,8 +117,18 @@ class JudgeClient:
         self.name = self.info.name
         self.pairwise = self.info.pairwise  # a property of the judge, told by the judge
 
-    def _result(self, response, chunk: int, what: str):
-        return _result(response, self.timeout_s, f"a call for up to {chunk} {what}")
+    def _results(self, responses: list, chunk: int, what: str) -> list:
+        """Each response's result, in order. On a failure the calls not read yet are cancelled:
+        on a cluster the judge app outlives the loop, and a remote judge would go on paying."""
+        out = []
+        try:
+            for r in responses:
+                out.append(_result(r, self.timeout_s, f"a call for up to {chunk} {what}"))
+        except BaseException:
+            for r in responses[len(out) + 1:]:
+                r.cancel()
+            raise
+        return out
 
     def rank(self, groups: Sequence[Sequence[tuple[str, str]]], tally: JudgeTally | None = None) -> list[list[float]]:
         """A score per (prompt, response) in each group: the judge's scores, or Copeland
@@ -146,7 +156,7 @@ class JudgeClient:
     def _compare(self, items: list[tuple[str, str, str]], chunk: int = 256,
                  tally: JudgeTally | None = None) -> list[str]:
         rs = [self.handle.compare_items.remote(list(items[s:s + chunk])) for s in range(0, len(items), chunk)]
-        judgements = [x for r in rs for x in self._result(r, chunk, "comparisons")]
+        judgements = [x for part in self._results(rs, chunk, "comparisons") for x in part]
         if tally is not None:
             for j in judgements:
                 tally.add_cost(j)
@@ -160,7 +170,7 @@ class JudgeClient:
         costed = self.info.costed and tally is not None
         method = self.handle.score_items_costed if costed else self.handle.score_items
         responses = [method.remote(list(items[s:s + chunk])) for s in range(0, len(items), chunk)]
-        flat = [x for r in responses for x in self._result(r, chunk, "scores")]
+        flat = [x for part in self._results(responses, chunk, "scores") for x in part]
         if not costed:
             return flat
         for _, usage in flat:

@@ -91,6 +91,7 @@ def changed_keys(saved: dict[str, Any], new: dict[str, Any], prefix: str = "") -
 # counted as stale_dropped and not trained on, never sampled again). Every other key must match the run's saved config.yaml. The trainer's
 # worker count is not among them: DeepSpeed shards and DDP's split of a batch depend on it.
 RESUME_MAY_CHANGE = ("loop.iterations", "loop.serve_policy", "loop.max_staleness", "trainer.stall_timeout_s", "trainer.max_failures",
+                     "judge.call_timeout_s",  # how long the loop waits for the judge, which its error says to raise
                      "sampler.sync_timeout_s", "sampler.sync_bucket_mb", "sampler.weight_transport", "sampler.request_timeout_s", "sampler.start_timeout_s", "sampler.kv_cache_gib", "cluster.",
                      # how a remote judge is reached, paced and priced, not what it is asked: an outage's fix
                      "judge.remote.base_url", "judge.remote.api_key_env", "judge.remote.max_concurrency",

@@ -87,8 +87,8 @@ def _result(response, timeout_s: float | None = None, what: str = "a call"):
     """A judge call's result; a raydpo error raised in the replica (a JudgeError: an endpoint
     that refuses, a tripped circuit breaker) as itself, one line, not Ray's remote traceback.
     A call not answered within `timeout_s` (judge.call_timeout_s) is cancelled and raised as
-    a JudgeError: a stuck replica or a judge Serve cannot place would otherwise hold the loop
-    forever, without a line."""
+    a JudgeError: a stuck replica, or one Serve cannot replace, would otherwise hold the loop
+    forever, without a line. (Deploying the judge, `serve.run`, still waits without a limit.)"""
     import ray
 
     from raydpo.errors import JudgeError, RaydpoError
@@ -113,7 +113,7 @@ class JudgeClient:
 
     def __init__(self, handle, timeout_s: float | None = None):
         self.handle, self.timeout_s = handle, timeout_s  # per call (judge.call_timeout_s); None: no limit
-        self.info: JudgeInfo = _result(handle.info.remote(), timeout_s, "who it is")
+        self.info: JudgeInfo = _result(handle.info.remote(), timeout_s, "its info call")
         self.name = self.info.name
         self.pairwise = self.info.pairwise  # a property of the judge, told by the judge
 

@@ -112,7 +112,8 @@ class JudgeClient:
     orders inside the app, and rank a prompt's k samples by round-robin comparisons."""
 
     def __init__(self, handle, timeout_s: float | None = None):
-        self.handle, self.timeout_s = handle, timeout_s  # per call (judge.call_timeout_s); None: no limit
+        timeout_s = timeout_s or None  # per call (judge.call_timeout_s); None or 0: no limit
+        self.handle, self.timeout_s = handle, timeout_s
         self.info: JudgeInfo = _result(handle.info.remote(), timeout_s, "its info call")
         self.name = self.info.name
         self.pairwise = self.info.pairwise  # a property of the judge, told by the judge

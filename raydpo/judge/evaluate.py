@@ -87,5 +87,5 @@ def run(cfg, path: str, fmt: str = "auto", limit: int = 0) -> JudgeEval:
         raise DataError(f"{path}: no usable text preference pairs ({skipped} records skipped)")
     init_ray(cfg, roles=("judge",))
     # its own app name: on a shared cluster, a running loop's "judge" app stays as it is
-    judge = JudgeClient(kinds.deploy(cfg, name="judge_eval"), timeout_s=cfg.judge.call_timeout_s or None)
+    judge = JudgeClient(kinds.deploy(cfg, name="judge_eval"), timeout_s=cfg.judge.call_timeout_s)
     return judge_labelled(judge, pairs, skipped)

@@ -230,7 +230,7 @@ def start_roles(cfg: RunConfig, run_dir: Path, start_path: str, pad_id: int, poi
     from raydpo.sampler.pool import SamplerPool
     from raydpo.train.online_client import TrainerClient
 
-    judge = JudgeClient(kinds.deploy(cfg), timeout_s=cfg.judge.call_timeout_s or None)
+    judge = JudgeClient(kinds.deploy(cfg), timeout_s=cfg.judge.call_timeout_s)
     trainer = TrainerClient(cfg, start_path, str(run_dir), pad_id,
                             resume_from=str(point.checkpoint) if point.checkpoint else None)
     pool = SamplerPool.from_config(cfg, start_path)

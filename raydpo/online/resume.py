@@ -165,12 +165,13 @@ def trained_row(cfg: RunConfig, store, run_dir: Path, it: int) -> dict:
     """The metrics of iteration `it`, trained before a driver died but not evaluated, as an
     uninterrupted run wrote them: judging counts from the chunks' metadata, what training
     kept from the store, and the trainer's reply from the checkpoint (timings are not kept)."""
-    row = {**counts_row(stored_counts(store, it)), **training_table(cfg, store, it)[1]}
     reply = saved_reply(run_dir, it)
+    # what training kept as the driver that trained it counted, saved with its reply (a resume
+    # may change loop.max_staleness, under which the store would count other drops); read
+    # from the store only for a checkpoint saved without it
+    kept = (reply or {}).get("kept") or training_table(cfg, store, it)[1]
+    row = {**counts_row(stored_counts(store, it)), **kept}
     if reply:
-        # what training kept, as the driver that trained it counted: the store read again under
-        # a changed loop.max_staleness (which a resume may change) would count other drops
-        row.update(reply.get("kept") or {})
         row.update(train_steps=reply["steps"], trained_pairs=reply["pairs"], **dpo_metrics(reply["metrics"]))
     else:  # a checkpoint written before replies were saved with it
         last = _logged_last_pass(run_dir, it, cfg.loop.dpo_passes)

@@ -156,9 +156,40 @@ def check_cluster_fits(needs: list[RoleNeed], nodes: list[dict], data_cpus: floa
 
 
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
+    """A TCP port free on `host` now, for a server that binds it a moment later.
+
+    Drawn at random from 20000 up to the kernel's ephemeral range (ip_local_port_range,
+    32768 by default), not from the kernel (bind to port 0): the kernel hands out its
+    ephemeral ports to every outgoing connection and every server that binds port 0,
+    which is how each Ray process picks its ports. Seconds pass between choosing a port
+    and the server binding it (Ray binds its dashboard after starting its GCS), and in
+    that gap a Ray starting beside us once took the kernel's pick ("Failed to bind to
+    127.0.0.1:43379 because it's already occupied"). Below 20000 are `ray start`'s
+    worker ports (10002-19999) and the usual fixed ones (Ray's 6379 and 8265, Serve's
+    8000). SystemRandom, because a test that seeds `random` would otherwise give every
+    process the same sequence."""
+    import random
+
+    low, high = 20000, _ephemeral_ports()[0]
+    for port in random.SystemRandom().sample(range(low, high), min(64, max(high - low, 0))):
+        with socket.socket() as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as s:  # a host whose ephemeral range starts below 20000
         s.bind((host, 0))
         return s.getsockname()[1]
+
+
+def _ephemeral_ports() -> tuple[int, int]:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            low, high = f.read().split()
+        return int(low), int(high)
+    except (OSError, ValueError):  # not Linux: the IANA range
+        return 49152, 65535
 
 
 def local_ray_env(dashboard_port: int) -> dict:

@@ -144,3 +144,25 @@ def test_a_local_ray_holding_many_role_processes_keeps_rays_worker_count_warning
     assert out.returncode == 0, out.stderr[-2000:]
     assert "up 20" in out.stdout
     assert "worker processes have been started" not in out.stdout + out.stderr
+
+
+def test_free_ports_come_from_outside_the_ranges_the_kernel_and_ray_hand_out():
+    """A port chosen before its server binds it (the dashboard binds seconds after the GCS
+    starts) must not be one the kernel may meanwhile give to another process's connection
+    or port-0 server: a suite once failed with "Failed to bind to 127.0.0.1:43379 because
+    it's already occupied" when the kernel's own pick was taken in that gap. A seeded
+    `random` must not make parallel processes choose alike."""
+    import random
+    import socket
+
+    from raydpo.cluster import _ephemeral_ports, free_port
+
+    low, _ = _ephemeral_ports()
+    ports = []
+    for _ in range(20):
+        random.seed(0)
+        ports.append(free_port())
+    assert all(20000 <= p < low for p in ports), ports
+    assert len(set(ports)) > 1, ports
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", ports[-1]))

@@ -29,9 +29,8 @@ def kill_and_wait(procs) -> None:
 
 
 def free_port() -> int:
-    """A TCP port free on 127.0.0.1 right now (for Serve, Ray heads)."""
-    import socket
+    """A TCP port free on 127.0.0.1 right now (for Serve, Ray heads), from outside the
+    kernel's ephemeral range (raydpo.cluster.free_port)."""
+    from raydpo.cluster import free_port as cluster_free_port
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return cluster_free_port()

@@ -32,6 +32,12 @@ class SamplingSettings:
     max_new_tokens: int = 24
     stop: tuple[str, ...] = ()
     seed: int | None = None  # per-request seed; each prompt gets seed + its index (unless `seeds` are given)
+    # what a sample carries beyond its ids: the sampled tokens' log-probs (training and the KL
+    # estimate need them, a win-rate evaluation does not) and its text (judges need it, the KL
+    # estimate does not; text is still decoded when `stop` strings must be matched). Off, the
+    # Sample has () or "" there; the ids drawn are the same.
+    logprobs: bool = True
+    text: bool = True
 
     @classmethod
     def from_config(cls, sampler) -> SamplingSettings:

@@ -1,6 +1,7 @@
 """The vLLM sampler pool: weight sync equals transformers, versions on every
 sample, a killed actor mid-batch, a failed sync, the version guard."""
 
+from dataclasses import replace
 import threading
 import time
 
@@ -102,6 +103,23 @@ def test_samples_carry_logprobs_and_finish_reasons(pool):
     assert all(s.prompt == PROMPTS[s.prompt_index] for s in out)
     seeded = pool.sample(PROMPTS[:4], SamplingSettings(n=3, temperature=1.0, max_new_tokens=8, seed=7))
     assert ids(seeded) == ids(out)  # per-prompt seeds: same draw whichever actor ran it
+
+
+def test_leaving_out_logprobs_or_text_draws_the_same_tokens(pool):
+    """The evaluation asks for no log-probs (win rate) or no text (KL): the same seeded draws,
+    without what was left out; with stop strings the text is still decoded, to match them."""
+    settings = SamplingSettings(n=2, temperature=1.0, max_new_tokens=8, seed=11)
+    full = pool.sample(PROMPTS[:4], settings)
+    bare = pool.sample(PROMPTS[:4], replace(settings, logprobs=False))
+    mute = pool.sample(PROMPTS[:4], replace(settings, text=False))
+    assert ids(bare) == ids(mute) == ids(full)
+    assert [s.text for s in bare] == [s.text for s in full] and all(s.text for s in full)
+    assert all(s.logprobs == () for s in bare) and all(s.logprobs for s in full)
+    assert all(s.text == "" for s in mute) and [s.logprobs for s in mute] == [s.logprobs for s in full]
+    assert [s.finish_reason for s in bare + mute] == [s.finish_reason for s in full + full]
+    stop = full[0].text.split()[0]  # a word the first sample says
+    stopped = pool.sample(PROMPTS[:4], replace(settings, text=False, stop=(stop,)))
+    assert stopped[0].finish_reason == "stop" and len(stopped[0].token_ids) <= len(full[0].token_ids)
 
 
 def test_failed_sync_names_actor_and_version_and_pool_keeps_serving(pool):

@@ -133,7 +133,8 @@ class SamplerActor:
 
         Token in, token out: the prompts are encoded here with `encode_prompts` (the trainer's
         rule) and handed to vLLM as ids, and every sample carries those ids, its generated ids,
-        their log-probs and the finish reason. Sample j of prompt i is its own request, seeded
+        their log-probs and the finish reason (`s.logprobs` and `s.text` may leave out the
+        log-probs or the text where the caller does not use them: vLLM then skips that work). Sample j of prompt i is its own request, seeded
         with derive_seed(seeds[i], j) (default seeds: derive_seed(s.seed, first_index + i)), so
         what a sample draws does not depend on the batch or the engine it ran in.
         """
@@ -154,7 +155,8 @@ class SamplerActor:
             for j in range(s.n):
                 requests.append(TokensPrompt(prompt_token_ids=ids))
                 params.append(SamplingParams(n=1, temperature=s.temperature, top_p=s.top_p,
-                                             max_tokens=s.max_new_tokens, stop=list(s.stop) or None, logprobs=0,
+                                             max_tokens=s.max_new_tokens, stop=list(s.stop) or None,
+                                             logprobs=0 if s.logprobs else None, detokenize=s.text or bool(s.stop),
                                              seed=None if seeds is None else derive_seed(seeds[i], j)))
         outs = self.llm.generate(requests, params, use_tqdm=False)
         samples = []
@@ -162,7 +164,7 @@ class SamplerActor:
             i, j = divmod(r, s.n)
             c = out.outputs[0]
             lps = tuple(step[t].logprob for step, t in zip(c.logprobs or [], c.token_ids))
-            samples.append(Sample(first_index + i, j, prompts[i], c.text, tuple(c.token_ids), lps,
+            samples.append(Sample(first_index + i, j, prompts[i], c.text if s.text else "", tuple(c.token_ids), lps,
                                   c.finish_reason or "length", self.version, tuple(prompt_ids[i])))
         return samples
 

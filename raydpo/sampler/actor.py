@@ -54,6 +54,26 @@ class SamplerActor:
         self.tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust_remote_code)
         self.prefix = special_prefix(self.tokenizer)
         self.version: int | None = 0  # None: a load failed part-way, the weights are mixed
+        self._warm_up()
+
+    def _warm_up(self) -> None:
+        """Compile vLLM's log-prob kernel now, not in the first call that asks for log-probs.
+
+        vLLM 0.32 ranks each sampled token with a torch.compile'd function
+        (`batched_count_greater_than`), compiled on first use and again for dynamic shapes
+        when the batch size changes: ~2 s on 2 cores, which the first training chunk paid
+        inside the loop once the evaluation stopped asking for log-probs. Three requests that
+        end after 1, 2 and 2 tokens run both compiles (batch 3, then 2; a batch of 1 would
+        compile a third, size-specialised graph)."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        from raydpo.data.tokenize import encode_prompts
+
+        ids = encode_prompts(self.tokenizer, ["warm up"], self.prefix)[0]
+        self.llm.generate([TokensPrompt(prompt_token_ids=ids)] * 3,
+                          [SamplingParams(max_tokens=n, min_tokens=n, logprobs=0, seed=0) for n in (1, 2, 2)],
+                          use_tqdm=False)
 
     def get_version(self) -> int:
         return self.version

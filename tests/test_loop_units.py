@@ -316,3 +316,61 @@ def _catch(fn):
         return fn()
     except Exception as e:  # noqa: BLE001 - the test inspects it
         return e
+
+
+def test_the_next_versions_eval_samples_are_drawn_while_the_last_one_is_still_scored(tmp_path, monkeypatch):
+    """The overlapped loop's evaluation: version i is held on the samplers only while its
+    samples are drawn, so version i+1 can be published and drawn while i is still being
+    judged (with one in-order stage, i+1's publish waited for all of i's evaluation and set
+    the loop's pace). Rows still land in version order, each with its own scores."""
+    import threading
+    import time
+
+    from raydpo.online import overlapped
+
+    class HoldingPool(RecordingPool):
+        def __init__(self):
+            super().__init__()
+            self.holds = []
+
+        def hold(self):
+            self.holds.append(self.version)
+            return self.version
+
+        def release(self, version):
+            self.holds.remove(version)
+
+    pool, drawn, scoring = HoldingPool(), [], threading.Event()
+    judged = {0: threading.Event(), 1: threading.Event()}
+
+    def draw_eval(cfg, it, pool_, prompts):
+        drawn.append(it)
+        return [f"sample of {it}"], []
+
+    def score_eval(cfg, it, judge, trainer, prompts, baseline, samples, hot, sampler_logps):
+        scoring.set()
+        assert judged[it].wait(10), f"version {it} was never let through"
+        return {"win_rate": 0.5 + it / 10, "scored": samples}
+
+    monkeypatch.setattr(overlapped, "draw_eval", draw_eval)
+    monkeypatch.setattr(overlapped, "score_eval", score_eval)
+    run = type("Run", (), {"pool": pool, "judge": None, "trainer": None, "eval_prompts": [], "baseline": []})()
+    logged = []
+    evaluator = overlapped.Evaluator(None, run, tmp_path, logged.append)
+    evaluator.submit(0, {"iteration": 0})
+    assert scoring.wait(10)  # version 0 drawn, and stuck in judging
+    pool.publish(1)
+    evaluator.submit(1, {"iteration": 1})  # held and drawn while 0 is still being judged
+    deadline = time.monotonic() + 10
+    while drawn != [0, 1] or pool.holds:
+        assert time.monotonic() < deadline, (drawn, pool.holds)
+        time.sleep(0.01)
+    assert logged == []
+    judged[1].set()
+    judged[0].set()
+    evaluator.drain()
+    evaluator.stop()
+    rows = [json.loads(line) for line in (tmp_path / "online_metrics.jsonl").read_text().splitlines()]
+    assert [(r["iteration"], r["win_rate"], r["scored"]) for r in rows] == [
+        (0, 0.5, ["sample of 0"]), (1, 0.6, ["sample of 1"])]
+    assert [r["iteration"] for r in logged] == [0, 1] and all(r["time_eval"] >= 0 for r in rows)

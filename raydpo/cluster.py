@@ -172,15 +172,23 @@ def free_port(host: str = "127.0.0.1") -> int:
 
     low, high = 20000, _ephemeral_ports()[0]
     for port in random.SystemRandom().sample(range(low, high), min(64, max(high - low, 0))):
+        if port in _HANDED_OUT:
+            continue
         with socket.socket() as s:
             try:
                 s.bind((host, port))
             except OSError:
                 continue
-            return port
+        _HANDED_OUT.add(port)
+        return port
     with socket.socket() as s:  # a host whose ephemeral range starts below 20000
         s.bind((host, 0))
         return s.getsockname()[1]
+
+
+# ports free_port gave this process: a `ray start` takes several at once, none of them bound
+# yet, and a second draw of the same one (1 in 12768) would hand it out twice
+_HANDED_OUT: set[int] = set()
 
 
 def _ephemeral_ports() -> tuple[int, int]:

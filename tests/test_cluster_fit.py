@@ -158,11 +158,13 @@ def test_free_ports_come_from_outside_the_ranges_the_kernel_and_ray_hand_out():
     from raydpo.cluster import _ephemeral_ports, free_port
 
     low, _ = _ephemeral_ports()
+    if low <= 20001:
+        pytest.skip(f"this host's ephemeral ports start at {low}: free_port falls back to the kernel's pick")
     ports = []
     for _ in range(20):
         random.seed(0)
         ports.append(free_port())
     assert all(20000 <= p < low for p in ports), ports
-    assert len(set(ports)) > 1, ports
+    assert len(set(ports)) == len(ports), ports  # never one port twice in a process
     with socket.socket() as s:
         s.bind(("127.0.0.1", ports[-1]))

@@ -60,19 +60,16 @@ class SamplerActor:
         """Compile vLLM's log-prob kernel now, not in the first call that asks for log-probs.
 
         vLLM 0.32 ranks each sampled token with a torch.compile'd function
-        (`batched_count_greater_than`), compiled on first use and again for dynamic shapes
-        when the batch size changes: ~2 s on 2 cores, which the first training chunk paid
-        inside the loop once the evaluation stopped asking for log-probs. Three requests that
-        end after 1, 2 and 2 tokens run both compiles (batch 3, then 2; a batch of 1 would
-        compile a third, size-specialised graph)."""
+        (`batched_count_greater_than`, its batch dimension dynamic), compiled on first use:
+        ~2 s on 2 cores, which the first training chunk paid inside the loop once the
+        evaluation stopped asking for log-probs. One token of one request compiles it."""
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
         from raydpo.data.tokenize import encode_prompts
 
         ids = encode_prompts(self.tokenizer, ["warm up"], self.prefix)[0]
-        self.llm.generate([TokensPrompt(prompt_token_ids=ids)] * 3,
-                          [SamplingParams(max_tokens=n, min_tokens=n, logprobs=0, seed=0) for n in (1, 2, 2)],
+        self.llm.generate([TokensPrompt(prompt_token_ids=ids)], SamplingParams(max_tokens=1, logprobs=0, seed=0),
                           use_tqdm=False)
 
     def get_version(self) -> int:
@@ -176,7 +173,8 @@ class SamplerActor:
                 requests.append(TokensPrompt(prompt_token_ids=ids))
                 params.append(SamplingParams(n=1, temperature=s.temperature, top_p=s.top_p,
                                              max_tokens=s.max_new_tokens, stop=list(s.stop) or None,
-                                             logprobs=0 if s.logprobs else None, detokenize=s.text or bool(s.stop),
+                                             logprobs=0 if s.logprobs else None,
+                                             detokenize=s.text or bool(s.stop),  # stop strings match text
                                              seed=None if seeds is None else derive_seed(seeds[i], j)))
         outs = self.llm.generate(requests, params, use_tqdm=False)
         samples = []

@@ -318,6 +318,48 @@ def _catch(fn):
         return e
 
 
+class HoldingPool(RecordingPool):
+    """A pool whose holds are recorded: `holds` lists the versions held now."""
+
+    def __init__(self):
+        super().__init__()
+        self.holds = []
+
+    def hold(self):
+        self.holds.append(self.version)
+        return self.version
+
+    def release(self, version):
+        self.holds.remove(version)
+
+
+def _evaluating(monkeypatch, tmp_path, score):
+    """An overlapped-loop Evaluator on a HoldingPool, with draw_eval recording what it drew and
+    score_eval replaced by `score(it, samples)`; returns (evaluator, pool, drawn, logged rows)."""
+    from raydpo.online import overlapped
+
+    pool, drawn, logged = HoldingPool(), [], []
+
+    def draw_eval(cfg, it, pool_, prompts):
+        drawn.append(it)
+        return [f"sample of {it}"], []
+
+    monkeypatch.setattr(overlapped, "draw_eval", draw_eval)
+    monkeypatch.setattr(overlapped, "score_eval", lambda cfg, it, judge, trainer, prompts, baseline, samples, hot,
+                        sampler_logps: score(it, samples))
+    run = type("Run", (), {"pool": pool, "judge": None, "trainer": None, "eval_prompts": [], "baseline": []})()
+    return overlapped.Evaluator(None, run, tmp_path, logged.append), pool, drawn, logged
+
+
+def _until(condition, what, limit_s: float = 10) -> None:
+    import time
+
+    deadline = time.monotonic() + limit_s
+    while not condition():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.01)
+
+
 def test_the_next_versions_eval_samples_are_drawn_while_the_last_one_is_still_scored(tmp_path, monkeypatch):
     """The overlapped loop's evaluation: version i is held on the samplers only while its
     samples are drawn, so version i+1 can be published and drawn while i is still being
@@ -326,51 +368,67 @@ def test_the_next_versions_eval_samples_are_drawn_while_the_last_one_is_still_sc
     import threading
     import time
 
-    from raydpo.online import overlapped
+    scoring = threading.Event()
+    judged = {it: threading.Event() for it in range(3)}
 
-    class HoldingPool(RecordingPool):
-        def __init__(self):
-            super().__init__()
-            self.holds = []
-
-        def hold(self):
-            self.holds.append(self.version)
-            return self.version
-
-        def release(self, version):
-            self.holds.remove(version)
-
-    pool, drawn, scoring = HoldingPool(), [], threading.Event()
-    judged = {0: threading.Event(), 1: threading.Event()}
-
-    def draw_eval(cfg, it, pool_, prompts):
-        drawn.append(it)
-        return [f"sample of {it}"], []
-
-    def score_eval(cfg, it, judge, trainer, prompts, baseline, samples, hot, sampler_logps):
+    def score(it, samples):
         scoring.set()
         assert judged[it].wait(10), f"version {it} was never let through"
         return {"win_rate": 0.5 + it / 10, "scored": samples}
 
-    monkeypatch.setattr(overlapped, "draw_eval", draw_eval)
-    monkeypatch.setattr(overlapped, "score_eval", score_eval)
-    run = type("Run", (), {"pool": pool, "judge": None, "trainer": None, "eval_prompts": [], "baseline": []})()
-    logged = []
-    evaluator = overlapped.Evaluator(None, run, tmp_path, logged.append)
-    evaluator.submit(0, {"iteration": 0})
-    assert scoring.wait(10)  # version 0 drawn, and stuck in judging
-    pool.publish(1)
-    evaluator.submit(1, {"iteration": 1})  # held and drawn while 0 is still being judged
-    deadline = time.monotonic() + 10
-    while drawn != [0, 1] or pool.holds:
-        assert time.monotonic() < deadline, (drawn, pool.holds)
-        time.sleep(0.01)
-    assert logged == []
-    judged[1].set()
-    judged[0].set()
-    evaluator.drain()
-    evaluator.stop()
+    evaluator, pool, drawn, logged = _evaluating(monkeypatch, tmp_path, score)
+    try:
+        evaluator.submit(0, {"iteration": 0})
+        assert scoring.wait(10)  # version 0 drawn, and stuck in judging
+        pool.publish(1)
+        evaluator.submit(1, {"iteration": 1})  # held and drawn while 0 is still being judged
+        _until(lambda: drawn == [0, 1] and not pool.holds, "version 1 drawn and let go")
+        # the scorer lags one version, no more: 2 stays held, undrawn, until 0 is scored
+        pool.publish(2)
+        evaluator.submit(2, {"iteration": 2})
+        time.sleep(0.3)
+        assert drawn == [0, 1] and pool.holds == [2] and logged == []
+        judged[0].set()
+        _until(lambda: drawn == [0, 1, 2] and not pool.holds, "version 2 drawn once 0 was scored")
+        judged[1].set()
+        judged[2].set()
+        evaluator.drain()
+    finally:
+        evaluator.stop()
     rows = [json.loads(line) for line in (tmp_path / "online_metrics.jsonl").read_text().splitlines()]
     assert [(r["iteration"], r["win_rate"], r["scored"]) for r in rows] == [
-        (0, 0.5, ["sample of 0"]), (1, 0.6, ["sample of 1"])]
-    assert [r["iteration"] for r in logged] == [0, 1] and all(r["time_eval"] >= 0 for r in rows)
+        (0, 0.5, ["sample of 0"]), (1, 0.6, ["sample of 1"]), (2, 0.7, ["sample of 2"])]
+    assert [r["iteration"] for r in logged] == [0, 1, 2] and all(r["time_eval"] >= 0 for r in rows)
+
+
+def test_a_failed_scoring_reaches_the_trainer_and_nothing_more_is_drawn_or_held(monkeypatch, tmp_path):
+    """The judge fails on version 0's evaluation: the trainer thread's check raises it, the
+    versions handed in after it are neither drawn nor left held, and stopping does not hang."""
+    import threading
+
+    from raydpo.errors import JudgeError
+
+    go = threading.Event()
+
+    def score(it, samples):
+        assert go.wait(10)
+        raise JudgeError(f"judging version {it}: the judge endpoint refused the request")
+
+    evaluator, pool, drawn, logged = _evaluating(monkeypatch, tmp_path, score)
+    try:
+        evaluator.submit(0, {"iteration": 0})
+        _until(lambda: drawn == [0], "version 0 drawn")
+        pool.publish(1)
+        evaluator.submit(1, {"iteration": 1})  # drawn while 0 is judged
+        _until(lambda: drawn == [0, 1], "version 1 drawn")
+        pool.publish(2)
+        evaluator.submit(2, {"iteration": 2})  # waits for the scorer, held
+        go.set()
+        _until(lambda: evaluator.scorer.error is not None, "the scorer failed")
+        with pytest.raises(JudgeError, match="version 0"):
+            evaluator.check()
+        _until(lambda: not pool.holds, "version 2 let go")
+        assert drawn == [0, 1] and logged == []
+    finally:
+        evaluator.stop(abort=True)
+    assert not pool.holds and not (tmp_path / "online_metrics.jsonl").exists()

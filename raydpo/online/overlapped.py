@@ -20,8 +20,9 @@ Five threads in the driver, each waiting on its own roles:
   evaluator   draws version i's eval samples while i+1 trains, with version i held on the
               samplers only while they are drawn (`SamplerPool.hold`), and hands them on;
   scorer      judges them and estimates KL, log pi from the sampler and only the frozen
-              reference from the trainer, while the next version's samples are drawn. Rows
-              land in online_metrics.jsonl in iteration order, each with its version's evaluation.
+              reference from the trainer, while the next version's samples are drawn (at most
+              one version behind the evaluator). Rows land in online_metrics.jsonl in
+              iteration order, each with its version's evaluation.
 
 The producer's gate (the version on every sampler) still bounds everything: with a slow
 evaluation, publishes fall behind, then the producer, then the trainer waits for pairs.
@@ -169,7 +170,10 @@ class Evaluator(_InOrder):
     Two stages, so a version's draws do not wait for the previous version's judging and KL:
     with one in-order evaluator, the next publish waited on every version's whole evaluation
     (its hold lasted until the evaluator got to it), and that, not training or sampling, set
-    the loop's pace (measured: sync_held 0.8 s an iteration, bench/async_vs_sync.py)."""
+    the loop's pace (measured: sync_held 0.8 s an iteration, bench/async_vs_sync.py).
+    The scorer may lag by one version, no more: a version's draws (its hold with them) wait
+    while the scorer has another version queued, so a slow judge slows the publishes, and
+    with them the whole loop, instead of piling up unscored versions."""
 
     def __init__(self, cfg: RunConfig, r, run_dir: Path, log_row):
         self.cfg, self.r = cfg, r
@@ -191,13 +195,25 @@ class Evaluator(_InOrder):
 
     def _do(self, job) -> None:
         it, row, queued = job
-        t = time.perf_counter()
         try:
+            self._wait_for_scorer()
+            t = time.perf_counter()
             samples, hot = draw_eval(self.cfg, it, self.r.pool, self.r.eval_prompts)
         finally:
             self.r.pool.release(it)
         row["time_eval"], row["time_eval_queued"] = time.perf_counter() - t, t - queued
         self.scorer.submit(it, row, samples, hot)
+
+    def _wait_for_scorer(self) -> None:
+        """Until the scorer has at most the previous version in hand; its failure, or this
+        stage's abort, raised instead (nothing more is drawn for rows that cannot land)."""
+        while True:
+            self.scorer.check()
+            if self.error is not None:
+                raise Stopped(f"{self.name} stopped")
+            if self.scorer.backlog() <= 1:
+                return
+            time.sleep(POLL_S)
 
     def check(self) -> None:
         super().check()
@@ -226,7 +242,12 @@ class Scorer(_InOrder):
 
     def submit(self, it: int, row: dict, samples: list, hot: list) -> None:
         with self._lock:
+            self.check()  # stopped or failed: the evaluator hears it, not a row dropped unseen
             self._todo.put((it, row, samples, hot, time.perf_counter()))
+
+    def backlog(self) -> int:
+        """Versions handed in and not yet scored (the one being scored included)."""
+        return self._todo.unfinished_tasks
 
     def _do(self, job) -> None:
         it, row, samples, hot, queued = job

@@ -151,9 +151,10 @@ class SamplerActor:
         Token in, token out: the prompts are encoded here with `encode_prompts` (the trainer's
         rule) and handed to vLLM as ids, and every sample carries those ids, its generated ids,
         their log-probs and the finish reason (`s.logprobs` and `s.text` may leave out the
-        log-probs or the text where the caller does not use them: vLLM then skips that work). Sample j of prompt i is its own request, seeded
-        with derive_seed(seeds[i], j) (default seeds: derive_seed(s.seed, first_index + i)), so
-        what a sample draws does not depend on the batch or the engine it ran in.
+        log-probs or the text where the caller does not use them: vLLM then skips that work).
+        Sample j of prompt i is its own request, seeded with derive_seed(seeds[i], j) (default
+        seeds: derive_seed(s.seed, first_index + i)), so what a sample draws does not depend on
+        the batch or the engine it ran in.
         """
         if self.version is None:
             raise SamplerError(f"sampler {self.index}: a weight load failed part-way; this engine must be replaced")
